@@ -1,0 +1,950 @@
+"""
+focalpo: preference optimisation beyond DPO, in one readable file.
+
+Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) with one of three losses:
+    DPO       Rafailov et al. 2023, arXiv 2305.18290
+    FocalPO   Liu et al. 2025,      arXiv 2501.06645
+    MinorDPO  Xie et al. 2024,      arXiv 2408.09834
+
+Run the built-in demo (offline, a tiny model built from a config, ~1-2 minutes on 2 CPU cores):
+    python focalpo.py
+Train a real model (needs the Hugging Face Hub, or local paths):
+    python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
+Local data (.json, .jsonl or .parquet with prompt/chosen/rejected columns):
+    python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
+See every option:
+    python focalpo.py --help
+
+Conventions used throughout (the reference implementations disagree on all three, so we say it here):
+  - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
+  - rewards are β·(log πθ − log π_ref), i.e. they include β, and are detached (for logging only).
+  - reward accuracy counts a tie (r_w == r_l) as half right, so it reads exactly 0.5 at step 0, where the policy
+    equals the reference and every pair is a tie. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Config: every default on one line; override any of them as --key=value
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "demo"  # "demo" (tiny model built from a config, offline), a hub name, or a local path
+    revision: str = "main"  # hub revision (branch, tag or commit) of --model
+    dataset: str = "demo"  # "demo" (sorting task generated in code), a hub name, or .json/.jsonl/.parquet file(s), comma-separated
+    split: str = ""  # hub split to train on; "" = "train", else "train_prefs"
+    eval_dataset: str = ""  # local held-out file(s); "" = the hub's test split if it has one, else a seeded fraction
+    eval_split: str = ""  # hub split to evaluate on; "" = "test", else "test_prefs", else a seeded fraction
+    eval_fraction: float = 0.05  # fraction of pairs held out when there is no test split
+    max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
+    max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
+    max_length: int = 1024  # prompt + response tokens, per sequence
+    max_prompt_length: int = 512  # prompts longer than this keep their last tokens
+    # loss
+    loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
+    beta: float = 0.1  # β: inverse temperature of the implicit reward; larger = stay closer to the reference
+    gamma: float = 0.05  # FocalPO's γ (γ = 0 is DPO). 0.05 is THIS PROJECT's default, not a value from the paper
+    # optimisation
+    lr: float = 0.0  # peak learning rate; 0 = auto: 1e-3 for the demo model, 5e-7 (the DPO paper's) for any other
+    batch_size: int = 8  # pairs per micro-batch (each pair is two sequences, so 2x this many rows per forward)
+    grad_accum: int = 2  # micro-batches per optimizer step: effective batch = batch_size * grad_accum pairs
+    epochs: int = 1  # passes over the training pairs
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0
+    schedule: str = "cosine"  # learning-rate decay after warm-up: "cosine" or "linear" (both end at 0)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
+    # run
+    seed: int = 1337  # seeds model init (demo), data split, shuffling
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu" or "cuda"
+    eval_every: int = 25  # evaluate every this many optimizer steps (and at the start and the end)
+    log_every: int = 5  # write a line to metrics.jsonl every this many optimizer steps
+    out_dir: str = "out"  # metrics, summary and the trained model go here (out/<loss>/ when several losses)
+    cache_dir: str = "ref_cache"  # reference log-prob caches, one file per (model, weights, data, lengths, dtype)
+    save_model: bool = True  # save the trained model and tokenizer with save_pretrained at the end
+    progress: bool = True  # show a tqdm progress bar
+
+
+LOSSES = ("dpo", "focalpo", "minordpo")
+
+
+class FocalpoError(Exception):
+    """A problem the user can fix: main() prints it as one sentence, without a traceback."""
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_args(argv=None):
+    """--key=value for every Config field; unknown keys and bad values are errors (argparse exits with usage)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = _parse_bool if f.type is bool else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
+                            help=f"(default: {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    losses = loss_types(cfg)
+    bad = [l for l in losses if l not in LOSSES]
+    if bad or not losses:
+        raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}")
+    if cfg.schedule not in ("cosine", "linear"):
+        raise FocalpoError(f"--schedule={cfg.schedule!r}: expected 'cosine' or 'linear'")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
+    for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
+                           f"--max_length={cfg.max_length}: make it smaller")
+    if cfg.beta <= 0 or cfg.gamma < 0 or cfg.lr < 0:
+        raise FocalpoError("--beta must be > 0, --gamma >= 0 and --lr >= 0")
+    if not 0 < cfg.eval_fraction < 1:
+        raise FocalpoError(f"--eval_fraction={cfg.eval_fraction}: must be between 0 and 1")
+
+
+def loss_types(cfg):
+    return [l.strip() for l in cfg.loss.split(",") if l.strip()]
+
+
+# -----------------------------------------------------------------------------
+# Demo task: sort letters. The preferred answer is verifiably right; the rejected one has two neighbours swapped.
+
+
+DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def make_demo_pairs(n, seed):
+    """n distinct pairs like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}.
+
+    The rejected answer is plausibly wrong in one of two ways, half the time each: two neighbours swapped (spotted
+    from the answer alone), or sorted but with one letter replaced by a letter not in the prompt (spotted only by
+    looking back at the prompt)."""
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    while len(pairs) < n:
+        letters = rng.sample(DEMO_LETTERS, rng.randint(4, 8))
+        if tuple(letters) in seen:
+            continue
+        seen.add(tuple(letters))
+        good = sorted(letters)
+        bad = list(good)
+        i = rng.randrange(len(bad) - 1)
+        if rng.random() < 0.5:
+            bad[i], bad[i + 1] = bad[i + 1], bad[i]
+        else:
+            bad[i] = rng.choice([c for c in DEMO_LETTERS if c not in letters])
+            bad.sort()
+        pairs.append({"prompt": "sort: " + " ".join(letters) + " =",
+                      "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad)})
+    return pairs
+
+
+def make_demo_tokenizer():
+    """A word-level tokenizer (one token per letter or word), built offline with the `tokenizers` library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.decoder = decoders.WordPiece()  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def make_demo_model(tokenizer, seed):
+    """A 4-layer Llama-shaped model (0.4M parameters), randomly initialised from `seed`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+# -----------------------------------------------------------------------------
+# Data: load rows, detect their format, turn each into (prompt text, prompt+chosen text, prompt+rejected text)
+
+
+def _read_json_rows(path):
+    """A .json file holding a list of objects, or a .jsonl file with one object per line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                rows = json.load(f)
+                if not isinstance(rows, list):
+                    raise FocalpoError(f"{path}: expected a JSON list of objects, found a {type(rows).__name__}")
+                return rows
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise FocalpoError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
+            return rows
+    except UnicodeDecodeError as e:
+        raise FocalpoError(f"{path} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8")
+    except json.JSONDecodeError as e:
+        raise FocalpoError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})")
+    except OSError as e:
+        raise FocalpoError(f"cannot read {path}: {e.strerror}")
+
+
+def read_local_rows(spec):
+    rows = []
+    for path in [p for p in spec.split(",") if p]:
+        if not os.path.exists(path):
+            raise FocalpoError(f"data file {path} does not exist")
+        if path.endswith((".json", ".jsonl")):
+            rows += _read_json_rows(path)
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            rows += pq.read_table(path).to_pylist()
+        else:
+            raise FocalpoError(f"{path}: expected a .json, .jsonl or .parquet file")
+    return rows
+
+
+def is_local_data(spec):
+    return any(p.endswith((".json", ".jsonl", ".parquet")) for p in spec.split(","))
+
+
+def load_hub_splits(name, split, eval_split):
+    """(train rows, eval rows or None) from the Hugging Face Hub (or its local cache)."""
+    try:
+        import datasets
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # network errors, unknown names, gated datasets: all end up here
+        raise FocalpoError(f"could not load dataset {name!r} from the Hugging Face Hub ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}): check the name and your network, "
+                           f"or pass local .json/.jsonl/.parquet files") from None
+    def pick(wanted, fallbacks):
+        if wanted:
+            if wanted not in ds:
+                raise FocalpoError(f"dataset {name!r} has no split {wanted!r}; it has: {', '.join(ds)}")
+            return wanted
+        return next((s for s in fallbacks if s in ds), None)
+    train_split = pick(split, ("train", "train_prefs"))
+    if train_split is None:
+        raise FocalpoError(f"dataset {name!r} has no 'train' or 'train_prefs' split; pass --split (it has: {', '.join(ds)})")
+    test_split = pick(eval_split, ("test", "test_prefs", "validation"))
+    return list(ds[train_split]), (list(ds[test_split]) if test_split else None)
+
+
+def load_rows(cfg):
+    """(train rows, eval rows): the dataset's own held-out split where it has one, else a seeded fraction."""
+    if cfg.dataset == "demo":
+        rows = make_demo_pairs(4400, cfg.seed)
+        return rows[:4000], rows[4000:]
+    if is_local_data(cfg.dataset):
+        train, heldout = read_local_rows(cfg.dataset), (read_local_rows(cfg.eval_dataset) if cfg.eval_dataset else None)
+    else:
+        train, heldout = load_hub_splits(cfg.dataset, cfg.split, cfg.eval_split)
+    if heldout is None:  # hold out a seeded fraction
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(cfg.eval_fraction * len(train))) if len(train) > 1 else 0
+        heldout, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+    return train, heldout
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _is_messages(x):
+    return isinstance(x, list) and all(isinstance(m, dict) for m in x)
+
+
+def _check_messages(msgs, where):
+    for m in msgs:
+        if set(m) < {"role", "content"} or not isinstance(m.get("content"), str):
+            raise FocalpoError(f"{where}: each message needs a 'role' and a string 'content', found {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise FocalpoError(f"{where}: unknown message role {m['role']!r} (expected one of {', '.join(ROLES)})")
+
+
+def detect_format(rows):
+    """'plain', 'chat' or 'implicit' (no prompt column: the prompt is the common start of chosen and rejected)."""
+    if not rows:
+        raise FocalpoError("the dataset is empty")
+    cols = set(rows[0])
+    if not {"chosen", "rejected"} <= cols:
+        raise FocalpoError(f"expected columns 'chosen' and 'rejected' (and optionally 'prompt'), "
+                           f"found: {', '.join(sorted(cols)) or 'none'}")
+    first = rows[0]
+    if _is_messages(first["chosen"]) or _is_messages(first.get("prompt")):
+        return "chat"
+    return "plain" if "prompt" in cols else "implicit"
+
+
+def _common_prefix_len(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def implicit_prompt(chosen, rejected):
+    """Anthropic/hh-rlhf style: the prompt is the longest common prefix, cut back to the end of the last
+    "Assistant:" turn marker in it (or, with no marker, to the last whitespace, so no word is split)."""
+    prefix = chosen[:_common_prefix_len(chosen, rejected)]
+    cut = prefix.rfind("Assistant:")
+    if cut >= 0:
+        return prefix[:cut + len("Assistant:")]
+    cut = max(prefix.rfind(" "), prefix.rfind("\n"))
+    return prefix[:cut + 1] if cut >= 0 else ""
+
+
+def render_row(row, fmt, tokenizer, i):
+    """One row -> (prompt text, prompt+chosen text, prompt+rejected text), or a str: the reason to skip it."""
+    where = f"row {i}"
+    if fmt == "chat":
+        prompt = row.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        chosen, rejected = row["chosen"], row["rejected"]
+        for name, x in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
+            if x is None and name == "prompt":
+                continue
+            if not _is_messages(x):
+                raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages like the "
+                                   f"first row, found {type(x).__name__} (mixed formats are not supported)")
+            _check_messages(x, f"{where} {name!r}")
+        if prompt is None:  # prompt = the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
+            n = _common_prefix_len(chosen, rejected)
+            prompt = chosen[:n]
+        if chosen[:len(prompt)] == prompt:  # chosen/rejected may repeat the prompt turns: keep only what follows
+            chosen = chosen[len(prompt):]
+        if rejected[:len(prompt)] == prompt:
+            rejected = rejected[len(prompt):]
+        if not prompt:
+            return "no prompt turns"
+        if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
+            return "empty response"
+        if chosen == rejected:
+            return "chosen == rejected"
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise FocalpoError("the data is conversational but the tokenizer has no chat template: "
+                               "use an instruct/chat model's tokenizer, or plain-text prompt/chosen/rejected data")
+        template = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return template(prompt, True), template(prompt + chosen, False), template(prompt + rejected, False)
+    # plain text
+    for name in ("chosen", "rejected") + (("prompt",) if fmt == "plain" else ()):
+        if not isinstance(row.get(name), str):
+            raise FocalpoError(f"{where}: {name!r} should be a string like the first row, found "
+                               f"{type(row.get(name)).__name__} (mixed formats are not supported)")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if fmt == "implicit":
+        prompt = implicit_prompt(chosen, rejected)
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    else:
+        prompt = row["prompt"]
+    if not chosen.strip() or not rejected.strip():
+        return "empty response"
+    if chosen == rejected:
+        return "chosen == rejected"
+    return prompt, prompt + chosen, prompt + rejected
+
+
+# -----------------------------------------------------------------------------
+# Tokenization (PITFALLS.md 1-4, 11): prompt+response tokenized as one string, prefix-checked, explicit mask
+
+
+@dataclass
+class Pair:
+    idx: int  # position in its split; indexes the reference cache
+    chosen: torch.Tensor  # (Tc,) int32 token ids, prompt then response
+    chosen_start: int  # first response token of chosen
+    rejected: torch.Tensor  # (Tr,)
+    rejected_start: int
+
+
+def uses_bos(tokenizer):
+    """Does this tokenizer put a BOS token in front when asked to add special tokens? (Llama, Mistral: yes; Qwen: no)"""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
+    """Rows -> list of Pair. Unusable rows are dropped and counted in `stats` (reason -> count)."""
+    add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    if fmt != "chat" and eos is None:
+        raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
+    rendered = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise FocalpoError(f"row {i}: expected an object with prompt/chosen/rejected, found {type(row).__name__}")
+        r = render_row(row, fmt, tokenizer, i)
+        if isinstance(r, str):
+            stats[r] = stats.get(r, 0) + 1
+        else:
+            rendered.append((i, r))
+    texts = [t for _, r in rendered for t in r]
+    # add_special_tokens=False everywhere: BOS is decided once below, and a chat template that writes "<s>" in its
+    # text already has it (PITFALLS.md 2)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    pairs = []
+    for k, (i, _) in enumerate(rendered):
+        prompt, seqs = ids[3 * k], ids[3 * k + 1: 3 * k + 3]
+        if add_bos and (not prompt or prompt[0] != bos):
+            prompt, seqs = [bos] + prompt, [[bos] + s for s in seqs]
+        out, reason = [], None
+        for full in seqs:
+            n = _common_prefix_len(prompt, full)
+            if n < len(prompt):  # a token merged across the prompt/response boundary (PITFALLS.md 1): the response
+                stats["boundary token merged"] = stats.get("boundary token merged", 0) + 1  # starts where they part
+            p, resp = full[:n], full[n:]
+            if fmt != "chat":
+                resp = resp + [eos]  # plain text: teach the model to stop; chat templates close the turn themselves
+            if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS) (PITFALLS.md 11)
+                p = ([bos] if add_bos else []) + p[len(p) - cfg.max_prompt_length + add_bos:]
+                stats["prompt truncated"] = stats.get("prompt truncated", 0) + 1
+            if len(p) + len(resp) > cfg.max_length:
+                resp = resp[:cfg.max_length - len(p)]
+                stats["response truncated"] = stats.get("response truncated", 0) + 1
+            if not p:
+                reason = "empty prompt and no BOS token"
+            elif not resp:
+                reason = "empty response after tokenization"
+            out.append((torch.tensor(p + resp, dtype=torch.int32), len(p)))
+        if reason is None and torch.equal(out[0][0], out[1][0]):
+            reason = "chosen == rejected after truncation"
+        if reason:
+            stats[reason] = stats.get(reason, 0) + 1
+            continue
+        pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1]))
+    return pairs
+
+
+def prepare_data(cfg, tokenizer, log=print):
+    """(train pairs, eval pairs) ready for training, with the reasons rows were dropped or cut in the log."""
+    train_rows, eval_rows = load_rows(cfg)
+    if cfg.max_train_pairs:
+        train_rows = train_rows[:cfg.max_train_pairs]
+    if cfg.max_eval_pairs:
+        eval_rows = eval_rows[:cfg.max_eval_pairs]
+    fmt = detect_format(train_rows)
+    if eval_rows and detect_format(eval_rows) != fmt:
+        raise FocalpoError(f"the training data is {fmt} but the held-out data is {detect_format(eval_rows)}: "
+                           f"use the same format for both")
+    if fmt == "chat" and tokenizer.chat_template is None:
+        raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
+                           "instruct/chat model's tokenizer, or plain-text prompt/chosen/rejected data")
+    out = []
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        stats = {}
+        pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
+        notes = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()))
+        log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format){'; ' + notes if notes else ''}")
+        if not pairs:
+            raise FocalpoError(f"no usable {name} pairs are left after filtering ({notes or 'no rows'}): "
+                               f"check the data, or raise --max_length / --max_prompt_length")
+        out.append(pairs)
+    return out[0], out[1]
+
+
+def collate(pairs, pad_id):
+    """B pairs -> one right-padded batch of 2B rows: the B chosen, then the B rejected (PITFALLS.md 4, 6)."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    starts = [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (2B, T)
+    response_mask = torch.zeros((len(seqs), T), dtype=torch.bool)  # (2B, T) explicit: never from ids != pad
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        input_ids[i, :len(s)] = s
+        attention_mask[i, :len(s)] = 1
+        response_mask[i, start:len(s)] = True
+    idx = torch.tensor([p.idx for p in pairs])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask, "idx": idx}
+
+
+def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
+    """Batches of similar length so padding stays small: shuffle, sort within windows of 64 batches by length,
+    then shuffle the batches. With shuffle=False: sorted by length, fixed order (for eval and the reference pass)."""
+    length = lambda p: max(len(p.chosen), len(p.rejected))
+    if not shuffle:
+        order = sorted(pairs, key=length)
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = random.Random(seed)
+    order = list(pairs)
+    rng.shuffle(order)
+    window = 64 * batch_size
+    order = [p for w in range(0, len(order), window) for p in sorted(order[w:w + window], key=length)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def pick_device(cfg):
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FocalpoError("--device=cuda but no CUDA GPU is visible: use --device=cpu or --device=auto")
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (weights stay fp32); nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def load_tokenizer(cfg):
+    if cfg.model == "demo":
+        return make_demo_tokenizer()
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+    except Exception as e:
+        raise FocalpoError(f"could not load the tokenizer of {cfg.model!r} ({type(e).__name__}): check the name, "
+                           f"your network, or pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
+    if tok.pad_token_id is None:  # padding is masked explicitly, so any id will do; EOS is the usual choice
+        if tok.eos_token_id is None:
+            raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, tokenizer, device):
+    """The policy, fp32 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing."""
+    if cfg.model == "demo":
+        model = make_demo_model(tokenizer, cfg.seed)
+    else:
+        from transformers import AutoModelForCausalLM
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=torch.float32,
+                                                         attn_implementation="sdpa")
+        except Exception as e:
+            raise FocalpoError(f"could not load model {cfg.model!r} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}): check the name, your network, or "
+                               f"pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
+    for m in model.modules():  # dropout makes the policy differ from the reference at step 0
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def weights_fingerprint(model):
+    """A cheap digest of the weights: two sums per tensor. Enough to tell one checkpoint from another."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().float()
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# Log-probs: summed over response tokens, computed only where the response mask is on (PITFALLS.md 5, 7)
+
+
+def _token_logps(lm_head, hidden, targets):
+    """log π(target | prefix) for N positions: lm_head on (N, H) hidden states, log-softmax in fp32."""
+    logits = lm_head(hidden).float()  # (N, V)
+    return -F.cross_entropy(logits, targets, reduction="none")  # (N,)
+
+
+def sequence_logps(model, batch, chunk_size=2048):
+    """Summed response-token log-probs per row, (2B,) fp32, and the number of response tokens per row, (2B,).
+
+    Logits at position t predict token t+1, so position t counts when token t+1 is a response token. Only those
+    positions reach the output layer, in chunks of `chunk_size`, each recomputed in backward (checkpoint) so that
+    no (N, vocab) fp32 tensor outlives its chunk.
+    """
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out.last_hidden_state[:, :-1]  # (2B, T-1, H)
+    mask = batch["response_mask"][:, 1:]  # (2B, T-1) True where the NEXT token is a response token
+    rows = mask.nonzero()[:, 0]  # (N,) which sequence each scored position belongs to
+    h, targets = hidden[mask], batch["input_ids"][:, 1:][mask]  # (N, H), (N,)
+    lm_head = model.get_output_embeddings()
+    pieces = []
+    for i in range(0, h.shape[0], chunk_size):
+        args = (lm_head, h[i:i + chunk_size], targets[i:i + chunk_size])
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _token_logps(*args))
+    token_logps = torch.cat(pieces)  # (N,)
+    logps = torch.zeros(mask.shape[0], device=h.device, dtype=torch.float32).index_add(0, rows, token_logps)
+    return logps, mask.sum(1)  # (2B,), (2B,)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# Reference log-prob cache: one no-grad pass with the initial weights; the reference model is never kept
+
+
+def cache_key(cfg, model, train_pairs, eval_pairs, device):
+    """Everything that changes the cached values: model, its weights, the exact token ids and masks of every pair
+    (so dataset, split, tokenizer, chat template and max lengths), and the dtype / device kind of the forward."""
+    data = hashlib.sha256()
+    for pairs in (train_pairs, eval_pairs):
+        for p in pairs:
+            data.update(p.chosen.numpy().tobytes() + p.rejected.numpy().tobytes())
+            data.update(f"{p.chosen_start},{p.rejected_start};".encode())
+        data.update(b"|")
+    fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
+              "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
+              "compute": f"{device.type}/{'bf16-autocast' if device.type == 'cuda' else 'fp32'}", "version": 1}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
+
+
+@torch.no_grad()
+def compute_reference(model, pairs, cfg, pad_id, device):
+    """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
+    ref = torch.zeros(len(pairs), 2)
+    model.eval()
+    for chunk in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False):
+        batch = to_device(collate(chunk, pad_id), device)
+        with autocast(device):
+            logps, _ = sequence_logps(model, batch)
+        B = len(chunk)
+        ref[batch["idx"].cpu(), 0], ref[batch["idx"].cpu(), 1] = logps[:B].cpu(), logps[B:].cpu()
+    return ref
+
+
+def _tensor_digest(t):
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
+    """Reference log-probs for train and eval pairs: loaded from cache_dir when the key matches, else computed
+    and saved. A cache that is unreadable, or whose key or checksum does not match, is reported and recomputed."""
+    key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
+    path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
+    if os.path.exists(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (blob["key"] == key and blob["train"].shape == (len(train_pairs), 2)
+                  and blob["eval"].shape == (len(eval_pairs), 2)
+                  and blob["checksum"] == _tensor_digest(blob["train"]) + _tensor_digest(blob["eval"]))
+            problem = "its contents do not match its key or checksum (edited, or written by another version)"
+        except Exception as e:
+            ok, problem = False, f"it cannot be read ({type(e).__name__})"
+        if ok:
+            log(f"reference: loaded cached log-probs from {path}")
+            return blob["train"], blob["eval"]
+        log(f"reference: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
+    t0 = time.time()
+    train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
+    eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    blob = {"key": key, "fields": fields, "train": train_ref, "eval": eval_ref,
+            "checksum": _tensor_digest(train_ref) + _tensor_digest(eval_ref)}
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
+    log(f"reference: computed log-probs of {len(train_pairs)}+{len(eval_pairs)} pairs in {time.time() - t0:.1f}s, "
+        f"saved to {path}")
+    return train_ref, eval_ref
+
+
+# -----------------------------------------------------------------------------
+# Losses: pure functions of per-pair summed log-probs, each (B,). See ../shared/MATH.md for the derivations.
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    loss_type="dpo", beta=0.1, gamma=0.05):
+    """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,), rewards detached.
+
+    r_w = log πθ(y_w|x) − log π_ref(y_w|x),  r_l = the same for y_l,  h = r_w − r_l,  p = σ(βh).
+      dpo:      L = −log σ(βh)                          Eq. 7 of arXiv 2305.18290
+      focalpo:  L = −p^γ · log p                        arXiv 2501.06645; gradient flows through p^γ too
+      minordpo: L = −log σ(β(r_w − max(0, r_l)))       arXiv 2408.09834; y_l pushed down only while r_l > 0
+    gamma is used by focalpo only (γ = 0 gives DPO exactly).
+    """
+    r_w = policy_chosen_logps - ref_chosen_logps  # (B,)
+    r_l = policy_rejected_logps - ref_rejected_logps  # (B,)
+    if loss_type == "dpo":
+        losses = -F.logsigmoid(beta * (r_w - r_l))
+    elif loss_type == "focalpo":
+        log_p = F.logsigmoid(beta * (r_w - r_l))  # log p, stable for any βh
+        losses = -torch.exp(gamma * log_p) * log_p  # p^γ computed as exp(γ log p): no under/overflow
+    elif loss_type == "minordpo":
+        # torch.where, not clamp: at r_l = 0 (every pair at step 0) the rejected branch has zero gradient, 1[r_l > 0]
+        r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
+        losses = -F.logsigmoid(beta * (r_w - r_l_pos))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
+    return losses, beta * r_w.detach(), beta * r_l.detach()
+
+
+# -----------------------------------------------------------------------------
+# Metrics: summed over pairs, averaged at the end, so a mean over micro-batches or eval batches is exact
+
+
+def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref):
+    """Per-batch SUMS of per-pair metrics. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
+    B = losses.shape[0]
+    pc, pr = logps[:B].detach().float(), logps[B:].detach().float()
+    nc, nr = n_tokens[:B].float(), n_tokens[B:].float()
+    ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
+    ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
+    win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    return {
+        "pairs": float(B), "loss": losses.detach().sum().item(),
+        "rewards/chosen": chosen_rewards.sum().item(), "rewards/rejected": rejected_rewards.sum().item(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).sum().item(), "reward_accuracy": win.sum().item(),
+        "logps/chosen": pc.sum().item(), "logps/rejected": pr.sum().item(),
+        "ranking_accuracy": ranked.float().sum().item(),
+        "ranking_accuracy_norm": (pc / nc >= pr / nr).float().sum().item(),  # mean token log-prob version
+        "ranking_accuracy_ref_correct": (ranked & ref_right).float().sum().item(), "pairs_ref_correct": ref_right.sum().item(),
+        "ranking_accuracy_ref_incorrect": (ranked & ~ref_right).float().sum().item(), "pairs_ref_incorrect": (~ref_right).sum().item(),
+        "tokens": float(n_tokens.sum().item()),
+    }
+
+
+def add_metrics(total, m):
+    for k, v in m.items():
+        total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def finish_metrics(total):
+    """Sums -> means. The ref-split accuracies are means within their group (None when the group is empty)."""
+    out, n = {}, total["pairs"]
+    for k, v in total.items():
+        if k in ("pairs", "tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
+            out[k] = int(v)
+        elif k.endswith("_ref_correct") or k.endswith("_ref_incorrect"):
+            group = total["pairs_" + k.split("accuracy_")[1]]
+            out[k] = v / group if group else None
+        else:
+            out[k] = v / n
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, total_steps, cfg, peak):
+    """Linear warm-up from 0 over warmup_ratio of the steps, then cosine or linear decay to 0."""
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
+
+
+def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
+    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics."""
+    n_pairs = sum(len(b["idx"]) for b in micro_batches)
+    total = {}
+    for batch in micro_batches:
+        batch = to_device(batch, device)
+        r = ref[batch["idx"].cpu()].to(device)  # (B, 2)
+        with autocast(device):
+            logps, n_tokens = sequence_logps(model, batch)
+        B = len(batch["idx"])
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
+        # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
+        # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
+        # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
+        (losses.sum() / n_pairs).backward()
+        add_metrics(total, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r.cpu()))
+    if cfg.grad_clip > 0:
+        total["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() * total["pairs"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, batches, ref, cfg, loss_type, device):
+    model.eval()
+    total = {}
+    for batch in batches:
+        batch = to_device(batch, device)
+        r = ref[batch["idx"].cpu()]
+        with autocast(device):
+            logps, n_tokens = sequence_logps(model, batch)
+        B = len(batch["idx"])
+        losses, cr, rr = preference_loss(logps[:B], logps[B:], r[:, 0].to(device), r[:, 1].to(device),
+                                         loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
+        add_metrics(total, pair_metrics(losses, cr, rr, logps, n_tokens, r))
+    model.train()
+    return finish_metrics(total)
+
+
+def peak_lr(cfg):
+    return cfg.lr or (1e-3 if cfg.model == "demo" else 5e-7)
+
+
+def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
+    """Train one loss from the model's current weights. Writes metrics.jsonl, summary.json (and the model)."""
+    os.makedirs(out_dir, exist_ok=True)
+    pad_id = tokenizer.pad_token_id
+    micro_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    lr = peak_lr(cfg)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms and biases
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
+    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+    def record(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    model.train()
+    first_eval = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+    record({"step": 0, "split": "eval", **first_eval})
+    log(f"[{loss_type}] step 0: eval loss {first_eval['loss']:.4f}, reward accuracy {first_eval['reward_accuracy']:.3f}")
+
+    def micro_batches():  # an endless, seeded stream of micro-batches, reshuffled every epoch
+        epoch = 0
+        while True:
+            for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
+                yield collate(b, pad_id)
+            epoch += 1
+    stream = micro_batches()
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, desc=loss_type, dynamic_ncols=True, leave=False)
+    t_start, tokens_seen, window, last_eval = time.time(), 0, {}, first_eval
+    for step in range(total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg, lr)
+        m = train_step(model, optimizer, [next(stream) for _ in range(cfg.grad_accum)], train_ref, cfg, loss_type,
+                       device)
+        tokens_seen += m["tokens"]
+        add_metrics(window, m)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss'] / m['pairs']:.4f}", acc=f"{m['reward_accuracy'] / m['pairs']:.2f}",
+                            tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            row = finish_metrics(window)
+            row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
+                       tokens_per_second=tokens_seen / (time.time() - t_start))
+            record(row)
+            window = {}
+        if done % cfg.eval_every == 0 or done == total_steps:
+            last_eval = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+            record({"step": done, "split": "eval", **last_eval})
+            msg = (f"[{loss_type}] step {done}: eval loss {last_eval['loss']:.4f}, "
+                   f"reward accuracy {last_eval['reward_accuracy']:.3f}, margin {last_eval['rewards/margin']:.3f}")
+            bar.write(msg) if bar is not None else log(msg)
+    if bar is not None:
+        bar.close()
+    runtime = time.time() - t_start
+    metrics_file.close()
+    summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": len(train_pairs),
+               "eval_pairs": len(eval_pairs), "beta": cfg.beta, "gamma": cfg.gamma, "lr": lr,
+               "effective_batch": cfg.batch_size * cfg.grad_accum,
+               "eval_loss_start": first_eval["loss"], "eval_reward_accuracy_start": first_eval["reward_accuracy"],
+               **{f"eval_{k}": v for k, v in last_eval.items()},
+               "train_tokens_per_second": tokens_seen / runtime, "runtime_seconds": runtime}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if cfg.save_model:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# The whole job: data, reference cache, then each loss from the same initial weights
+
+
+def run(cfg, log=print):
+    """Returns {loss_type: summary}."""
+    t0 = time.time()
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
+    summaries, ref = {}, None
+    for loss_type in loss_types(cfg):
+        model = load_model(cfg, tokenizer, device)  # reloaded per loss: each starts from the same weights
+        if ref is None:
+            n = sum(p.numel() for p in model.parameters())
+            log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}")
+        # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
+        # from the weights the reference was computed with; the second and later losses load the cache
+        ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
+        out_dir = cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
+        summaries[loss_type] = train(cfg, model, tokenizer, train_pairs, eval_pairs, *ref, loss_type, device,
+                                     out_dir, log)
+        del model
+    log(comparison_table(summaries))
+    log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
+    return summaries
+
+
+def comparison_table(summaries):
+    cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
+            ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
+            ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
+            ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
+            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected")]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    widths = [max(8, len(name) + 2) for _, name in cols]
+    lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
+             f"{'loss':<10}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
+    for lt, s in summaries.items():
+        lines.append(f"{lt:<10}" + "".join(f"{fmt(s[k]):>{w}}" for (k, _), w in zip(cols, widths)))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(argv)
+        run(cfg)
+    except FocalpoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
