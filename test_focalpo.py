@@ -1,0 +1,652 @@
+"""Tests for focalpo.py: offline, on the CPU. Run: python -m pytest -q test_focalpo.py"""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import focalpo
+from focalpo import Config, FocalpoError, preference_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# helpers: a byte-level BPE tokenizer with a chat template (a stand-in for real hub tokenizers), tiny models
+
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Question: what is two plus two? Answer: four.",
+          "hello world, hello there, hello again", "User: hi Assistant: hello, how can I help?"] * 20
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def make_bpe_tokenizer(bos=True, pad=True, template=True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
+                                pad_token="<pad>" if pad else None)
+    if template:
+        t.chat_template = CHAT_TEMPLATE if bos else CHAT_TEMPLATE.replace("{{ bos_token }}", "")
+    return t
+
+
+def tiny_model(vocab_size, seed=0, dropout=0.0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attention_dropout=dropout)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), progress=False, save_model=False)
+    base.update(kw)
+    return Config(**base)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def demo_setup(tmp_path, n_train=64, n_eval=32, **kw):
+    cfg = cfg_for(tmp_path, **kw)
+    tok = focalpo.make_demo_tokenizer()
+    rows = focalpo.make_demo_pairs(n_train + n_eval, 0)
+    stats = {}
+    train = focalpo.tokenize_pairs(rows[:n_train], "plain", tok, cfg, stats)
+    eval_ = focalpo.tokenize_pairs(rows[n_train:], "plain", tok, cfg, stats)
+    model = focalpo.load_model(cfg, tok, torch.device("cpu"))
+    return cfg, tok, model, train, eval_
+
+
+def naive_logps(model, ids, start):
+    """The obvious way: full logits, full fp32 log-softmax, a Python loop over response tokens."""
+    with torch.no_grad():
+        logp = model(torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].float().log_softmax(-1)
+    return sum(logp[t - 1, int(ids[t])].item() for t in range(start, len(ids)))
+
+
+# -----------------------------------------------------------------------------
+# losses: the checks at the end of MATH.md
+
+
+def closed_form_weight(loss_type, h, beta, gamma):
+    """w in dL/dh = -beta * w (MATH.md table), float64."""
+    if loss_type == "dpo":
+        return torch.sigmoid(-beta * h)  # 1 - p, written as σ(-βh) so it keeps its precision where p ≈ 1
+    log_p = F.logsigmoid(beta * h)
+    return torch.exp(gamma * log_p) * torch.sigmoid(-beta * h) * (1 + gamma * log_p)
+
+
+def test_loss_at_policy_equals_reference():
+    lp = torch.tensor([-12.0, -3.5, -40.0])
+    for lt, expected in (("dpo", math.log(2)), ("minordpo", math.log(2)), ("focalpo", 2 ** -0.05 * math.log(2))):
+        losses, cr, rr = preference_loss(lp, lp - 1, lp, lp - 1, loss_type=lt, beta=0.1, gamma=0.05)
+        assert torch.allclose(losses, torch.full_like(losses, expected), atol=1e-7), lt
+        assert torch.all(cr == 0) and torch.all(rr == 0)
+
+
+def test_loss_values_by_hand():
+    # r_w = 1, r_l = -1, beta = 1: h = 2, DPO = log(1 + e^-2); MinorDPO sees max(0, r_l) = 0: log(1 + e^-1)
+    one = torch.tensor([1.0], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    dpo, cr, rr = preference_loss(one, -one, zero, zero, "dpo", beta=1.0)
+    assert dpo.item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-15)
+    assert (cr.item(), rr.item()) == (1.0, -1.0)
+    minor, _, _ = preference_loss(one, -one, zero, zero, "minordpo", beta=1.0)
+    assert minor.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-15)
+    p = 1 / (1 + math.exp(-2))
+    focal, _, _ = preference_loss(one, -one, zero, zero, "focalpo", beta=1.0, gamma=0.5)
+    assert focal.item() == pytest.approx(-p ** 0.5 * math.log(p), abs=1e-15)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "focalpo"])
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("gamma", [0.05, 0.5, 2.0])
+def test_gradient_weight_matches_closed_form(loss_type, beta, gamma):
+    h = torch.linspace(-1000, 1000, 4001, dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros_like(h)
+    losses, _, _ = preference_loss(h, zero, zero, zero, loss_type, beta=beta, gamma=gamma)  # r_w = h, r_l = 0
+    losses.sum().backward()
+    hd = h.detach()
+    expected = -beta * closed_form_weight(loss_type, hd, beta, gamma)
+    assert torch.isfinite(losses).all() and torch.isfinite(h.grad).all()
+    # FocalPO's weight has the factor (1 + γ log p), which crosses zero: there both sides cancel, so the error is
+    # measured against the size of the terms, β p^γ (1 - p) (1 + γ|log p|), not against their difference
+    log_p = F.logsigmoid(beta * hd)
+    scale = beta * torch.sigmoid(-beta * hd)
+    if loss_type == "focalpo":
+        scale = scale * torch.exp(gamma * log_p) * (1 + gamma * log_p.abs())
+    assert ((h.grad - expected).abs() <= 1e-13 * scale + 1e-290).all()  # 1e-290: subnormals keep no relative precision
+
+
+def test_focalpo_weight_goes_negative_where_predicted():
+    # 1 + γ·log p < 0 exactly when p < e^(-1/γ): for γ = 1 that is p < 0.3679, i.e. βh < logit(0.3679) = -0.5413
+    h = torch.tensor([-0.60, -0.50], dtype=torch.float64, requires_grad=True)
+    losses, _, _ = preference_loss(h, torch.zeros(2, dtype=torch.float64), 0, 0, "focalpo", beta=1.0, gamma=1.0)
+    losses.sum().backward()
+    assert h.grad[0] > 0 and h.grad[1] < 0  # dL/dh > 0: the step lowers h, pushing the misranked pair further wrong
+
+
+def test_minordpo_gradient_branches():
+    beta = 0.5
+    r_w = torch.tensor([0.3, 0.3, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    r_l = torch.tensor([0.7, -0.7, 3.0, 0.0], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(4, dtype=torch.float64)
+    losses, _, _ = preference_loss(r_w, r_l, zero, zero, "minordpo", beta=beta)
+    losses.sum().backward()
+    z = beta * (r_w.detach() - r_l.detach().clamp(min=0))
+    assert torch.allclose(r_w.grad, -beta * torch.sigmoid(-z), rtol=1e-12)
+    assert torch.allclose(r_l.grad, beta * torch.sigmoid(-z) * (r_l.detach() > 0), rtol=1e-12)
+    assert r_l.grad[3] == 0  # r_l == 0 exactly (every pair at step 0): the rejected branch is off
+
+
+def test_focalpo_gamma_zero_is_dpo_bitwise_and_minordpo_is_dpo_when_rl_nonneg():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(1000, generator=g, dtype=torch.float64) * 50 for _ in range(4))
+    dpo, _, _ = preference_loss(pc, pr, rc, rr, "dpo", beta=0.3)
+    focal, _, _ = preference_loss(pc, pr, rc, rr, "focalpo", beta=0.3, gamma=0.0)
+    assert torch.equal(dpo, focal)
+    rr = torch.minimum(rr, pr)  # r_l = pr - rr >= 0
+    dpo, _, _ = preference_loss(pc, pr, rc, rr, "dpo", beta=0.3)
+    minor, _, _ = preference_loss(pc, pr, rc, rr, "minordpo", beta=0.3)
+    assert torch.equal(dpo, minor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loss_type", focalpo.LOSSES)
+def test_losses_finite_at_extreme_margins(dtype, loss_type):
+    h = torch.tensor([-1e5, -1e4, -50.0, 0.0, 50.0, 1e4, 1e5], dtype=dtype, requires_grad=True)
+    zero = torch.zeros_like(h)
+    for r_w, r_l in ((h, zero), (zero, -h)):
+        losses, _, _ = preference_loss(r_w, r_l, zero, zero, loss_type, beta=0.1, gamma=0.5)
+        grad, = torch.autograd.grad(losses.sum(), h)
+        assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
+
+
+# -----------------------------------------------------------------------------
+# tokenization: PITFALLS.md 1-4 and 11
+
+
+def test_boundary_merge_is_detected_and_mask_follows_the_real_tokens():
+    tok = make_bpe_tokenizer()
+    cfg = Config()
+    prompt = "Question: what is two plus two? Answer: "  # trailing space merges with the response's first word
+    assert tok(prompt + "four.", add_special_tokens=False)["input_ids"][:len(tok(prompt, add_special_tokens=False)["input_ids"])] \
+        != tok(prompt, add_special_tokens=False)["input_ids"], "the stand-in tokenizer should merge at the boundary"
+    stats = {}
+    pairs = focalpo.tokenize_pairs([{"prompt": prompt, "chosen": "four.", "rejected": "two."}], "plain", tok, cfg, stats)
+    assert stats["boundary token merged"] == 2 and len(pairs) == 1
+    p = pairs[0]
+    whole = [tok.bos_token_id] + tok(prompt + "four.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert p.chosen.tolist() == whole  # the sequence is exactly the tokenization of the whole string
+    assert tok.decode(p.chosen[p.chosen_start:]).startswith(" four")  # the merged " four" is scored as response
+
+
+def test_exactly_one_bos_plain_and_chat():
+    tok = make_bpe_tokenizer()
+    cfg = Config()
+    bos = tok.bos_token_id
+    plain = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", tok, cfg, {})
+    chat_row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "assistant", "content": "go away"}]}
+    chat = focalpo.tokenize_pairs([chat_row], "chat", tok, cfg, {})  # the template itself writes the BOS
+    for p in plain + chat:
+        for ids in (p.chosen, p.rejected):
+            assert ids[0] == bos and (ids == bos).sum() == 1
+    no_bos = make_bpe_tokenizer(bos=False)
+    p = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", no_bos, cfg, {})[0]
+    assert not focalpo.uses_bos(no_bos) and p.chosen[0] != bos
+
+
+def test_eos_appended_to_plain_text_but_not_doubled_on_chat():
+    tok = make_bpe_tokenizer()
+    cfg = Config()
+    eos = tok.eos_token_id
+    p = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", tok, cfg, {})[0]
+    assert p.chosen[-1] == eos and (p.chosen == eos).sum() == 1
+    chat_row = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
+    p = focalpo.tokenize_pairs([chat_row], "chat", tok, cfg, {})[0]
+    response = p.chosen[p.chosen_start:].tolist()
+    assert response.count(eos) == 1  # the template's end of turn, and no second one appended
+
+
+def test_pad_equal_to_eos_keeps_the_real_eos_in_the_mask():
+    tok = make_bpe_tokenizer(pad=False)
+    tok.pad_token = tok.eos_token  # what load_tokenizer does for tokenizers without a pad token
+    rows = [{"prompt": "hello", "chosen": " world", "rejected": " there, hello again and again"}]
+    p = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})[0]
+    batch = focalpo.collate([p], tok.pad_token_id)
+    last = len(p.chosen) - 1
+    assert batch["input_ids"][0, last] == tok.eos_token_id and batch["response_mask"][0, last]
+    assert batch["input_ids"][0, last + 1] == tok.pad_token_id and not batch["response_mask"][0, last + 1]
+
+
+def test_truncation_keeps_prompt_end_and_drops_emptied_pairs():
+    tok = focalpo.make_demo_tokenizer()
+    cfg = Config(max_length=12, max_prompt_length=8)
+    rows = [{"prompt": "sort: a b c d e f g h i j =", "chosen": " a b", "rejected": " b a"},
+            {"prompt": "sort: a b =", "chosen": " a b c d e f g h i j k l m", "rejected": " a b c d e f g h i j k l n"},
+            {"prompt": "sort: a =", "chosen": " a", "rejected": " a"},
+            {"prompt": "sort: a =", "chosen": "  ", "rejected": " b"}]
+    stats = {}
+    pairs = focalpo.tokenize_pairs(rows, "plain", tok, cfg, stats)
+    p = pairs[0]
+    assert p.chosen_start == 8 and p.chosen[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(p.chosen[1:8].tolist()) == ["e", "f", "g", "h", "i", "j", "="]  # the end kept
+    assert all(len(q.chosen) <= 12 and len(q.rejected) <= 12 for q in pairs)
+    # row 1: responses differ only past max_length, so after truncation they are identical: dropped
+    assert stats == {"prompt truncated": 2, "response truncated": 2, "chosen == rejected after truncation": 1,
+                     "chosen == rejected": 1, "empty response": 1}
+    assert len(pairs) == 1
+
+
+# -----------------------------------------------------------------------------
+# log-probs: PITFALLS.md 5-7
+
+
+def test_sequence_logps_match_naive_loop_and_padding_does_not_matter():
+    tok = make_bpe_tokenizer()
+    model = tiny_model(len(tok)).eval()
+    rows = [{"prompt": "Question: what is two plus two?", "chosen": " Answer: four.", "rejected": " five"},
+            {"prompt": "hello", "chosen": " world, hello there, hello again", "rejected": " there"}]
+    pairs = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})
+    batch = focalpo.collate(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        logps, n_tokens = focalpo.sequence_logps(model, batch, chunk_size=3)  # several chunks
+    seqs = [(p.chosen, p.chosen_start) for p in pairs] + [(p.rejected, p.rejected_start) for p in pairs]
+    for i, (ids, start) in enumerate(seqs):
+        assert logps[i].item() == pytest.approx(naive_logps(model, ids, start), abs=1e-4)
+        assert n_tokens[i] == len(ids) - start
+    assert logps.dtype == torch.float32
+
+
+def test_sequence_logps_gradient_matches_full_logits():
+    tok = make_bpe_tokenizer()
+    model = tiny_model(len(tok))
+    pairs = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there, hello"}],
+                                   "plain", tok, Config(), {})
+    batch = focalpo.collate(pairs, tok.pad_token_id)
+    logps, _ = focalpo.sequence_logps(model, batch, chunk_size=2)
+    g1 = torch.autograd.grad(logps.sum(), list(model.parameters()))
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    per_tok = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    g2 = torch.autograd.grad((per_tok * batch["response_mask"][:, 1:]).sum(), list(model.parameters()))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_collate_pads_on_the_right():
+    tok = focalpo.make_demo_tokenizer()
+    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(4, 0), "plain", tok, Config(), {})
+    b = focalpo.collate(pairs, tok.pad_token_id)
+    assert b["input_ids"].shape[0] == 8
+    lengths = b["attention_mask"].sum(1)
+    for row, n in zip(b["attention_mask"], lengths):
+        assert row[:n].all() and not row[n:].any()  # ones then zeros: right padding
+    assert torch.equal(b["input_ids"][0, :len(pairs[0].chosen)], pairs[0].chosen.long())
+    assert torch.equal(b["input_ids"][4, :len(pairs[0].rejected)], pairs[0].rejected.long())  # rejected second half
+
+
+# -----------------------------------------------------------------------------
+# model, reference cache, step 0: PITFALLS.md 8-9
+
+
+def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_path, monkeypatch):
+    tok = focalpo.make_demo_tokenizer()
+    monkeypatch.setattr(focalpo, "make_demo_model", lambda t, seed: tiny_model(len(t), seed, dropout=0.5))
+    cfg = cfg_for(tmp_path)
+    model = focalpo.load_model(cfg, tok, torch.device("cpu"))
+    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg, {})
+    ref = focalpo.compute_reference(model, pairs, cfg, tok.pad_token_id, torch.device("cpu"))
+    model.train()
+    batch = focalpo.collate(pairs[3:11], tok.pad_token_id)  # a different grouping than the reference pass used
+    logps, _ = focalpo.sequence_logps(model, batch)
+    r = ref[batch["idx"]]
+    losses, cr, rr = preference_loss(logps[:8], logps[8:], r[:, 0], r[:, 1], "dpo")
+    assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-5)
+
+
+def test_cached_reference_equals_on_the_fly_and_is_reused(tmp_path):
+    cfg, tok, model, train, eval_ = demo_setup(tmp_path)
+    dev, logs = torch.device("cpu"), []
+    tr1, ev1 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, dev, logs.append)
+    tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, dev, logs.append)
+    assert "computed" in logs[0] and "loaded cached" in logs[1]
+    assert torch.equal(tr1, tr2) and torch.equal(ev1, ev2)
+    # on the fly: each pair's reference computed alone, in its own batch, with the same weights
+    model.eval()
+    for p in train[:8]:
+        with torch.no_grad():
+            logps, _ = focalpo.sequence_logps(model, focalpo.collate([p], tok.pad_token_id))
+        assert torch.allclose(logps, tr2[p.idx], atol=1e-5)
+    # and the losses built on either are the same
+    batch = focalpo.collate(train[:8], tok.pad_token_id)
+    with torch.no_grad():
+        logps, _ = focalpo.sequence_logps(model, batch)
+    fly = torch.stack([focalpo.sequence_logps(model, focalpo.collate([p], tok.pad_token_id))[0].detach() for p in train[:8]])
+    for lt in focalpo.LOSSES:
+        a, _, _ = preference_loss(logps[:8], logps[8:], tr2[:8, 0], tr2[:8, 1], lt)
+        b, _, _ = preference_loss(logps[:8], logps[8:], fly[:, 0], fly[:, 1], lt)
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cache_key_changes_with_everything_that_changes_the_values(tmp_path):
+    cfg, tok, model, train, eval_ = demo_setup(tmp_path)
+    dev = torch.device("cpu")
+    key = focalpo.cache_key(cfg, model, train, eval_, dev)[0]
+    assert focalpo.cache_key(cfg, model, train, eval_, dev)[0] == key
+    short = focalpo.tokenize_pairs(focalpo.make_demo_pairs(96, 0)[:64], "plain", tok, dataclasses.replace(cfg, max_length=10), {})
+    assert focalpo.cache_key(cfg, model, short, eval_, dev)[0] != key  # max length
+    assert focalpo.cache_key(cfg, model, train[:-1], eval_, dev)[0] != key  # dataset
+    assert focalpo.cache_key(cfg, model, eval_, train, dev)[0] != key  # split
+    other = tiny_model(len(tok), seed=1)
+    assert focalpo.cache_key(cfg, other, train, eval_, dev)[0] != key  # weights
+    assert focalpo.cache_key(cfg, model, train, eval_, torch.device("cuda"))[0] != key  # dtype / device of the forward
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1e-3
+    assert focalpo.cache_key(cfg, model, train, eval_, dev)[0] != key  # one weight moved
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edit_values"])
+def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
+    cfg, tok, model, train, eval_ = demo_setup(tmp_path)
+    dev, logs = torch.device("cpu"), []
+    tr, ev = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, dev, logs.append)
+    path = os.path.join(cfg.cache_dir, os.listdir(cfg.cache_dir)[0])
+    if damage == "truncate":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+    elif damage == "garbage":
+        open(path, "wb").write(b"not a cache")
+    else:
+        blob = torch.load(path, weights_only=True)
+        blob["train"][0, 0] += 1.0
+        torch.save(blob, path)
+    tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, dev, logs.append)
+    assert "WARNING: ignoring the cache file" in logs[1] and "computed" in logs[2]
+    assert torch.equal(tr, tr2) and torch.equal(ev, ev2)
+
+
+def test_eval_reference_is_the_initial_model_not_the_trained_one(tmp_path):
+    """trl #1107: eval-set reference computed with the trained policy makes eval margins read 0."""
+    cfg = cfg_for(tmp_path, loss="dpo", max_steps=15, eval_every=100, max_eval_pairs=64, log_every=5)
+    s = focalpo.run(cfg, log=lambda *_: None)["dpo"]
+    assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
+    assert s["eval_reward_accuracy"] > 0.5 and s["eval_rewards/margin"] > 0
+
+
+# -----------------------------------------------------------------------------
+# training: PITFALLS.md 10, schedule, overfitting, the demo
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW: keeps a copy of the gradients train_step accumulated."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_batch8_accum1_equals_batch1_accum8(tmp_path):
+    cfg, tok, model, train, eval_ = demo_setup(tmp_path, grad_clip=0.0)
+    dev = torch.device("cpu")
+    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, dev)
+    with torch.no_grad():  # move the policy away from the reference so the loss is not at its symmetric point
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.train()
+    grads, metrics = [], []
+    for micro in ([train[:8]], [[p] for p in train[:8]]):
+        opt = RecordingOptimizer(model.parameters())
+        m = focalpo.train_step(model, opt, [focalpo.collate(b, tok.pad_token_id) for b in micro], ref, cfg, "focalpo", dev)
+        grads.append(opt.grads)
+        metrics.append(m)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5)
+    assert metrics[0]["pairs"] == metrics[1]["pairs"] == 8
+
+
+def test_uneven_micro_batches_still_give_the_mean(tmp_path):
+    cfg, tok, model, train, _ = demo_setup(tmp_path, grad_clip=0.0)
+    dev = torch.device("cpu")
+    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, dev)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.train()
+    grads = []
+    for micro in ([train[:5]], [train[:3], train[3:5]]):
+        opt = RecordingOptimizer(model.parameters())
+        focalpo.train_step(model, opt, [focalpo.collate(b, tok.pad_token_id) for b in micro], ref, cfg, "dpo", dev)
+        grads.append(opt.grads)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_lr_schedule():
+    cfg = Config(warmup_ratio=0.1)
+    lrs = [focalpo.lr_at(s, 100, cfg, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    lin = [focalpo.lr_at(s, 100, dataclasses.replace(cfg, schedule="linear"), 1.0) for s in range(100)]
+    assert lin[55] == pytest.approx(1 - 45 / 90)
+
+
+def test_tiny_batch_overfits(tmp_path):
+    cfg, tok, model, train, _ = demo_setup(tmp_path, grad_clip=0.0)
+    dev = torch.device("cpu")
+    pairs = train[:4]
+    ref = focalpo.compute_reference(model, pairs, cfg, tok.pad_token_id, dev)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = focalpo.collate(pairs, tok.pad_token_id)
+    for _ in range(60):
+        m = focalpo.train_step(model, opt, [batch], ref, cfg, "dpo", dev)
+    assert m["loss"] / 4 < 0.05 and m["reward_accuracy"] == 4
+
+
+def test_demo_learns_and_writes_its_outputs(tmp_path):
+    cfg = cfg_for(tmp_path, loss="dpo,minordpo", max_steps=60, eval_every=30, max_eval_pairs=200, save_model=True)
+    out = focalpo.run(cfg, log=lambda *_: None)
+    for lt, s in out.items():
+        assert s["eval_reward_accuracy_start"] == 0.5
+        assert s["eval_reward_accuracy"] >= 0.65, (lt, s["eval_reward_accuracy"])
+        run_dir = tmp_path / "out" / lt
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for key in ("loss_type", "eval_reward_accuracy", "eval_ranking_accuracy", "eval_ranking_accuracy_ref_correct",
+                    "eval_ranking_accuracy_ref_incorrect", "train_tokens_per_second", "runtime_seconds"):
+            assert key in summary
+        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if r["split"] == "eval"]
+        assert [r["step"] for r in evals] == [0, 30, 60]
+        assert [r["step"] for r in rows if r["split"] == "train"] == list(range(5, 61, 5))
+        assert (run_dir / "config.json").exists() and (run_dir / "tokenizer.json").exists()
+    # the ranking-accuracy split covers every eval pair exactly once
+    s = out["dpo"]
+    assert s["eval_pairs_ref_correct"] + s["eval_pairs_ref_incorrect"] == 200
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    runs = [focalpo.run(cfg_for(tmp_path / str(i), loss="focalpo", max_steps=8, eval_every=8, max_eval_pairs=32),
+                        log=lambda *_: None)["focalpo"] for i in range(2)]
+    assert runs[0]["eval_loss"] == runs[1]["eval_loss"]
+
+
+# -----------------------------------------------------------------------------
+# data formats from local files
+
+
+def run_on_files(tmp_path, train_rows, suffix=".jsonl", eval_rows=None, **kw):
+    """Tokenize local files through prepare_data with the BPE stand-in tokenizer."""
+    def write(name, rows):
+        path = tmp_path / (name + suffix)
+        if suffix == ".jsonl":
+            write_jsonl(path, rows)
+        elif suffix == ".json":
+            path.write_text(json.dumps(rows))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        return str(path)
+    cfg = cfg_for(tmp_path, dataset=write("train", train_rows),
+                  eval_dataset=write("eval", eval_rows) if eval_rows else "", **kw)
+    logs = []
+    train, eval_ = focalpo.prepare_data(cfg, make_bpe_tokenizer(), logs.append)
+    return train, eval_, logs
+
+
+PLAIN = [{"prompt": f"Question {i}: hello", "chosen": " world", "rejected": f" there {i}"} for i in range(20)]
+CHAT = [{"prompt": [{"role": "user", "content": f"hi {i}"}],
+         "chosen": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello, how can I help?"}],
+         "rejected": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "go away"}]}
+        for i in range(20)]
+HH = [{"chosen": f"\n\nHuman: what is {i} plus two?\n\nAssistant: it is {i + 2}",
+       "rejected": f"\n\nHuman: what is {i} plus two?\n\nAssistant: no idea"} for i in range(20)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_plain_format_from_files(tmp_path, suffix):
+    train, eval_, logs = run_on_files(tmp_path, PLAIN, suffix=suffix)
+    assert len(train) + len(eval_) == 20 and len(eval_) == 1  # 5% seeded held-out fraction
+    assert "plain format" in logs[0]
+
+
+def test_chat_format_ultrafeedback_style(tmp_path):
+    tok = make_bpe_tokenizer()
+    train, eval_, logs = run_on_files(tmp_path, CHAT[:16], eval_rows=CHAT[16:])
+    assert (len(train), len(eval_)) == (16, 4) and "chat format" in logs[0]
+    p = train[0]
+    assert tok.decode(p.chosen[:p.chosen_start]) == "<s><|user|>\nhi 0</s>\n<|assistant|>\n"
+    assert tok.decode(p.chosen[p.chosen_start:]) == "hello, how can I help?</s>\n"
+    # without a prompt column (trl-lib/ultrafeedback_binarized): the shared turns are the prompt
+    train2, _, _ = run_on_files(tmp_path, [{k: r[k] for k in ("chosen", "rejected")} for r in CHAT[:16]],
+                                eval_rows=[{k: r[k] for k in ("chosen", "rejected")} for r in CHAT[16:]])
+    assert torch.equal(train2[0].chosen, p.chosen) and train2[0].chosen_start == p.chosen_start
+    # a string prompt (HuggingFaceH4/ultrafeedback_binarized) is the user turn
+    train3, _, _ = run_on_files(tmp_path, [dict(r, prompt=r["prompt"][0]["content"]) for r in CHAT[:16]],
+                                eval_rows=CHAT[16:])
+    assert torch.equal(train3[0].chosen, p.chosen)
+
+
+def test_implicit_prompt_format_hh_style(tmp_path):
+    tok = make_bpe_tokenizer()
+    train, _, logs = run_on_files(tmp_path, HH, suffix=".parquet")
+    assert "implicit format" in logs[0]
+    p = train[0]
+    prompt = tok.decode(p.chosen[:p.chosen_start])
+    assert prompt.endswith("Assistant:") and tok.decode(p.chosen[p.chosen_start:]).startswith(" it is")
+    assert focalpo.implicit_prompt("Human: hi\n\nAssistant: yes", "Human: hi\n\nAssistant: yeah") == "Human: hi\n\nAssistant:"
+    assert focalpo.implicit_prompt("the cat sat", "the cab sat") == "the "
+
+
+# -----------------------------------------------------------------------------
+# errors a user can cause: one clear sentence, no traceback
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question": "q", "good": "a", "bad": "b"}], "expected columns 'chosen' and 'rejected'.*found: bad, good, question"),
+    ([PLAIN[0], {"prompt": "p", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}],
+     "row 1: 'chosen' should be a string like the first row"),
+    ([CHAT[0], dict(CHAT[1], chosen="plain text")], "row 1: 'chosen' should be a list of"),
+    ([dict(CHAT[0], rejected=[{"role": "robot", "content": "x"}])], "unknown message role 'robot'"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "a"}] * 3, "no usable train pairs are left"),
+    ([{"prompt": "p", "chosen": 3, "rejected": "a"}], "row 0: 'chosen' should be a string"),
+])
+def test_bad_data_is_one_clear_error(tmp_path, rows, message):
+    with pytest.raises(FocalpoError, match=message):
+        run_on_files(tmp_path, rows, eval_rows=rows)
+
+
+def test_chat_data_without_chat_template(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", CHAT)
+    with pytest.raises(FocalpoError, match="no chat template"):
+        focalpo.prepare_data(cfg_for(tmp_path, dataset=path), make_bpe_tokenizer(template=False), lambda *_: None)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(FocalpoError, match="not valid UTF-8"):
+        focalpo.read_local_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    with pytest.raises(FocalpoError, match="line 2 is not valid JSON"):
+        focalpo.read_local_rows(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(FocalpoError, match="does not exist"):
+        focalpo.read_local_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_tokenizer_without_pad_uses_eos(tmp_path, monkeypatch):
+    tok = make_bpe_tokenizer(pad=False)
+    tok.save_pretrained(tmp_path / "tok")
+    tiny_model(len(tok)).save_pretrained(tmp_path / "tok")
+    loaded = focalpo.load_tokenizer(cfg_for(tmp_path, model=str(tmp_path / "tok")))
+    assert loaded.pad_token_id == loaded.eos_token_id
+
+
+def test_local_model_path_trains(tmp_path):
+    """The real-model code path (from_pretrained) on a local stand-in: a saved tiny model and BPE tokenizer."""
+    tok = make_bpe_tokenizer()
+    tok.save_pretrained(tmp_path / "m")
+    tiny_model(len(tok)).save_pretrained(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", PLAIN)
+    s = focalpo.run(cfg_for(tmp_path, model=str(tmp_path / "m"), dataset=data, loss="focalpo", max_steps=3,
+                            lr=1e-3, batch_size=2), log=lambda *_: None)["focalpo"]
+    assert s["eval_reward_accuracy_start"] == 0.5 and math.isfinite(s["eval_loss"])
+
+
+def test_command_line_errors():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    def cli(*args):
+        return subprocess.run([sys.executable, os.path.join(HERE, "focalpo.py"), *args], capture_output=True,
+                              text=True, env=env, cwd=HERE, timeout=120)
+    r = cli("--no_such_key=1")
+    assert r.returncode == 2 and "unrecognized arguments: --no_such_key=1" in r.stderr
+    r = cli("--beta=abc")
+    assert r.returncode == 2 and "invalid float value: 'abc'" in r.stderr
+    r = cli("--loss=ipo")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --loss='ipo': each loss must be one of dpo, focalpo, minordpo"
+    r = cli("--dataset=nowhere.jsonl")
+    assert r.returncode == 2 and r.stderr.strip() == "error: data file nowhere.jsonl does not exist"
+    # an unreachable hub (HF_HUB_OFFLINE=1 stands in for no network: same failure, no minute of retries)
+    r = cli("--dataset=someone/no-such-dataset")
+    assert r.returncode == 2 and r.stderr.startswith("error: could not load dataset 'someone/no-such-dataset' from the")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("--model=someone/no-such-model")
+    assert r.returncode == 2 and r.stderr.startswith("error: could not load the tokenizer of 'someone/no-such-model'")
+    r = cli("--help")
+    assert r.returncode == 0 and all(f"--{f.name}" in r.stdout for f in dataclasses.fields(Config))
+
+
+def test_import_has_no_side_effects():
+    r = subprocess.run([sys.executable, "-c", "import focalpo, os; print(sorted(os.listdir('.')))"], cwd=HERE,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == subprocess.run([sys.executable, "-c", "import os; print(sorted(os.listdir('.')))"],
+                                                            cwd=HERE, capture_output=True, text=True).stdout
