@@ -189,7 +189,7 @@ def make_demo_model(tokenizer, seed):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -633,7 +633,7 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
 @torch.no_grad()
 def compute_reference(model, pairs, cfg, pad_id, device):
     """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
-    ref = torch.zeros(len(pairs), 2)
+    ref = torch.zeros(len(pairs), 2, dtype=torch.float32)
     model.eval()
     for chunk in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False):
         batch = to_device(collate(chunk, pad_id), device)
@@ -845,7 +845,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     stream = micro_batches()
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         bar = tqdm(total=total_steps, desc=loss_type, dynamic_ncols=True, leave=False)
     t_start, tokens_seen, window, last_eval = time.time(), 0, {}, first_eval
     for step in range(total_steps):
