@@ -650,3 +650,21 @@ def test_import_has_no_side_effects():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == subprocess.run([sys.executable, "-c", "import os; print(sorted(os.listdir('.')))"],
                                                             cwd=HERE, capture_output=True, text=True).stdout
+
+
+# -----------------------------------------------------------------------------
+# the notebook runs top to bottom from a clean state (about a minute)
+
+
+def test_tutorial_notebook_runs(tmp_path):
+    import nbclient
+    import nbformat
+    nb = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
+    for cell in nb.cells:  # from a clean state: drop the committed outputs
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}})
+    client.execute()  # raises CellExecutionError on the first cell that fails
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "approximate: False" not in text and text.count("approximate: True") == 14
+    assert "held-out results" in text
