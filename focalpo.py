@@ -24,11 +24,13 @@ Conventions used throughout (the reference implementations disagree on all three
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -79,6 +81,10 @@ class Config:
     out_dir: str = "out"  # metrics, summary and the trained model go here (out/<loss>/ when several losses)
     cache_dir: str = "ref_cache"  # reference log-prob caches, one file per (model, weights, data, lengths, dtype)
     save_model: bool = True  # save the trained model and tokenizer with save_pretrained at the end
+    save_every: int = 100  # write a checkpoint every this many optimizer steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # keep the last this many checkpoints (older ones are deleted)
+    resume: bool = False  # continue from the latest good checkpoint in out_dir (losses already finished are skipped)
+    max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
     progress: bool = True  # show a tqdm progress bar
 
 
@@ -87,6 +93,10 @@ LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
     """A problem the user can fix: main() prints it as one sentence, without a traceback."""
+
+
+class Interrupted(FocalpoError):
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved and the run can be resumed."""
 
 
 def _parse_bool(s):
@@ -118,7 +128,8 @@ def check_config(cfg):
         raise FocalpoError(f"--schedule={cfg.schedule!r}: expected 'cosine' or 'linear'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
-    for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every"):
+    for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
+                 "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     if cfg.max_prompt_length >= cfg.max_length:
@@ -390,6 +401,7 @@ class Pair:
     chosen_start: int  # first response token of chosen
     rejected: torch.Tensor  # (Tr,)
     rejected_start: int
+    row: int = -1  # the row of the loaded split it came from, to name it in messages
 
 
 def uses_bos(tokenizer):
@@ -445,7 +457,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         if reason:
             stats[reason] = stats.get(reason, 0) + 1
             continue
-        pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1]))
+        pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1], row=i))
     return pairs
 
 
@@ -488,8 +500,9 @@ def collate(pairs, pad_id):
         input_ids[i, :len(s)] = s
         attention_mask[i, :len(s)] = 1
         response_mask[i, start:len(s)] = True
-    idx = torch.tensor([p.idx for p in pairs])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask, "idx": idx}
+    idx, rows = torch.tensor([p.idx for p in pairs]), torch.tensor([p.row for p in pairs])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask, "idx": idx,
+            "row": rows}
 
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
@@ -768,9 +781,10 @@ def lr_at(step, total_steps, cfg, peak):
 
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
-    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics."""
+    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics, or
+    {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which case no update is applied."""
     n_pairs = sum(len(b["idx"]) for b in micro_batches)
-    total = {}
+    total, bad_rows = {}, []
     for batch in micro_batches:
         batch = to_device(batch, device)
         r = ref[batch["idx"].cpu()].to(device)  # (B, 2)
@@ -784,8 +798,13 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
         # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r.cpu()))
-    if cfg.grad_clip > 0:
-        total["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() * total["pairs"]
+        bad_rows += batch["row"][~torch.isfinite(losses.detach()).cpu()].tolist()
+    # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if bad_rows or not torch.isfinite(norm):  # a NaN/inf would poison every weight it touches: skip the update
+        optimizer.zero_grad(set_to_none=True)
+        return {"nonfinite_rows": bad_rows or "gradient only"}
+    total["grad_norm"] = norm.item() * total["pairs"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -812,8 +831,65 @@ def peak_lr(cfg):
     return cfg.lr or (1e-3 if cfg.model == "demo" else 5e-7)
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically (a crash mid-save leaves the previous one intact), verified when read back
+
+
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
+    """step_NNNNNNN.pt (model, optimizer, RNG, training state) and, once that is complete, its step_NNNNNNN.json
+    (size and SHA-256). Each is written under a temporary name and renamed, so a file with its final name is
+    whole. The newest `keep` checkpoints are kept."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "rng": rng},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(path + ".json.tmp", "w") as f:
+        json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": _sha256_file(path)}, f)
+    os.replace(path + ".json.tmp", path[:-3] + ".json")
+    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt")))[:-keep]:
+        for f in (old, old[:-3] + ".json"):
+            if os.path.exists(f):
+                os.remove(f)
+    return path
+
+
+def load_latest_checkpoint(ckpt_dir, log=print):
+    """The newest checkpoint whose size and checksum match its .json, or None. Damaged ones are reported and
+    skipped, so a truncated or corrupted last checkpoint falls back to the one before."""
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt")), reverse=True):
+        try:
+            with open(path[:-3] + ".json") as f:
+                meta = json.load(f)
+            if os.path.getsize(path) != meta["bytes"]:
+                raise ValueError(f"it has {os.path.getsize(path)} bytes, {meta['bytes']} were written")
+            if _sha256_file(path) != meta["sha256"]:
+                raise ValueError("its checksum does not match (corrupted)")
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except FileNotFoundError:
+            problem = "its .json is missing (the save did not finish)"
+        except Exception as e:
+            problem = str(e) or type(e).__name__
+        log(f"checkpoint: WARNING: skipping {path}: {problem}")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
 def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
-    """Train one loss from the model's current weights. Writes metrics.jsonl, summary.json (and the model)."""
+    """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
+    Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
     os.makedirs(out_dir, exist_ok=True)
     pad_id = tokenizer.pad_token_id
     micro_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
@@ -826,67 +902,143 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                                    {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+    ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
+    # everything needed to continue exactly where we stopped, besides weights, optimizer and RNG
+    state = {"step": 0, "tokens_seen": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
+             "first_eval": None, "last_eval": None}
+    ckpt, ckpt_path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        state = ckpt["state"]
+        with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
+            kept = [l for l in f if json.loads(l)["step"] <= state["step"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+        log(f"[{loss_type}] resumed from {ckpt_path} at step {state['step']} of {total_steps}")
+        del ckpt
+    elif cfg.resume:
+        log(f"[{loss_type}] --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
+    metrics_file = open(metrics_path, "a" if state["step"] else "w")
     def record(row):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
 
     model.train()
-    first_eval = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
-    record({"step": 0, "split": "eval", **first_eval})
-    log(f"[{loss_type}] step 0: eval loss {first_eval['loss']:.4f}, reward accuracy {first_eval['reward_accuracy']:.3f}")
+    if state["first_eval"] is None:
+        state["first_eval"] = state["last_eval"] = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+        record({"step": 0, "split": "eval", **state["first_eval"]})
+        log(f"[{loss_type}] step 0: eval loss {state['first_eval']['loss']:.4f}, "
+            f"reward accuracy {state['first_eval']['reward_accuracy']:.3f}")
 
-    def micro_batches():  # an endless, seeded stream of micro-batches, reshuffled every epoch
-        epoch = 0
+    def micro_batches(skip):  # an endless, seeded stream of micro-batches, reshuffled every epoch; resume skips
+        epoch, n = 0, 0
         while True:
             for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
-                yield collate(b, pad_id)
+                if n >= skip:
+                    yield b
+                n += 1
             epoch += 1
-    stream = micro_batches()
+    stream = micro_batches(state["step"] * cfg.grad_accum)
+    save = lambda: save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+
+    # Ctrl-C / SIGTERM: finish the step in flight, save, stop. A second signal stops at once.
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: no handler, the run is simply not interruptible this way
+            pass
+
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, desc=loss_type, dynamic_ncols=True, leave=False)
-    t_start, tokens_seen, window, last_eval = time.time(), 0, {}, first_eval
-    for step in range(total_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, cfg, lr)
-        m = train_step(model, optimizer, [next(stream) for _ in range(cfg.grad_accum)], train_ref, cfg, loss_type,
-                       device)
-        tokens_seen += m["tokens"]
-        add_metrics(window, m)
+        bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
+    say = lambda msg: bar.write(msg) if bar is not None else log(msg)
+    t_start, elapsed_before = time.time(), state["elapsed"]
+    try:
+        while state["step"] < total_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"], total_steps, cfg, lr)
+            micro = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+            try:
+                m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device)
+            except torch.cuda.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                longest = max(b["input_ids"].shape[1] for b in micro)
+                where = f"; checkpoint saved to {save()}, continue with --resume=true" if state["step"] else ""
+                raise FocalpoError(
+                    f"out of GPU memory at step {state['step'] + 1} with --batch_size={cfg.batch_size} pairs "
+                    f"({2 * cfg.batch_size} sequences) of up to {longest} tokens (--max_length={cfg.max_length}): "
+                    f"lower --batch_size and raise --grad_accum to keep the effective batch, or set "
+                    f"--gradient_checkpointing=true, or lower --max_length{where}") from None
+            state["step"] += 1
+            done = state["step"]
+            state["elapsed"] = elapsed_before + time.time() - t_start
+            if "nonfinite_rows" in m:
+                state["bad_steps"] += 1
+                say(f"[{loss_type}] step {done}: WARNING: non-finite loss or gradient, update skipped "
+                    f"(training rows: {m['nonfinite_rows']})")
+                if state["bad_steps"] >= cfg.max_bad_steps:
+                    last = load_latest_checkpoint(ckpt_dir, lambda *_: None)[1]
+                    raise FocalpoError(
+                        f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step "
+                        f"{done}, training rows {m['nonfinite_rows']}): stopped; check those rows or lower --lr. "
+                        + (f"The last good checkpoint is {last} (--resume=true)." if last else "No checkpoint was written yet."))
+            else:
+                state["bad_steps"] = 0
+                state["tokens_seen"] += m["tokens"]
+                add_metrics(state["window"], m)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss'] / m['pairs']:.4f}", acc=f"{m['reward_accuracy'] / m['pairs']:.2f}",
+                                    tok_s=f"{state['tokens_seen'] / state['elapsed']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
+                row = finish_metrics(state["window"])
+                row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
+                           tokens_per_second=state["tokens_seen"] / state["elapsed"])
+                record(row)
+                state["window"] = {}
+            if done % cfg.eval_every == 0 or done == total_steps:
+                state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+                record({"step": done, "split": "eval", **ev})
+                say(f"[{loss_type}] step {done}: eval loss {ev['loss']:.4f}, reward accuracy "
+                    f"{ev['reward_accuracy']:.3f}, margin {ev['rewards/margin']:.3f}")
+            if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+                save()
+            if stop["signal"] is not None and done < total_steps:
+                path = save()
+                raise Interrupted(f"stopped by {signal.Signals(stop['signal']).name} at step {done} of "
+                                  f"{total_steps}; checkpoint saved to {path}. To continue, run the same command "
+                                  f"with --resume=true")
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss'] / m['pairs']:.4f}", acc=f"{m['reward_accuracy'] / m['pairs']:.2f}",
-                            tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            row = finish_metrics(window)
-            row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
-                       tokens_per_second=tokens_seen / (time.time() - t_start))
-            record(row)
-            window = {}
-        if done % cfg.eval_every == 0 or done == total_steps:
-            last_eval = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
-            record({"step": done, "split": "eval", **last_eval})
-            msg = (f"[{loss_type}] step {done}: eval loss {last_eval['loss']:.4f}, "
-                   f"reward accuracy {last_eval['reward_accuracy']:.3f}, margin {last_eval['rewards/margin']:.3f}")
-            bar.write(msg) if bar is not None else log(msg)
-    if bar is not None:
-        bar.close()
-    runtime = time.time() - t_start
-    metrics_file.close()
+            bar.close()
+        metrics_file.close()
+    first, last = state["first_eval"], state["last_eval"]
     summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": len(train_pairs),
                "eval_pairs": len(eval_pairs), "beta": cfg.beta, "gamma": cfg.gamma, "lr": lr,
                "effective_batch": cfg.batch_size * cfg.grad_accum,
-               "eval_loss_start": first_eval["loss"], "eval_reward_accuracy_start": first_eval["reward_accuracy"],
-               **{f"eval_{k}": v for k, v in last_eval.items()},
-               "train_tokens_per_second": tokens_seen / runtime, "runtime_seconds": runtime}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+               "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
+               **{f"eval_{k}": v for k, v in last.items()},
+               "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
     if cfg.save_model:
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
+        json.dump(summary, f, indent=2)
     return summary
 
 
@@ -903,6 +1055,12 @@ def run(cfg, log=print):
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
     summaries, ref = {}, None
     for loss_type in loss_types(cfg):
+        out_dir = cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
+        if cfg.resume and os.path.exists(os.path.join(out_dir, "summary.json")):
+            log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
+            with open(os.path.join(out_dir, "summary.json")) as f:
+                summaries[loss_type] = json.load(f)
+            continue
         model = load_model(cfg, tokenizer, device)  # reloaded per loss: each starts from the same weights
         if ref is None:
             n = sum(p.numel() for p in model.parameters())
@@ -910,7 +1068,6 @@ def run(cfg, log=print):
         # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
         # from the weights the reference was computed with; the second and later losses load the cache
         ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
-        out_dir = cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
         summaries[loss_type] = train(cfg, model, tokenizer, train_pairs, eval_pairs, *ref, loss_type, device,
                                      out_dir, log)
         del model
@@ -938,10 +1095,13 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)
         run(cfg)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
     except FocalpoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing to save
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
