@@ -299,7 +299,7 @@ def _is_messages(x):
 
 def _check_messages(msgs, where):
     for m in msgs:
-        if set(m) < {"role", "content"} or not isinstance(m.get("content"), str):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise FocalpoError(f"{where}: each message needs a 'role' and a string 'content', found {m!r:.80}")
         if m["role"] not in ROLES:
             raise FocalpoError(f"{where}: unknown message role {m['role']!r} (expected one of {', '.join(ROLES)})")
