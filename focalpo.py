@@ -73,6 +73,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
+    weights: str = "fp32"  # "fp32" (bf16 autocast on CUDA), or "bf16": half the memory, AdamW with stochastic rounding
     # run
     seed: int = 1337  # seeds model init (demo), data split, shuffling
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu" or "cuda"
@@ -126,6 +127,8 @@ def check_config(cfg):
         raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}")
     if cfg.schedule not in ("cosine", "linear"):
         raise FocalpoError(f"--schedule={cfg.schedule!r}: expected 'cosine' or 'linear'")
+    if cfg.weights not in ("fp32", "bf16"):
+        raise FocalpoError(f"--weights={cfg.weights!r}: expected 'fp32' or 'bf16'")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
     for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
@@ -553,14 +556,18 @@ def load_tokenizer(cfg):
     return tok
 
 
+def weights_dtype(cfg):
+    return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
+
+
 def load_model(cfg, tokenizer, device):
-    """The policy, fp32 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing."""
+    """The policy, fp32 or bf16 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing."""
     if cfg.model == "demo":
         model = make_demo_model(tokenizer, cfg.seed)
     else:
         from transformers import AutoModelForCausalLM
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=weights_dtype(cfg),
                                                          attn_implementation="sdpa")
         except Exception as e:
             raise FocalpoError(f"could not load model {cfg.model!r} ({type(e).__name__}: "
@@ -571,6 +578,7 @@ def load_model(cfg, tokenizer, device):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
+    model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (PITFALLS.md 8)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -639,7 +647,8 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
         data.update(b"|")
     fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
               "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
-              "compute": f"{device.type}/{'bf16-autocast' if device.type == 'cuda' else 'fp32'}", "version": 1}
+              "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
+              "version": 1}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
 
 
@@ -832,6 +841,57 @@ def peak_lr(cfg):
 
 
 # -----------------------------------------------------------------------------
+# AdamW for bf16 weights (PITFALLS.md 12): fp32 math, stochastic rounding back to bf16
+
+
+def stochastic_round_bf16(x):
+    """fp32 -> bf16, rounding up or down at random so that the result equals x in expectation.
+
+    bf16 is the top 16 bits of an fp32. Adding 16 random bits to the low half of the bit pattern carries into the
+    top half with probability (x's distance from the bf16 value below it) / (bf16 spacing); then drop the low half.
+    Works for both signs: the pattern is sign + magnitude, and the addition only ever grows the magnitude."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _write_back(t, x32):
+    t.copy_(stochastic_round_bf16(x32) if t.dtype == torch.bfloat16 else x32)
+
+
+class AdamWSR(torch.optim.Optimizer):
+    """AdamW whose state lives in the parameters' dtype (bf16: 2+2+2 bytes per weight instead of 4+4+4) but whose
+    arithmetic is fp32. Weights and both moments are written back with stochastic rounding. With round-to-nearest,
+    a step of lr = 5e-7 on a bf16 weight of 0.02 (spacing 1.2e-4) is rounded away every time. With stochastic
+    rounding the weight moves by the right amount on average."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                w = p.float().mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+                _write_back(p, w)
+                _write_back(state["exp_avg"], m)
+                _write_back(state["exp_avg_sq"], v)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: written atomically (a crash mid-save leaves the previous one intact), verified when read back
 
 
@@ -898,9 +958,11 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     lr = peak_lr(cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms and biases
     rest = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.weights == "bf16":  # plain AdamW on bf16 weights loses DPO-sized updates to rounding (PITFALLS.md 12)
+        optimizer = AdamWSR(groups, lr=lr, betas=(0.9, 0.95))
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
     ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
     # everything needed to continue exactly where we stopped, besides weights, optimizer and RNG

@@ -657,6 +657,56 @@ def test_import_has_no_side_effects():
 
 
 # -----------------------------------------------------------------------------
+# bf16 weights: stochastic rounding (PITFALLS.md 12)
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
+    torch.manual_seed(0)
+    for v in (1.0 + 1e-4, -1.0 - 1e-4, 3.14159e-3, -2.5e5):
+        x = torch.full((400_000,), v)
+        y = focalpo.stochastic_round_bf16(x)
+        assert y.dtype == torch.bfloat16
+        below, above = sorted(set(y.float().tolist()))  # only the two neighbouring bf16 values occur
+        spacing = above - below
+        assert y.float().mean().item() == pytest.approx(v, abs=5 * 0.5 * spacing / 400_000 ** 0.5)
+        assert x.to(torch.bfloat16).float()[0].item() in (below, above)
+    exact = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0e-3]).to(torch.bfloat16).float()
+    assert torch.equal(focalpo.stochastic_round_bf16(exact).float(), exact)
+
+
+def test_bf16_adamw_loses_a_small_update_and_stochastic_rounding_keeps_it():
+    torch.manual_seed(0)
+    n, lr, steps = 1_000_000, 5e-7, 10
+    w0 = torch.empty(n).uniform_(0.01, 0.05)  # typical weights; bf16 spacing there is 6e-5 to 2.4e-4
+    grad = torch.rand(n) + 0.1  # one sign, so Adam moves every weight by about lr per step
+    results = {}
+    for name, dtype, opt_cls in (("fp32", torch.float32, torch.optim.AdamW), ("bf16", torch.bfloat16, torch.optim.AdamW),
+                                 ("bf16+sr", torch.bfloat16, focalpo.AdamWSR)):
+        p = torch.nn.Parameter(w0.to(dtype).clone())
+        start = p.detach().float().clone()
+        opt = opt_cls([p], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        for _ in range(steps):
+            p.grad = grad.to(dtype)
+            opt.step()
+        results[name] = p.detach().float() - start
+    # fp32 rounds too (spacing ~2e-9 near 0.03, 0.4% of a step), hence rel=1e-2
+    assert results["fp32"].mean().item() == pytest.approx(-lr * steps, rel=1e-2)
+    assert (results["bf16"] != 0).sum().item() == 0  # round-to-nearest: not one weight moved
+    moved = (results["bf16+sr"] != 0).float().mean().item()
+    assert 0.01 < moved < 0.5  # each weight moves a whole bf16 step now and then
+    # and on average exactly as far as fp32: the SR noise per weight is ~1e-4, so the mean of 1e6 is within ~3e-7
+    assert results["bf16+sr"].mean().item() == pytest.approx(results["fp32"].mean().item(), abs=1e-6)
+
+
+def test_training_with_bf16_weights(tmp_path):
+    cfg = cfg_for(tmp_path, loss="focalpo", weights="bf16", max_steps=40, eval_every=40, max_eval_pairs=64)
+    s = focalpo.run(cfg, log=lambda *_: None)["focalpo"]
+    # the reference ran in bf16 too, so step 0 is still a tie everywhere (PITFALLS.md 8)
+    assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(2 ** -0.05 * math.log(2), abs=1e-6)
+    assert s["eval_reward_accuracy"] > 0.6
+
+
+# -----------------------------------------------------------------------------
 # hardening: checkpoints, resume, signals, non-finite steps, out of memory
 
 
