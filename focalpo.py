@@ -370,9 +370,6 @@ def render_row(row, fmt, tokenizer, i):
             return "empty response"
         if chosen == rejected:
             return "chosen == rejected"
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise FocalpoError("the data is conversational but the tokenizer has no chat template: "
-                               "use an instruct/chat model's tokenizer, or plain-text prompt/chosen/rejected data")
         template = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         return template(prompt, True), template(prompt + chosen, False), template(prompt + rejected, False)
     # plain text
@@ -416,6 +413,9 @@ def uses_bos(tokenizer):
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     """Rows -> list of Pair. Unusable rows are dropped and counted in `stats` (reason -> count)."""
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
+        raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
+                           "instruct/chat model's tokenizer, or plain-text prompt/chosen/rejected data")
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
     rendered = []
@@ -475,9 +475,6 @@ def prepare_data(cfg, tokenizer, log=print):
     if eval_rows and detect_format(eval_rows) != fmt:
         raise FocalpoError(f"the training data is {fmt} but the held-out data is {detect_format(eval_rows)}: "
                            f"use the same format for both")
-    if fmt == "chat" and tokenizer.chat_template is None:
-        raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
-                           "instruct/chat model's tokenizer, or plain-text prompt/chosen/rejected data")
     out = []
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         stats = {}
@@ -777,7 +774,7 @@ def finish_metrics(total):
 
 
 # -----------------------------------------------------------------------------
-# Training
+# One optimizer step, and evaluation
 
 
 def lr_at(step, total_steps, cfg, peak):
@@ -789,24 +786,30 @@ def lr_at(step, total_steps, cfg, peak):
     return peak * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
 
 
+def forward_pairs(model, batch, ref, cfg, loss_type, device):
+    """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics."""
+    batch = to_device(batch, device)
+    r = ref[batch["idx"].cpu()]  # (B, 2) on the CPU, where the cache lives
+    with autocast(device):
+        logps, n_tokens = sequence_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
+    B = len(batch["idx"])
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        logps[:B], logps[B:], r[:, 0].to(device), r[:, 1].to(device), loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
+    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
+
+
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
     """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics, or
     {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which case no update is applied."""
     n_pairs = sum(len(b["idx"]) for b in micro_batches)
     total, bad_rows = {}, []
     for batch in micro_batches:
-        batch = to_device(batch, device)
-        r = ref[batch["idx"].cpu()].to(device)  # (B, 2)
-        with autocast(device):
-            logps, n_tokens = sequence_logps(model, batch)
-        B = len(batch["idx"])
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
+        losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
         # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
         # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
         # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
         (losses.sum() / n_pairs).backward()
-        add_metrics(total, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r.cpu()))
+        add_metrics(total, metrics)
         bad_rows += batch["row"][~torch.isfinite(losses.detach()).cpu()].tolist()
     # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -824,14 +827,7 @@ def evaluate(model, batches, ref, cfg, loss_type, device):
     model.eval()
     total = {}
     for batch in batches:
-        batch = to_device(batch, device)
-        r = ref[batch["idx"].cpu()]
-        with autocast(device):
-            logps, n_tokens = sequence_logps(model, batch)
-        B = len(batch["idx"])
-        losses, cr, rr = preference_loss(logps[:B], logps[B:], r[:, 0].to(device), r[:, 1].to(device),
-                                         loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
-        add_metrics(total, pair_metrics(losses, cr, rr, logps, n_tokens, r))
+        add_metrics(total, forward_pairs(model, batch, ref, cfg, loss_type, device)[1])
     model.train()
     return finish_metrics(total)
 
