@@ -570,6 +570,11 @@ def load_model(cfg, tokenizer, device):
             raise FocalpoError(f"could not load model {cfg.model!r} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}): check the name, your network, or "
                                f"pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
+    return prepare_model(model, cfg, device)
+
+
+def prepare_model(model, cfg, device):
+    """Dropout off (PITFALLS.md 8), the weights' dtype, optional gradient checkpointing, then onto the device."""
     for m in model.modules():  # dropout makes the policy differ from the reference at step 0
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
