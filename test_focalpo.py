@@ -707,6 +707,33 @@ def test_training_with_bf16_weights(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# bench.py: a smoke test on the CPU (no timing assertion; GPU numbers live in the README)
+
+
+def test_bench_named_shapes_have_the_real_parameter_counts():
+    import transformers
+    import bench
+    expected = {"qwen2.5-0.5b": 0.494e9, "mistral-7b": 7.242e9, "llama-3-8b": 8.030e9}
+    for name, n in expected.items():
+        cls, kw = bench.SHAPES[name]
+        with torch.device("meta"):  # shapes only, no memory
+            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(n, rel=1e-3), name
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_bench_tiny_runs_the_real_training_step(capsys, weights):
+    import bench
+    out = bench.main(["--shape=tiny", "--steps=2", "--warmup=1", "--batch_size=2", "--grad_accum=2",
+                      "--max_length=256", "--max_prompt_length=128", f"--weights={weights}"])
+    text = capsys.readouterr().out
+    assert out["tokens_per_second"] > 0 and 0 <= out["padding"] < 1 and out["ref_seconds"] > 0
+    assert "tokens/s" in text and "padding" in text and "reference pass" in text and f"weights {weights}" in text
+    pairs = bench.random_pairs(50, 1000, 256, 128, 0)
+    assert all(len(p.chosen) <= 256 and p.chosen_start <= 128 and len(p.chosen) > p.chosen_start for p in pairs)
+
+
+# -----------------------------------------------------------------------------
 # hardening: checkpoints, resume, signals, non-finite steps, out of memory
 
 
