@@ -78,9 +78,7 @@ def main(argv=None):
     ref_seconds = time.time() - t0
 
     model.train()
-    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
-    optimizer = (focalpo.AdamWSR(groups, lr=cfg.lr) if cfg.weights == "bf16"
-                 else torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda"))
+    optimizer = focalpo.make_optimizer(model, cfg, cfg.lr, device)
     batches = focalpo.length_grouped_batches(pairs, cfg.batch_size, cfg.seed)
     steps = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
     if device.type == "cuda":

@@ -837,6 +837,17 @@ def evaluate(model, batches, ref, cfg, loss_type, device):
     return finish_metrics(total)
 
 
+def make_optimizer(model, cfg, lr, device):
+    """AdamW, no weight decay on norms and biases; for bf16 weights the stochastic-rounding AdamWSR below, because
+    plain AdamW on bf16 weights loses DPO-sized updates to rounding (PITFALLS.md 12)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.weights == "bf16":
+        return AdamWSR(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
 def peak_lr(cfg):
     return cfg.lr or (1e-3 if cfg.model == "demo" else 5e-7)
 
@@ -957,13 +968,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     lr = peak_lr(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms and biases
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if cfg.weights == "bf16":  # plain AdamW on bf16 weights loses DPO-sized updates to rounding (PITFALLS.md 12)
-        optimizer = AdamWSR(groups, lr=lr, betas=(0.9, 0.95))
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg, lr, device)
     eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
     ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
     # everything needed to continue exactly where we stopped, besides weights, optimizer and RNG
@@ -1006,7 +1011,10 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                 n += 1
             epoch += 1
     stream = micro_batches(state["step"] * cfg.grad_accum)
-    save = lambda: save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+    last_saved = [ckpt_path]  # the newest checkpoint known to be good, to name it if the run must stop
+    def save():
+        last_saved[0] = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
+        return last_saved[0]
 
     # Ctrl-C / SIGTERM: finish the step in flight, save, stop. A second signal stops at once.
     stop = {"signal": None}
@@ -1052,7 +1060,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                 say(f"[{loss_type}] step {done}: WARNING: non-finite loss or gradient, update skipped "
                     f"(training rows: {m['nonfinite_rows']})")
                 if state["bad_steps"] >= cfg.max_bad_steps:
-                    last = load_latest_checkpoint(ckpt_dir, lambda *_: None)[1]
+                    last = last_saved[0]
                     raise FocalpoError(
                         f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step "
                         f"{done}, training rows {m['nonfinite_rows']}): stopped; check those rows or lower --lr. "
