@@ -34,6 +34,41 @@ SHAPES = {  # (config class name, overrides of its defaults)
 }
 
 
+class PerParameterAdamWSR(torch.optim.Optimizer):
+    """focalpo.AdamWSR as it was before it was bucketed: a Python loop over parameters, a dozen small ops and one
+    .item() each, one torch.randint per rounding. Kept as the baseline that --optimizer times the new one against,
+    and as the reference the tests compare it with. noise(x, k) gives the 16-bit rounding noise of rounding k
+    (0: weight, 1: first moment, 2: second moment); a test can replace it to feed both versions the same bits."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def noise(self, p, x, k):
+        return torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                w = p.float().mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+                for k, (dst, x) in enumerate(((p, w), (state["exp_avg"], m), (state["exp_avg_sq"], v))):
+                    dst.copy_(focalpo.stochastic_round_bf16(x, self.noise(p, x, k)) if dst.dtype == torch.bfloat16 else x)
+
+
 def random_pairs(n, vocab_size, max_length, max_prompt_length, seed):
     """n pairs of seeded random token ids: one prompt, two responses, cut like real data (prompt end kept)."""
     g, rng = torch.Generator().manual_seed(seed), random.Random(seed)

@@ -1,5 +1,6 @@
 """Tests for focalpo.py: offline, on the CPU. Run: python -m pytest -q test_focalpo.py"""
 
+import copy
 import dataclasses
 import json
 import math
@@ -696,6 +697,96 @@ def test_bf16_adamw_loses_a_small_update_and_stochastic_rounding_keeps_it():
     assert 0.01 < moved < 0.5  # each weight moves a whole bf16 step now and then
     # and on average exactly as far as fp32: the SR noise per weight is ~1e-4, so the mean of 1e6 is within ~3e-7
     assert results["bf16+sr"].mean().item() == pytest.approx(results["fp32"].mean().item(), abs=1e-6)
+
+
+def run_adamw_sr(opt_cls, init, grads, bits, bucket_numel=None):
+    """Train bf16 parameters `init` for len(grads) steps; every step's random bits come from `bits[step]`, (N,)
+    int64, N = all elements in parameter order: element i's rounding noise is bits 16k..16k+15 of bits[i] for
+    rounding k (0: weight, 1: first moment, 2: second moment). Returns the parameters and the optimizer."""
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = opt_cls([{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:], "weight_decay": 0.0}], lr=1e-2)
+    offsets = dict(zip(ps, [0] + list(torch.tensor([p.numel() for p in ps]).cumsum(0).tolist())))
+    now = {"step": 0, "used": 0}
+    if bucket_numel:  # the bucketed optimizer asks for bits bucket by bucket, in parameter order
+        opt.bucket_numel = bucket_numel
+        def random_bits(n, device):
+            now["used"] += n
+            return bits[now["step"]][now["used"] - n:now["used"]].clone()
+        opt.random_bits = random_bits
+    else:  # the per-parameter one asks per parameter and rounding
+        opt.noise = lambda p, x, k: ((bits[now["step"]][offsets[p]:offsets[p] + p.numel()] >> 16 * k) & 0xFFFF
+                                     ).to(torch.int32).view(x.shape)
+    for step, g in enumerate(grads):
+        now.update(step=step, used=0)
+        for p, gp in zip(ps, g):
+            p.grad = gp.clone()
+        opt.step()
+    return ps, opt
+
+
+def test_bucketed_adamw_sr_matches_the_per_parameter_version_bit_for_bit():
+    """Same random bits in, same bf16 weights and moments out, over several steps, with weight decay on one group
+    and buckets much smaller than some parameters (so they are split across buckets)."""
+    import bench
+    torch.manual_seed(0)
+    shapes = [(37, 53), (1000,), (3, 5, 7), (2500,), (64, 64)]
+    init = [torch.randn(s).bfloat16() for s in shapes]
+    grads = [[(torch.randn(s) * 10 ** -k).bfloat16() for s in shapes] for k in range(4)]
+    bits = [torch.randint(0, 1 << 48, (sum(math.prod(s) for s in shapes),)) for _ in range(4)]
+    new, opt_new = run_adamw_sr(focalpo.AdamWSR, init, grads, bits, bucket_numel=1000)
+    old, opt_old = run_adamw_sr(bench.PerParameterAdamWSR, init, grads, bits)
+    for a, b in zip(new, old):
+        assert torch.equal(a, b)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_new.state[a][k], opt_old.state[b][k])
+    assert not torch.equal(new[0], init[0])  # it did move
+    assert all(opt_new.state[p]["step"] == 4 for p in new)  # a plain int: no .item() per parameter
+
+
+def test_bucketed_adamw_sr_temporaries_stay_within_the_bucket():
+    """After the first step (which allocates the moments and the reusable buffers) a step allocates nothing larger
+    than a few bytes; the buffers are bounded by bucket_numel however large a parameter is. The per-parameter
+    version allocates an fp32 copy of its largest parameter every step (so this test can fail)."""
+    import bench
+    from torch.profiler import profile
+    def largest_allocation(opt):
+        with profile(profile_memory=True) as prof:
+            opt.step()
+        return max(e.self_cpu_memory_usage for e in prof.events())
+    ps = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in ((300, 333), (1000,), (50_000,))]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = focalpo.AdamWSR(ps, lr=1e-3)
+    opt.bucket_numel = 4096
+    largest_allocation(opt)
+    assert largest_allocation(opt) <= 8
+    assert all(b.numel() <= 4096 for b in opt._work.values())
+    assert sum(b.numel() * b.element_size() for b in opt._work.values()) <= 28 * 4096  # the bound in the docstring
+    old = bench.PerParameterAdamWSR(ps, lr=1e-3)
+    largest_allocation(old)
+    assert largest_allocation(old) >= 4 * 300 * 333
+
+
+def test_adamw_sr_state_survives_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    init = [torch.randn(50, 20).bfloat16(), torch.randn(7).bfloat16()]
+    grads = [[torch.randn_like(x) for x in init] for _ in range(3)]
+    def train(opt, ps, gs):
+        for g in gs:
+            for p, gp in zip(ps, g):
+                p.grad = gp
+            opt.step()
+    ps = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = focalpo.AdamWSR(ps, lr=1e-2)
+    train(opt, ps, grads[:2])
+    saved = ({k: v.clone() for k, v in zip("ab", ps)}, copy.deepcopy(opt.state_dict()), torch.get_rng_state())
+    train(opt, ps, grads[2:])
+    ps2 = [torch.nn.Parameter(saved[0][k].clone()) for k in "ab"]
+    opt2 = focalpo.AdamWSR(ps2, lr=1e-2)
+    opt2.load_state_dict(saved[1])
+    torch.set_rng_state(saved[2])
+    train(opt2, ps2, grads[2:])
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
 
 
 def test_training_with_bf16_weights(tmp_path):
