@@ -500,9 +500,14 @@ def collate(pairs, pad_id):
         input_ids[i, :len(s)] = s
         attention_mask[i, :len(s)] = 1
         response_mask[i, start:len(s)] = True
-    idx, rows = torch.tensor([p.idx for p in pairs]), torch.tensor([p.row for p in pairs])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask, "idx": idx,
-            "row": rows}
+    # the positions whose logits are scored: position t predicts token t+1, so t counts when token t+1 is a response
+    # token. Found here, on the host, so that the forward pass needs no nonzero() (a GPU -> CPU wait) to find them
+    scored = torch.zeros_like(response_mask)
+    scored[:, :-1] = response_mask[:, 1:]  # (2B, T)
+    positions = scored.view(-1).nonzero()[:, 0]  # (N,) flat indices into (2B * T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "positions": positions, "position_seq": positions // T, "n_tokens": scored.sum(1),  # (N,), (N,), (2B,)
+            "idx": torch.tensor([p.idx for p in pairs]), "row": torch.tensor([p.row for p in pairs])}
 
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
@@ -573,14 +578,36 @@ def load_model(cfg, tokenizer, device):
     return prepare_model(model, cfg, device)
 
 
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, given no mask: causal when several queries come at once (training, scoring,
+    a prompt), full for a single decoded token. See sequence_logps for why right-padded batches need no mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def use_causal_sdpa(model, max_length):
+    """Switch the model to _causal_sdpa, unless it has a sliding window shorter than max_length (then the mask
+    matters). With it transformers builds no mask and checks none on the host (a GPU wait every forward), and
+    SDPA can take its fastest causal kernels."""
+    from transformers import AttentionInterface
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and window < max_length:
+        return False
+    AttentionInterface.register("causal_sdpa", _causal_sdpa)
+    model.set_attn_implementation("causal_sdpa")
+    return True
+
+
 def prepare_model(model, cfg, device):
-    """Dropout off (PITFALLS.md 8), the weights' dtype, optional gradient checkpointing, then onto the device."""
+    """Dropout off (PITFALLS.md 8), the weights' dtype, attention without masks, optional gradient checkpointing,
+    then onto the device."""
     for m in model.modules():  # dropout makes the policy differ from the reference at step 0
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
     model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (PITFALLS.md 8)
+    use_causal_sdpa(model, cfg.max_length)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -610,15 +637,21 @@ def _token_logps(lm_head, hidden, targets):
 def sequence_logps(model, batch, chunk_size=2048):
     """Summed response-token log-probs per row, (2B,) fp32, and the number of response tokens per row, (2B,).
 
-    Logits at position t predict token t+1, so position t counts when token t+1 is a response token. Only those
-    positions reach the output layer, in chunks of `chunk_size`, each recomputed in backward (checkpoint) so that
-    no (N, vocab) fp32 tensor outlives its chunk.
+    Logits at position t predict token t+1, so position t counts when token t+1 is a response token (collate lists
+    those positions). Only they reach the output layer, in chunks of `chunk_size`, each recomputed in backward
+    (checkpoint) so that no (N, vocab) fp32 tensor outlives its chunk.
     """
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = out.last_hidden_state[:, :-1]  # (2B, T-1, H)
-    mask = batch["response_mask"][:, 1:]  # (2B, T-1) True where the NEXT token is a response token
-    rows = mask.nonzero()[:, 0]  # (N,) which sequence each scored position belongs to
-    h, targets = hidden[mask], batch["input_ids"][:, 1:][mask]  # (N, H), (N,)
+    # No attention mask, on purpose: with right padding every real token comes before every pad, so causal attention
+    # alone keeps scored positions from seeing pads (pads' own outputs are never scored), and position ids are
+    # 0..T-1 either way. Passing the mask would make transformers test it on the host every forward (a GPU wait)
+    # and keep SDPA off its fastest causal kernels (use_causal_sdpa). test_sequence_logps_match_naive_loop... checks
+    # the values. A model with a sliding window shorter than --max_length keeps the mask.
+    mask = None if model.config._attn_implementation == "causal_sdpa" else batch["attention_mask"]
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=mask)
+    hidden = out.last_hidden_state  # (2B, T, H)
+    positions = batch["positions"]  # (N,) flat indices into (2B * T)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
+    targets = batch["input_ids"].view(-1).index_select(0, positions + 1)  # (N,) the token each position predicts
     lm_head = model.get_output_embeddings()
     pieces = []
     for i in range(0, h.shape[0], chunk_size):
@@ -626,12 +659,15 @@ def sequence_logps(model, batch, chunk_size=2048):
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _token_logps(*args))
     token_logps = torch.cat(pieces)  # (N,)
-    logps = torch.zeros(mask.shape[0], device=h.device, dtype=torch.float32).index_add(0, rows, token_logps)
-    return logps, mask.sum(1)  # (2B,), (2B,)
+    logps = torch.zeros(hidden.shape[0], device=h.device, dtype=torch.float32)
+    return logps.index_add(0, batch["position_seq"], token_logps), batch["n_tokens"]  # (2B,), (2B,)
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Host batch -> device. On CUDA through pinned memory, so the copy is queued without making the CPU wait."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -659,12 +695,15 @@ def compute_reference(model, pairs, cfg, pad_id, device):
     """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
     ref = torch.zeros(len(pairs), 2, dtype=torch.float32)
     model.eval()
+    idx, values = [], []
     for chunk in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False):
-        batch = to_device(collate(chunk, pad_id), device)
+        batch = collate(chunk, pad_id)
         with autocast(device):
-            logps, _ = sequence_logps(model, batch)
-        B = len(chunk)
-        ref[batch["idx"].cpu(), 0], ref[batch["idx"].cpu(), 1] = logps[:B].cpu(), logps[B:].cpu()
+            logps, _ = sequence_logps(model, to_device(batch, device))
+        idx.append(batch["idx"])
+        values.append(logps.view(2, -1).T)  # (B, 2): chosen, rejected
+    if idx:  # one copy to the host at the end, not one wait per batch
+        ref[torch.cat(idx)] = torch.cat(values).cpu()
     return ref
 
 
@@ -738,23 +777,25 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref):
-    """Per-batch SUMS of per-pair metrics. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
+    """Per-batch SUMS of per-pair metrics, as 0-dim tensors left on the device: reading each one here would make the
+    CPU wait for the GPU ~15 times per micro-batch. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
     B = losses.shape[0]
     pc, pr = logps[:B].detach().float(), logps[B:].detach().float()
     nc, nr = n_tokens[:B].float(), n_tokens[B:].float()
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
     ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    count = lambda x: x.float().sum()
     return {
-        "pairs": float(B), "loss": losses.detach().sum().item(),
-        "rewards/chosen": chosen_rewards.sum().item(), "rewards/rejected": rejected_rewards.sum().item(),
-        "rewards/margin": (chosen_rewards - rejected_rewards).sum().item(), "reward_accuracy": win.sum().item(),
-        "logps/chosen": pc.sum().item(), "logps/rejected": pr.sum().item(),
-        "ranking_accuracy": ranked.float().sum().item(),
-        "ranking_accuracy_norm": (pc / nc >= pr / nr).float().sum().item(),  # mean token log-prob version
-        "ranking_accuracy_ref_correct": (ranked & ref_right).float().sum().item(), "pairs_ref_correct": ref_right.sum().item(),
-        "ranking_accuracy_ref_incorrect": (ranked & ~ref_right).float().sum().item(), "pairs_ref_incorrect": (~ref_right).sum().item(),
-        "tokens": float(n_tokens.sum().item()),
+        "pairs": float(B), "loss": losses.detach().float().sum(),
+        "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
+        "logps/chosen": pc.sum(), "logps/rejected": pr.sum(),
+        "ranking_accuracy": count(ranked),
+        "ranking_accuracy_norm": count(pc / nc >= pr / nr),  # mean token log-prob version
+        "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
+        "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right),
+        "tokens": count(n_tokens),
     }
 
 
@@ -762,6 +803,13 @@ def add_metrics(total, m):
     for k, v in m.items():
         total[k] = total.get(k, 0.0) + v
     return total
+
+
+def metrics_to_host(total):
+    """The sums as Python floats, in one device -> host copy (one wait, however many metrics)."""
+    keys = [k for k, v in total.items() if torch.is_tensor(v)]
+    values = torch.stack([total[k].float() for k in keys]).tolist() if keys else []
+    return {**total, **dict(zip(keys, values))}
 
 
 def finish_metrics(total):
@@ -793,21 +841,22 @@ def lr_at(step, total_steps, cfg, peak):
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
     """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics."""
-    batch = to_device(batch, device)
-    r = ref[batch["idx"].cpu()]  # (B, 2) on the CPU, where the cache lives
+    r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
+    batch = to_device(dict(batch, ref=r), device)
     with autocast(device):
         logps, n_tokens = sequence_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
-    B = len(batch["idx"])
+    B, r = len(r), batch["ref"]
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        logps[:B], logps[B:], r[:, 0].to(device), r[:, 1].to(device), loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
+        logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
     return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
 
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
-    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics, or
-    {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which case no update is applied."""
+    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
+    tensors: see metrics_to_host), or {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which
+    case no update is applied. The CPU waits for the GPU once per step, to learn whether to apply the update."""
     n_pairs = sum(len(b["idx"]) for b in micro_batches)
-    total, bad_rows = {}, []
+    total, all_losses = {}, []
     for batch in micro_batches:
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
         # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
@@ -815,13 +864,15 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
         # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
-        bad_rows += batch["row"][~torch.isfinite(losses.detach()).cpu()].tolist()
+        all_losses.append(losses.detach())
     # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    if bad_rows or not torch.isfinite(norm):  # a NaN/inf would poison every weight it touches: skip the update
+    if not (torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)).item():  # the step's one wait
+        # a NaN/inf would poison every weight it touches: skip the update, and name the rows (rare: waits are fine)
+        bad_rows = [r for b, l in zip(micro_batches, all_losses) for r in b["row"][~torch.isfinite(l).cpu()].tolist()]
         optimizer.zero_grad(set_to_none=True)
         return {"nonfinite_rows": bad_rows or "gradient only"}
-    total["grad_norm"] = norm.item() * total["pairs"]
+    total["grad_norm"] = norm * total["pairs"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -834,7 +885,7 @@ def evaluate(model, batches, ref, cfg, loss_type, device):
     for batch in batches:
         add_metrics(total, forward_pairs(model, batch, ref, cfg, loss_type, device)[1])
     model.train()
-    return finish_metrics(total)
+    return finish_metrics(metrics_to_host(total))
 
 
 def make_optimizer(model, cfg, lr, device):
@@ -1079,6 +1130,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     stream = micro_batches(state["step"] * cfg.grad_accum)
     last_saved = [ckpt_path]  # the newest checkpoint known to be good, to name it if the run must stop
     def save():
+        state["window"] = metrics_to_host(state["window"])  # floats: a checkpoint holds no device tensors
         last_saved[0] = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
         return last_saved[0]
 
@@ -1133,19 +1185,19 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                         + (f"The last good checkpoint is {last} (--resume=true)." if last else "No checkpoint was written yet."))
             else:
                 state["bad_steps"] = 0
-                state["tokens_seen"] += m["tokens"]
-                add_metrics(state["window"], m)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss'] / m['pairs']:.4f}", acc=f"{m['reward_accuracy'] / m['pairs']:.2f}",
-                                    tok_s=f"{state['tokens_seen'] / state['elapsed']:.0f}")
+                state["tokens_seen"] += sum(int(b["n_tokens"].sum()) for b in micro)  # host tensors: no wait
+                add_metrics(state["window"], m)  # still on the device
             if bar is not None:
                 bar.update(1)
             if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
-                row = finish_metrics(state["window"])
+                row = finish_metrics(metrics_to_host(state["window"]))  # the metrics' one wait per log step
                 row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
                            tokens_per_second=state["tokens_seen"] / state["elapsed"])
                 record(row)
                 state["window"] = {}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                                    tok_s=f"{row['tokens_per_second']:.0f}")
             if done % cfg.eval_every == 0 or done == total_steps:
                 state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
                 record({"step": done, "split": "eval", **ev})

@@ -266,9 +266,20 @@ def test_truncation_keeps_prompt_end_and_drops_emptied_pairs():
 # log-probs: PITFALLS.md 5-7
 
 
-def test_sequence_logps_match_naive_loop_and_padding_does_not_matter():
+@pytest.mark.parametrize("attention", ["sdpa", "causal_sdpa"])
+def test_sequence_logps_match_naive_loop_and_padding_does_not_matter(attention):
+    """The naive loop runs each sequence alone, unpadded, with transformers' own masked attention; the batch is
+    right-padded and, with causal_sdpa, has no attention mask at all."""
     tok = make_bpe_tokenizer()
     model = tiny_model(len(tok)).eval()
+    naive = {}
+    if attention == "causal_sdpa":
+        rows = [{"prompt": "Question: what is two plus two?", "chosen": " Answer: four.", "rejected": " five"},
+                {"prompt": "hello", "chosen": " world, hello there, hello again", "rejected": " there"}]
+        for p in focalpo.tokenize_pairs(rows, "plain", tok, Config(), {}):
+            for ids, start in ((p.chosen, p.chosen_start), (p.rejected, p.rejected_start)):
+                naive[tuple(ids.tolist())] = naive_logps(model, ids, start)
+        assert focalpo.use_causal_sdpa(model, 1024) and model.config._attn_implementation == "causal_sdpa"
     rows = [{"prompt": "Question: what is two plus two?", "chosen": " Answer: four.", "rejected": " five"},
             {"prompt": "hello", "chosen": " world, hello there, hello again", "rejected": " there"}]
     pairs = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})
@@ -277,9 +288,22 @@ def test_sequence_logps_match_naive_loop_and_padding_does_not_matter():
         logps, n_tokens = focalpo.sequence_logps(model, batch, chunk_size=3)  # several chunks
     seqs = [(p.chosen, p.chosen_start) for p in pairs] + [(p.rejected, p.rejected_start) for p in pairs]
     for i, (ids, start) in enumerate(seqs):
-        assert logps[i].item() == pytest.approx(naive_logps(model, ids, start), abs=1e-4)
+        key = tuple(ids.tolist())
+        expected = naive[key] if key in naive else naive_logps(model, ids, start)
+        assert logps[i].item() == pytest.approx(expected, abs=1e-4)
         assert n_tokens[i] == len(ids) - start
     assert logps.dtype == torch.float32
+
+
+def test_sliding_window_models_keep_their_attention_mask():
+    from transformers import AutoModelForCausalLM, MistralConfig
+    def mistral(window):
+        return AutoModelForCausalLM.from_config(MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=window), attn_implementation="sdpa")
+    short, long = mistral(8), mistral(4096)
+    assert not focalpo.use_causal_sdpa(short, max_length=1024) and short.config._attn_implementation == "sdpa"
+    assert focalpo.use_causal_sdpa(long, max_length=1024) and long.config._attn_implementation == "causal_sdpa"
 
 
 def test_sequence_logps_gradient_matches_full_logits():
@@ -428,7 +452,7 @@ def test_batch8_accum1_equals_batch1_accum8(tmp_path):
         opt = RecordingOptimizer(model.parameters())
         m = focalpo.train_step(model, opt, [focalpo.collate(b, tok.pad_token_id) for b in micro], ref, cfg, "focalpo", dev)
         grads.append(opt.grads)
-        metrics.append(m)
+        metrics.append(focalpo.metrics_to_host(m))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5)
@@ -450,6 +474,76 @@ def test_uneven_micro_batches_still_give_the_mean(tmp_path):
         grads.append(opt.grads)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+def count_host_syncs(fn):
+    """Calls of the Tensor methods that make the CPU wait for a GPU result, made while fn() runs (on any tensor:
+    on the CPU nothing waits, but the same calls would on a GPU)."""
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+    def counting(name):
+        def method(self, *args, **kw):
+            calls.append(name)
+            return originals[name](self, *args, **kw)
+        return method
+    try:
+        for name in SYNC_METHODS:
+            setattr(torch.Tensor, name, counting(name))
+        out = fn()
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    return calls, out
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_train_step_waits_for_the_device_once_however_many_micro_batches(tmp_path, weights):
+    cfg, tok, model, train, _ = demo_setup(tmp_path, weights=weights, batch_size=2)
+    dev = torch.device("cpu")
+    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, dev)
+    model.train()
+    # AdamWSR for bf16; for fp32 a stand-in, since torch's CPU AdamW reads each step count with .item() (the fused
+    # CUDA AdamW used on a GPU does not)
+    opt = focalpo.make_optimizer(model, cfg, 1e-3, dev) if weights == "bf16" else RecordingOptimizer(model.parameters())
+    counts = {}
+    for accum in (1, 8):
+        micro = [focalpo.collate(train[2 * i:2 * i + 2], tok.pad_token_id) for i in range(accum)]
+        calls, m = count_host_syncs(lambda: focalpo.train_step(model, opt, micro, ref, cfg, "dpo", dev))
+        assert "nonfinite_rows" not in m
+        counts[accum] = calls
+    assert counts[1] == counts[8] == ["item"]  # the non-finite guard, and nothing else
+    # and the metrics reach the host in one copy
+    calls, host = count_host_syncs(lambda: focalpo.metrics_to_host(m))
+    assert calls == ["tolist"] and isinstance(host["loss"], float) and host["pairs"] == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_step_syncs_on_cuda(tmp_path):
+    """On a GPU, CUDA's own sync detector: one synchronising call per step (the guard), for accum 1 and 8."""
+    import warnings
+    cfg, tok, model, train, _ = demo_setup(tmp_path, weights="bf16", batch_size=2)
+    dev = torch.device("cuda")
+    model = model.to(dev)
+    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, dev)
+    model.train()
+    opt = focalpo.make_optimizer(model, cfg, 1e-3, dev)
+    counts = {}
+    for accum in (1, 8):
+        micro = [focalpo.collate(train[2 * i:2 * i + 2], tok.pad_token_id) for i in range(accum)]
+        focalpo.train_step(model, opt, micro, ref, cfg, "dpo", dev)  # warm up (first-step allocations)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                focalpo.train_step(model, opt, micro, ref, cfg, "dpo", dev)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[accum] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts[1] == counts[8] <= 1, counts
 
 
 def test_lr_schedule():
