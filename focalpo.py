@@ -1024,6 +1024,32 @@ class AdamWSR(torch.optim.Optimizer):
 # Checkpoints: written atomically (a crash mid-save leaves the previous one intact), verified when read back
 
 
+class HashingFile:
+    """A file that computes the SHA-256 of what is written to it as it is written, so a checkpoint is never read
+    back to be hashed. Each large block is hashed in a second thread while it is written (hashlib and file writes
+    both release the GIL), so saving costs about max(write, hash) rather than their sum; both finish before write()
+    returns, because torch may reuse the block afterwards."""
+
+    def __init__(self, f):
+        from concurrent.futures import ThreadPoolExecutor
+        self.f, self.sha, self.pool = f, hashlib.sha256(), ThreadPoolExecutor(1)
+
+    def write(self, block):
+        if len(block) < 1 << 20:
+            self.sha.update(block)
+            return self.f.write(block)
+        hashed = self.pool.submit(self.sha.update, block)
+        n = self.f.write(block)
+        hashed.result()
+        return n
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.pool.shutdown()
+
+
 def _sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1039,11 +1065,13 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
     os.makedirs(ckpt_dir, exist_ok=True)
     path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "rng": rng},
-               path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        out = HashingFile(f)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "rng": rng}, out)
+        out.close()
     os.replace(path + ".tmp", path)
     with open(path + ".json.tmp", "w") as f:
-        json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": _sha256_file(path)}, f)
+        json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": out.sha.hexdigest()}, f)
     os.replace(path + ".json.tmp", path[:-3] + ".json")
     for old in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt")))[:-keep]:
         for f in (old, old[:-3] + ".json"):

@@ -984,6 +984,23 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     assert len(logs) == 1 and "WARNING: skipping" in logs[0] and "step_0000020.pt" in logs[0]
 
 
+def test_checkpoint_is_hashed_while_written_and_never_read_back(tmp_path, monkeypatch):
+    import hashlib
+    def no_reading(path):
+        raise AssertionError(f"{path} was read back to hash it")
+    monkeypatch.setattr(focalpo, "_sha256_file", no_reading)
+    model = torch.nn.Linear(1500, 1000)  # 6 MB of weights: several blocks go through the hashing thread
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1500)).sum().backward()
+    opt.step()
+    path = focalpo.save_checkpoint(str(tmp_path), model, opt, {"step": 3}, keep=2)
+    meta = json.loads((tmp_path / "step_0000003.json").read_text())
+    data = open(path, "rb").read()
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest() and meta["bytes"] == len(data)
+    ckpt = torch.load(path, weights_only=True)
+    assert torch.equal(ckpt["model"]["weight"], model.weight) and ckpt["state"]["step"] == 3
+
+
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(tmp_path):
     import signal
     import time
