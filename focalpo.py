@@ -614,6 +614,78 @@ def prepare_model(model, cfg, device):
     return model.to(device)
 
 
+# -----------------------------------------------------------------------------
+# Memory plan: before loading a real model onto a GPU, will training fit? (an estimate, stated, not a measurement)
+
+
+GiB = 2 ** 30
+
+
+def bytes_per_parameter(cfg):
+    """Training state per parameter: fp32 weights + gradients + AdamW's two moments (4+4+4+4), plus the bf16 copy
+    autocast makes of each weight during the step (2); or, with --weights=bf16, 2+2+2+2."""
+    return 8 if cfg.weights == "bf16" else 18
+
+
+def activation_bytes(config, cfg):
+    """An allowance for activations at --batch_size pairs (2x as many sequences) of --max_length tokens each.
+
+    Without checkpointing, a decoder layer keeps about 30*H + 8*I bytes per token for backward (bf16: the inputs of
+    its six projections, q/k/v after RoPE, the attention output, the SwiGLU products, the norms' fp32 copies).
+    With checkpointing it keeps only its input (H values, in the weights' dtype), and one layer at a time is
+    recomputed with its full activations. Plus the log-prob chunk: 2048 positions x vocabulary x 10 bytes (bf16
+    logits, their fp32 copy and its gradient)."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = 2 * cfg.batch_size * cfg.max_length
+    full_layer = (30 * H + 8 * I) * tokens
+    if cfg.gradient_checkpointing:
+        layers = (2 if cfg.weights == "bf16" else 4) * H * tokens * L + full_layer
+    else:
+        layers = full_layer * L
+    return layers + 2048 * config.vocab_size * 10
+
+
+def memory_plan(config, cfg, world_size=1):
+    """(bytes needed per GPU, a one-line account of them). Parameters are counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    state = n * bytes_per_parameter(cfg) / world_size  # sharded over the processes (FSDP) when there are several
+    buffers = 28 * min(AdamWSR.bucket_numel, n) if cfg.weights == "bf16" else 0
+    acts = activation_bytes(config, cfg)
+    what = "bf16 weights, gradients, AdamW moments" if cfg.weights == "bf16" else \
+           "fp32 weights, gradients, AdamW moments, bf16 autocast copies"
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {bytes_per_parameter(cfg)} bytes ({what})"
+            + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
+            + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
+            + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
+            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
+    return state + buffers + acts, line
+
+
+def check_memory(cfg, device, log=print, world_size=1):
+    """On a GPU, before loading a real model: print the plan beside the free memory, and stop at once when it
+    cannot fit, rather than after the reference pass."""
+    if device.type != "cuda" or cfg.model == "demo":
+        return
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+    except Exception as e:
+        raise FocalpoError(f"could not load the config of {cfg.model!r} ({type(e).__name__}): check the name, your "
+                           f"network, or pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
+    needed, line = memory_plan(config, cfg, world_size)
+    free = torch.cuda.mem_get_info(device)[0]
+    log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
+    if needed > free:
+        savers = ([] if cfg.weights == "bf16" else ["--weights=bf16 (8 bytes per parameter instead of 18)"]) + \
+                 ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
+        raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
+                           f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
+                           + "lower --batch_size (raising --grad_accum) or --max_length, or spread the model over "
+                           "more GPUs with torchrun")
+
+
 def weights_fingerprint(model):
     """A cheap digest of the weights: two sums per tensor. Enough to tell one checkpoint from another."""
     h = hashlib.sha256()
@@ -1269,6 +1341,7 @@ def run(cfg, log=print):
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
+    check_memory(cfg, device, log)  # before the data and the model: a plan that cannot fit stops here
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
     summaries, ref = {}, None
     for loss_type in loss_types(cfg):

@@ -710,6 +710,56 @@ def test_tokenizer_without_pad_uses_eos(tmp_path, monkeypatch):
     assert loaded.pad_token_id == loaded.eos_token_id
 
 
+def fake_gpu(monkeypatch, free_gib):
+    monkeypatch.setattr(focalpo, "pick_device", lambda cfg: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2 ** 30, 80 * 2 ** 30))
+
+
+def mistral_7b_folder(path):
+    """A folder with a Mistral-7B-shaped config.json and a tokenizer, but no weights: enough to plan memory."""
+    from transformers import MistralConfig
+    MistralConfig().save_pretrained(path)
+    make_bpe_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_memory_plan_stops_before_the_data_and_the_model_when_it_cannot_fit(tmp_path, monkeypatch):
+    fake_gpu(monkeypatch, free_gib=79)
+    def not_reached(*a, **kw):
+        raise AssertionError("the plan should have stopped the run first")
+    monkeypatch.setattr(focalpo, "prepare_data", not_reached)
+    monkeypatch.setattr(focalpo, "load_model", not_reached)
+    cfg = cfg_for(tmp_path, model=mistral_7b_folder(tmp_path / "m"), dataset="demo")
+    logs = []
+    with pytest.raises(FocalpoError) as err:
+        focalpo.run(cfg, log=logs.append)
+    msg = str(err.value)
+    assert msg.startswith("training ") and "needs about 238.0 GiB but the GPU has 79.0 GiB free" in msg
+    assert "--weights=bf16" in msg and "--gradient_checkpointing=true" in msg and len(msg.splitlines()) == 1
+    assert logs[-1].startswith("memory plan: 7.24B parameters x 18 bytes") and "free on the GPU: 79.0 GiB" in logs[-1]
+    # with both memory savers on it fits an 80 GB card, and the one line says what it will use
+    logs = []
+    with pytest.raises(AssertionError, match="the plan should have stopped"):  # passes the plan, reaches the data
+        focalpo.run(dataclasses.replace(cfg, weights="bf16", gradient_checkpointing=True), log=logs.append)
+    assert "= ~63.1 GiB; free on the GPU: 79.0 GiB" in logs[-1]
+
+
+def test_memory_plan_arithmetic():
+    from transformers import MistralConfig
+    n = 7_241_732_096  # Mistral-7B's parameters
+    cfg = Config(model="x", weights="bf16", gradient_checkpointing=True, batch_size=8, max_length=1024)
+    needed, line = focalpo.memory_plan(MistralConfig(), cfg)
+    tokens, H, I, L, V = 2 * 8 * 1024, 4096, 14336, 32, 32000
+    acts = 2 * H * tokens * L + (30 * H + 8 * I) * tokens + 2048 * V * 10
+    assert needed == n * 8 + 28 * 2 ** 25 + acts
+    assert f"{n * 8 / 2 ** 30:.1f} GiB" in line  # 54.0 GiB of training state
+    half, _ = focalpo.memory_plan(MistralConfig(), cfg, world_size=8)  # FSDP over 8 GPUs shards the state
+    assert half == n * 8 / 8 + 28 * 2 ** 25 + acts
+    # nothing to plan for the demo, or off the GPU
+    focalpo.check_memory(Config(), torch.device("cuda"), log=lambda m: pytest.fail(m))
+    focalpo.check_memory(Config(model="x"), torch.device("cpu"), log=lambda m: pytest.fail(m))
+
+
 def test_local_model_path_trains(tmp_path):
     """The real-model code path (from_pretrained) on a local stand-in: a saved tiny model and BPE tokenizer."""
     tok = make_bpe_tokenizer()
