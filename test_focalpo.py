@@ -956,16 +956,67 @@ def test_bench_named_shapes_have_the_real_parameter_counts():
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(n, rel=1e-3), name
 
 
+TINY = ["--shape=tiny", "--steps=2", "--warmup=1", "--batch_size=2", "--grad_accum=2", "--max_length=256",
+        "--max_prompt_length=128"]
+
+
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 def test_bench_tiny_runs_the_real_training_step(capsys, weights):
     import bench
-    out = bench.main(["--shape=tiny", "--steps=2", "--warmup=1", "--batch_size=2", "--grad_accum=2",
-                      "--max_length=256", "--max_prompt_length=128", f"--weights={weights}"])
+    row = bench.main(TINY + [f"--weights={weights}"])
     text = capsys.readouterr().out
-    assert out["tokens_per_second"] > 0 and 0 <= out["padding"] < 1 and out["ref_seconds"] > 0
-    assert "tokens/s" in text and "padding" in text and "reference pass" in text and f"weights {weights}" in text
+    assert row["tokens_per_second"] > 0 and 0 <= row["padding"] < 1 and row["ref_tokens_per_second"] > 0
+    assert 0 < row["optimizer_share"] < 1 and row["save_seconds"] > 0 and row["save_gib"] > 0
+    assert row["planned_gib"] > 0 and row["weights"] == weights and row["mfu"] is None  # no peak known on a CPU
+    assert '"tokens_per_second"' in text
     pairs = bench.random_pairs(50, 1000, 256, 128, 0)
     assert all(len(p.chosen) <= 256 and p.chosen_start <= 128 and len(p.chosen) > p.chosen_start for p in pairs)
+
+
+def test_bench_suite_smoke_on_the_tiny_shape(tmp_path, monkeypatch, capsys):
+    """Every row of the suite on the tiny shape (in this process, to keep the test short), with trl hidden: its
+    rows say so and the table still comes out, with the same rows in the JSON."""
+    import bench
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    ran = []
+    def in_process(options, timeout):
+        ran.append(options)
+        return bench.main([o for o in options if not o.startswith("--json")])
+    monkeypatch.setattr(bench, "run_row", in_process)
+    out = tmp_path / "suite.json"
+    rows = bench.main(["--suite", "--shape=tiny", "--steps=1", "--warmup=1", "--max_length=128",
+                       "--max_prompt_length=64", "--save=false", f"--out={out}"])
+    table = capsys.readouterr().out
+    assert len(rows) == len(bench.SUITE) == len(ran) and all("--shape=tiny" in o for o in ran)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    trl_rows = [r for r in rows if r["impl"] == "trl"]
+    assert len(trl_rows) == 2 and all(r["error"] == "trl not installed (trl)" for r in trl_rows)
+    mine = [r for r in rows if r["impl"] == "focalpo"]
+    assert all(r["tokens_per_second"] > 0 for r in mine)
+    assert {(r["weights"], r["gradient_checkpointing"]) for r in mine} == {
+        ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
+    assert table.count("| focalpo | tiny |") == 6 and table.count("error: trl not installed") == 2
+
+
+def test_bench_row_in_its_own_process():
+    import bench
+    row = bench.run_row(TINY + ["--save=false"], timeout=300)
+    assert row["impl"] == "focalpo" and row["tokens_per_second"] > 0, row
+    assert "error" in bench.run_row(["--shape=no-such-shape"], timeout=300)
+
+
+def test_bench_optimizer_mode(capsys):
+    import bench
+    row = bench.main(["--optimizer", "--shape=tiny", "--steps=3"])
+    assert set(row["seconds_per_step"]) == {"per-parameter loop", "bucketed"} and row["speedup"] > 0
+    assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("trl"), reason="trl is not installed (optional)")
+def test_bench_trl_row_times_the_same_pairs():
+    import bench
+    row = bench.main(TINY + ["--trl"])
+    assert row["impl"] == "trl" and row["tokens_per_second"] > 0 and row["ref_tokens_per_second"] > 0, row
 
 
 # -----------------------------------------------------------------------------
