@@ -1173,153 +1173,99 @@ def load_latest_checkpoint(ckpt_dir, log=print):
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Training: the loop, and the small helpers it leans on (resume, signals, the metrics file, the summary)
 
 
-def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
-    """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
-    Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
-    os.makedirs(out_dir, exist_ok=True)
-    pad_id = tokenizer.pad_token_id
-    micro_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    lr = peak_lr(cfg)
-    optimizer = make_optimizer(model, cfg, lr, device)
-    eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
-    ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
-    # everything needed to continue exactly where we stopped, besides weights, optimizer and RNG
-    state = {"step": 0, "tokens_seen": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
-             "first_eval": None, "last_eval": None}
-    ckpt, ckpt_path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        state = ckpt["state"]
-        with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
-            kept = [l for l in f if json.loads(l)["step"] <= state["step"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-        log(f"[{loss_type}] resumed from {ckpt_path} at step {state['step']} of {total_steps}")
-        del ckpt
-    elif cfg.resume:
-        log(f"[{loss_type}] --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
-    metrics_file = open(metrics_path, "a" if state["step"] else "w")
-    def record(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+def micro_batch_stream(train_pairs, cfg, skip):
+    """An endless, seeded stream of micro-batches (lists of pairs), reshuffled every epoch. A resumed run skips
+    the ones it has trained on, so it sees exactly the batches an uninterrupted run would."""
+    epoch, n = 0, 0
+    while True:
+        for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
+            if n >= skip:
+                yield b
+            n += 1
+        epoch += 1
 
-    model.train()
-    if state["first_eval"] is None:
-        state["first_eval"] = state["last_eval"] = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
-        record({"step": 0, "split": "eval", **state["first_eval"]})
-        log(f"[{loss_type}] step 0: eval loss {state['first_eval']['loss']:.4f}, "
-            f"reward accuracy {state['first_eval']['reward_accuracy']:.3f}")
 
-    def micro_batches(skip):  # an endless, seeded stream of micro-batches, reshuffled every epoch; resume skips
-        epoch, n = 0, 0
-        while True:
-            for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
-                if n >= skip:
-                    yield b
-                n += 1
-            epoch += 1
-    stream = micro_batches(state["step"] * cfg.grad_accum)
-    last_saved = [ckpt_path]  # the newest checkpoint known to be good, to name it if the run must stop
-    def save():
-        state["window"] = metrics_to_host(state["window"])  # floats: a checkpoint holds no device tensors
-        last_saved[0] = save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_checkpoints)
-        return last_saved[0]
+class StopSignals:
+    """Ctrl-C / SIGTERM during training set .signal, so the loop can finish the step in flight, save and stop.
+    A second signal stops at once (KeyboardInterrupt). Outside the main thread no handler can be installed."""
 
-    # Ctrl-C / SIGTERM: finish the step in flight, save, stop. A second signal stops at once.
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-    old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: no handler, the run is simply not interruptible this way
-            pass
-
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
-    say = lambda msg: bar.write(msg) if bar is not None else log(msg)
-    t_start, elapsed_before = time.time(), state["elapsed"]
-    try:
-        while state["step"] < total_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"], total_steps, cfg, lr)
-            micro = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+    def __enter__(self):
+        self.signal, self.old = None, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device)
-            except torch.cuda.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                longest = max(b["input_ids"].shape[1] for b in micro)
-                where = f"; checkpoint saved to {save()}, continue with --resume=true" if state["step"] else ""
-                raise FocalpoError(
-                    f"out of GPU memory at step {state['step'] + 1} with --batch_size={cfg.batch_size} pairs "
-                    f"({2 * cfg.batch_size} sequences) of up to {longest} tokens (--max_length={cfg.max_length}): "
-                    f"lower --batch_size and raise --grad_accum to keep the effective batch, or set "
-                    f"--gradient_checkpointing=true, or lower --max_length{where}") from None
-            state["step"] += 1
-            done = state["step"]
-            state["elapsed"] = elapsed_before + time.time() - t_start
-            if "nonfinite_rows" in m:
-                state["bad_steps"] += 1
-                say(f"[{loss_type}] step {done}: WARNING: non-finite loss or gradient, update skipped "
-                    f"(training rows: {m['nonfinite_rows']})")
-                if state["bad_steps"] >= cfg.max_bad_steps:
-                    last = last_saved[0]
-                    raise FocalpoError(
-                        f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step "
-                        f"{done}, training rows {m['nonfinite_rows']}): stopped; check those rows or lower --lr. "
-                        + (f"The last good checkpoint is {last} (--resume=true)." if last else "No checkpoint was written yet."))
-            else:
-                state["bad_steps"] = 0
-                state["tokens_seen"] += sum(int(b["n_tokens"].sum()) for b in micro)  # host tensors: no wait
-                add_metrics(state["window"], m)  # still on the device
-            if bar is not None:
-                bar.update(1)
-            if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
-                row = finish_metrics(metrics_to_host(state["window"]))  # the metrics' one wait per log step
-                row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
-                           tokens_per_second=state["tokens_seen"] / state["elapsed"])
-                record(row)
-                state["window"] = {}
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
-                                    tok_s=f"{row['tokens_per_second']:.0f}")
-            if done % cfg.eval_every == 0 or done == total_steps:
-                state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
-                record({"step": done, "split": "eval", **ev})
-                say(f"[{loss_type}] step {done}: eval loss {ev['loss']:.4f}, reward accuracy "
-                    f"{ev['reward_accuracy']:.3f}, margin {ev['rewards/margin']:.3f}")
-            if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-                save()
-            if stop["signal"] is not None and done < total_steps:
-                path = save()
-                raise Interrupted(f"stopped by {signal.Signals(stop['signal']).name} at step {done} of "
-                                  f"{total_steps}; checkpoint saved to {path}. To continue, run the same command "
-                                  f"with --resume=true")
-    finally:
-        for sig, handler in old_handlers.items():
+                self.old[sig] = signal.signal(sig, self.on_signal)
+            except ValueError:
+                pass
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
             signal.signal(sig, handler)
-        if bar is not None:
-            bar.close()
-        metrics_file.close()
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per line, flushed at once (a crash loses nothing already logged)."""
+
+    def __init__(self, path, append):
+        self.f = open(path, "a" if append else "w")
+
+    def record(self, row):
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def new_state():
+    """Everything needed to continue exactly where we stopped, besides weights, optimizer and RNG."""
+    return {"step": 0, "tokens_seen": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
+            "first_eval": None, "last_eval": None}
+
+
+def resume(cfg, model, optimizer, out_dir, label, total_steps, log):
+    """With --resume: weights, optimizer, RNG and state from the newest good checkpoint, with metrics.jsonl cut
+    back to it. Returns (state, the checkpoint's path or None)."""
+    ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
+    ckpt, path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
+    if ckpt is None:
+        if cfg.resume:
+            log(f"{label} --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
+        return new_state(), None
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
+        kept = [line for line in f if json.loads(line)["step"] <= ckpt["state"]["step"]]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+    log(f"{label} resumed from {path} at step {ckpt['state']['step']} of {total_steps}")
+    return ckpt["state"], path
+
+
+def out_of_memory(cfg, micro, step, saved):
+    longest = max(b["input_ids"].shape[1] for b in micro)
+    return FocalpoError(
+        f"out of GPU memory at step {step} with --batch_size={cfg.batch_size} pairs ({2 * cfg.batch_size} sequences) "
+        f"of up to {longest} tokens (--max_length={cfg.max_length}): lower --batch_size and raise --grad_accum to "
+        f"keep the effective batch, or set --gradient_checkpointing=true, or lower --max_length"
+        + (f"; checkpoint saved to {saved}, continue with --resume=true" if saved else ""))
+
+
+def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps, out_dir):
     first, last = state["first_eval"], state["last_eval"]
-    summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": len(train_pairs),
-               "eval_pairs": len(eval_pairs), "beta": cfg.beta, "gamma": cfg.gamma, "lr": lr,
-               "effective_batch": cfg.batch_size * cfg.grad_accum,
+    summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
+               "beta": cfg.beta, "gamma": cfg.gamma, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
                "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
                **{f"eval_{k}": v for k, v in last.items()},
                "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
@@ -1329,6 +1275,93 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
         json.dump(summary, f, indent=2)
     return summary
+
+
+def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
+    """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
+    Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
+    os.makedirs(out_dir, exist_ok=True)
+    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.grad_accum)
+    optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
+    eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
+    state, last_saved = resume(cfg, model, optimizer, out_dir, label, total_steps, log)
+    metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), append=state["step"] > 0)
+    def save():  # returns the checkpoint's path; kept in last_saved to name it if the run must stop
+        nonlocal last_saved
+        state["window"] = metrics_to_host(state["window"])  # floats: a checkpoint holds no device tensors
+        last_saved = save_checkpoint(os.path.join(out_dir, "checkpoints"), model, optimizer, state, cfg.keep_checkpoints)
+        return last_saved
+
+    model.train()
+    if state["first_eval"] is None:
+        state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+        metrics.record({"step": 0, "split": "eval", **ev})
+        log(f"{label} step 0: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}")
+    stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
+    say = bar.write if bar is not None else log
+    t_start, elapsed_before = time.time(), state["elapsed"]
+    try:
+        with StopSignals() as stop:
+            while state["step"] < total_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
+                micro = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+                try:
+                    m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device)
+                except torch.cuda.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    raise out_of_memory(cfg, micro, state["step"] + 1, save() if state["step"] else None) from None
+                state["step"] += 1
+                done = state["step"]
+                state["elapsed"] = elapsed_before + time.time() - t_start
+                if "nonfinite_rows" in m:
+                    state["bad_steps"] += 1
+                    say(f"{label} step {done}: WARNING: non-finite loss or gradient, update skipped "
+                        f"(training rows: {m['nonfinite_rows']})")
+                    if state["bad_steps"] >= cfg.max_bad_steps:
+                        raise FocalpoError(
+                            f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step "
+                            f"{done}, training rows {m['nonfinite_rows']}): stopped; check those rows or lower --lr. "
+                            + (f"The last good checkpoint is {last_saved} (--resume=true)." if last_saved
+                               else "No checkpoint was written yet."))
+                else:
+                    state["bad_steps"] = 0
+                    state["tokens_seen"] += sum(int(b["n_tokens"].sum()) for b in micro)  # host tensors: no wait
+                    add_metrics(state["window"], m)  # still on the device
+                if bar is not None:
+                    bar.update(1)
+                if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
+                    row = finish_metrics(metrics_to_host(state["window"]))  # the metrics' one wait per log step
+                    row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
+                               tokens_per_second=state["tokens_seen"] / state["elapsed"])
+                    metrics.record(row)
+                    state["window"] = {}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                                        tok_s=f"{row['tokens_per_second']:.0f}")
+                if done % cfg.eval_every == 0 or done == total_steps:
+                    state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+                    metrics.record({"step": done, "split": "eval", **ev})
+                    say(f"{label} step {done}: eval loss {ev['loss']:.4f}, reward accuracy "
+                        f"{ev['reward_accuracy']:.3f}, margin {ev['rewards/margin']:.3f}")
+                if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+                    save()
+                if stop.signal is not None and done < total_steps:
+                    raise Interrupted(f"stopped by {signal.Signals(stop.signal).name} at step {done} of "
+                                      f"{total_steps}; checkpoint saved to {save()}. To continue, run the same "
+                                      f"command with --resume=true")
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    return write_summary(cfg, model, tokenizer, state, loss_type, (len(train_pairs), len(eval_pairs)), total_steps,
+                         out_dir)
 
 
 # -----------------------------------------------------------------------------
