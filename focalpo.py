@@ -62,6 +62,7 @@ class Config:
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
     beta: float = 0.1  # β: inverse temperature of the implicit reward; larger = stay closer to the reference
     gamma: float = 0.05  # FocalPO's γ (γ = 0 is DPO). 0.05 is THIS PROJECT's default, not a value from the paper
+    focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = auto: 1e-3 for the demo model, 5e-7 (the DPO paper's) for any other
     batch_size: int = 8  # pairs per micro-batch (each pair is two sequences, so 2x this many rows per forward)
@@ -819,14 +820,15 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    loss_type="dpo", beta=0.1, gamma=0.05):
+                    loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
     """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,), rewards detached.
 
     r_w = log πθ(y_w|x) − log π_ref(y_w|x),  r_l = the same for y_l,  h = r_w − r_l,  p = σ(βh).
       dpo:      L = −log σ(βh)                          Eq. 7 of arXiv 2305.18290
       focalpo:  L = −p^γ · log p                        arXiv 2501.06645; gradient flows through p^γ too
+                (focal_detach=True: p^γ is a constant weight, a variant found in third-party code)
       minordpo: L = −log σ(β(r_w − max(0, r_l)))       arXiv 2408.09834; y_l pushed down only while r_l > 0
-    gamma is used by focalpo only (γ = 0 gives DPO exactly).
+    gamma and focal_detach are used by focalpo only (γ = 0 gives DPO exactly, detached or not).
     """
     r_w = policy_chosen_logps - ref_chosen_logps  # (B,)
     r_l = policy_rejected_logps - ref_rejected_logps  # (B,)
@@ -834,7 +836,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         losses = -F.logsigmoid(beta * (r_w - r_l))
     elif loss_type == "focalpo":
         log_p = F.logsigmoid(beta * (r_w - r_l))  # log p, stable for any βh
-        losses = -torch.exp(gamma * log_p) * log_p  # p^γ computed as exp(γ log p): no under/overflow
+        focal = torch.exp(gamma * log_p)  # p^γ computed as exp(γ log p): no under/overflow
+        losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
         # torch.where, not clamp: at r_l = 0 (every pair at step 0) the rejected branch has zero gradient, 1[r_l > 0]
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
@@ -919,7 +922,8 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
         logps, n_tokens = sequence_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
     B, r = len(r), batch["ref"]
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma)
+        logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
+        focal_detach=cfg.focal_detach)
     return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
 
 
@@ -1265,7 +1269,7 @@ def out_of_memory(cfg, micro, step, saved):
 def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps, out_dir):
     first, last = state["first_eval"], state["last_eval"]
     summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
-               "beta": cfg.beta, "gamma": cfg.gamma, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
+               "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
                "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
                **{f"eval_{k}": v for k, v in last.items()},
                "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}

@@ -90,12 +90,12 @@ def naive_logps(model, ids, start):
 # losses: the checks at the end of MATH.md
 
 
-def closed_form_weight(loss_type, h, beta, gamma):
-    """w in dL/dh = -beta * w (MATH.md table), float64."""
+def closed_form_weight(loss_type, h, beta, gamma, detach=False):
+    """w in dL/dh = -beta * w (MATH.md table), float64. detach: FocalPO with p^γ a constant, w = p^γ (1 - p)."""
     if loss_type == "dpo":
         return torch.sigmoid(-beta * h)  # 1 - p, written as σ(-βh) so it keeps its precision where p ≈ 1
     log_p = F.logsigmoid(beta * h)
-    return torch.exp(gamma * log_p) * torch.sigmoid(-beta * h) * (1 + gamma * log_p)
+    return torch.exp(gamma * log_p) * torch.sigmoid(-beta * h) * (1 if detach else 1 + gamma * log_p)
 
 
 def test_loss_at_policy_equals_reference():
@@ -120,16 +120,18 @@ def test_loss_values_by_hand():
     assert focal.item() == pytest.approx(-p ** 0.5 * math.log(p), abs=1e-15)
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "focalpo"])
+@pytest.mark.parametrize("loss_type", ["dpo", "focalpo", "focalpo_detached"])
 @pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
 @pytest.mark.parametrize("gamma", [0.05, 0.5, 2.0])
 def test_gradient_weight_matches_closed_form(loss_type, beta, gamma):
+    detach = loss_type == "focalpo_detached"
+    loss_type = "focalpo" if detach else loss_type
     h = torch.linspace(-1000, 1000, 4001, dtype=torch.float64, requires_grad=True)
     zero = torch.zeros_like(h)
-    losses, _, _ = preference_loss(h, zero, zero, zero, loss_type, beta=beta, gamma=gamma)  # r_w = h, r_l = 0
-    losses.sum().backward()
+    losses, _, _ = preference_loss(h, zero, zero, zero, loss_type, beta=beta, gamma=gamma, focal_detach=detach)
+    losses.sum().backward()  # r_w = h, r_l = 0: dL/dr_w = dL/dh
     hd = h.detach()
-    expected = -beta * closed_form_weight(loss_type, hd, beta, gamma)
+    expected = -beta * closed_form_weight(loss_type, hd, beta, gamma, detach)
     assert torch.isfinite(losses).all() and torch.isfinite(h.grad).all()
     # FocalPO's weight has the factor (1 + γ log p), which crosses zero: there both sides cancel, so the error is
     # measured against the size of the terms, β p^γ (1 - p) (1 + γ|log p|), not against their difference
@@ -146,6 +148,23 @@ def test_focalpo_weight_goes_negative_where_predicted():
     losses, _, _ = preference_loss(h, torch.zeros(2, dtype=torch.float64), 0, 0, "focalpo", beta=1.0, gamma=1.0)
     losses.sum().backward()
     assert h.grad[0] > 0 and h.grad[1] < 0  # dL/dh > 0: the step lowers h, pushing the misranked pair further wrong
+
+
+def test_focalpo_detached_same_loss_never_negative_weight_and_gamma_zero_is_dpo():
+    h = torch.linspace(-300, 300, 6001, dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros_like(h)
+    grads = {}
+    for detach in (False, True):
+        losses, _, _ = preference_loss(h, zero, zero, zero, "focalpo", beta=1.0, gamma=1.0, focal_detach=detach)
+        grads[detach], = torch.autograd.grad(losses.sum(), h)
+        grads[f"loss{detach}"] = losses.detach()
+    assert torch.equal(grads["lossFalse"], grads["lossTrue"])  # the same values; only the gradient differs
+    assert (grads[True] <= 0).all()  # dL/dh <= 0: the margin is always pushed up (w = p^γ(1-p) >= 0)
+    assert (grads[False] > 0).any()  # while the literal reading pushes some misranked pairs further down
+    g = torch.randn(50, dtype=torch.float64)
+    dpo, _, _ = preference_loss(g, -g, zero[:50], zero[:50], "dpo", beta=0.3)
+    det, _, _ = preference_loss(g, -g, zero[:50], zero[:50], "focalpo", beta=0.3, gamma=0.0, focal_detach=True)
+    assert torch.equal(dpo, det)
 
 
 def test_minordpo_gradient_branches():
