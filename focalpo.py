@@ -58,13 +58,14 @@ class Config:
     max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
     max_prompt_length: int = 512  # prompts longer than this keep their last tokens
+    sft_steps: int = 80  # demo only: next-token training on correct sortings first, so the reference knows something
     # loss
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
     beta: float = 0.1  # β: inverse temperature of the implicit reward; larger = stay closer to the reference
     gamma: float = 0.05  # FocalPO's γ (γ = 0 is DPO). 0.05 is THIS PROJECT's default, not a value from the paper
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
     # optimisation
-    lr: float = 0.0  # peak learning rate; 0 = auto: 1e-3 for the demo model, 5e-7 (the DPO paper's) for any other
+    lr: float = 0.0  # peak learning rate; 0 = auto: 3e-4 for the demo model, 5e-7 (the DPO paper's) for any other
     batch_size: int = 8  # pairs per micro-batch (each pair is two sequences, so 2x this many rows per forward)
     grad_accum: int = 2  # micro-batches per optimizer step: effective batch = batch_size * grad_accum pairs
     epochs: int = 1  # passes over the training pairs
@@ -88,6 +89,8 @@ class Config:
     resume: bool = False  # continue from the latest good checkpoint in out_dir (losses already finished are skipped)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
     progress: bool = True  # show a tqdm progress bar
+    generate: int = -1  # at the end, print this many held-out prompts with greedy completions (-1: 5 demo, 0 other)
+    max_new_tokens: int = 128  # --generate: at most this many new tokens per completion
 
 
 LOSSES = ("dpo", "focalpo", "minordpo")
@@ -133,14 +136,14 @@ def check_config(cfg):
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
     for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
-                 "keep_checkpoints", "max_bad_steps"):
+                 "keep_checkpoints", "max_bad_steps", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     if cfg.max_prompt_length >= cfg.max_length:
         raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
                            f"--max_length={cfg.max_length}: make it smaller")
-    if cfg.beta <= 0 or cfg.gamma < 0 or cfg.lr < 0:
-        raise FocalpoError("--beta must be > 0, --gamma >= 0 and --lr >= 0")
+    if cfg.beta <= 0 or cfg.gamma < 0 or cfg.lr < 0 or cfg.sft_steps < 0:
+        raise FocalpoError("--beta must be > 0, and --gamma, --lr and --sft_steps >= 0")
     if not 0 < cfg.eval_fraction < 1:
         raise FocalpoError(f"--eval_fraction={cfg.eval_fraction}: must be between 0 and 1")
 
@@ -154,14 +157,29 @@ def loss_types(cfg):
 
 
 DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DEMO_PAIRS = 4400  # 4000 to train on, 400 held out
+
+
+def demo_mistake(answer, letters, rng):
+    """One plausible mistake in an answer: two neighbours swapped (spotted from the answer alone), or a letter
+    replaced by one that is not in the prompt, then re-sorted (spotted only by looking back at the prompt)."""
+    answer = list(answer)
+    i = rng.randrange(len(answer) - 1)
+    if rng.random() < 0.5:
+        answer[i], answer[i + 1] = answer[i + 1], answer[i]
+    else:
+        answer[i] = rng.choice([c for c in DEMO_LETTERS if c not in letters and c not in answer])
+        answer.sort()
+    return answer
 
 
 def make_demo_pairs(n, seed):
-    """n distinct pairs like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}.
+    """n pairs with distinct prompts, like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}.
 
-    The rejected answer is plausibly wrong in one of two ways, half the time each: two neighbours swapped (spotted
-    from the answer alone), or sorted but with one letter replaced by a letter not in the prompt (spotted only by
-    looking back at the prompt)."""
+    Half are right vs wrong: the chosen answer is the sorted letters, the rejected one has one mistake. The other
+    half are less wrong vs more wrong: the chosen answer has one mistake, the rejected one two (made independently).
+    As in real preference data, the preferred response is often only the better of two imperfect ones, and a
+    model's likelihood ranks such pairs right only part of the time."""
     rng = random.Random(seed)
     pairs, seen = [], set()
     while len(pairs) < n:
@@ -170,16 +188,20 @@ def make_demo_pairs(n, seed):
             continue
         seen.add(tuple(letters))
         good = sorted(letters)
-        bad = list(good)
-        i = rng.randrange(len(bad) - 1)
         if rng.random() < 0.5:
-            bad[i], bad[i + 1] = bad[i + 1], bad[i]
+            chosen, rejected = good, demo_mistake(good, letters, rng)
         else:
-            bad[i] = rng.choice([c for c in DEMO_LETTERS if c not in letters])
-            bad.sort()
+            chosen, rejected = demo_mistake(good, letters, rng), demo_mistake(demo_mistake(good, letters, rng), letters, rng)
+            while rejected in (chosen, good):
+                rejected = demo_mistake(demo_mistake(good, letters, rng), letters, rng)
         pairs.append({"prompt": "sort: " + " ".join(letters) + " =",
-                      "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad)})
+                      "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
     return pairs
+
+
+def demo_answer(prompt):
+    """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q"), from its letters."""
+    return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in DEMO_LETTERS))
 
 
 def make_demo_tokenizer():
@@ -280,7 +302,7 @@ def load_hub_splits(name, split, eval_split):
 def load_rows(cfg):
     """(train rows, eval rows): the dataset's own held-out split where it has one, else a seeded fraction."""
     if cfg.dataset == "demo":
-        rows = make_demo_pairs(4400, cfg.seed)
+        rows = make_demo_pairs(DEMO_PAIRS, cfg.seed)
         return rows[:4000], rows[4000:]
     if is_local_data(cfg.dataset):
         train, heldout = read_local_rows(cfg.dataset), (read_local_rows(cfg.eval_dataset) if cfg.eval_dataset else None)
@@ -489,26 +511,30 @@ def prepare_data(cfg, tokenizer, log=print):
     return out[0], out[1]
 
 
-def collate(pairs, pad_id):
-    """B pairs -> one right-padded batch of 2B rows: the B chosen, then the B rejected (PITFALLS.md 4, 6)."""
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    starts = [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs]
+def collate_sequences(seqs, starts, pad_id):
+    """Right-padded rows (PITFALLS.md 6), the explicit response mask (never from ids != pad: PITFALLS.md 4) and
+    the positions whose logits are scored: position t predicts token t+1, so t counts when token t+1 is a response
+    token. They are found here, on the host, so that the forward pass needs no nonzero() (a GPU -> CPU wait)."""
     T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (2B, T)
-    response_mask = torch.zeros((len(seqs), T), dtype=torch.bool)  # (2B, T) explicit: never from ids != pad
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
+    response_mask = torch.zeros((len(seqs), T), dtype=torch.bool)  # (R, T)
     for i, (s, start) in enumerate(zip(seqs, starts)):
         input_ids[i, :len(s)] = s
         attention_mask[i, :len(s)] = 1
         response_mask[i, start:len(s)] = True
-    # the positions whose logits are scored: position t predicts token t+1, so t counts when token t+1 is a response
-    # token. Found here, on the host, so that the forward pass needs no nonzero() (a GPU -> CPU wait) to find them
     scored = torch.zeros_like(response_mask)
-    scored[:, :-1] = response_mask[:, 1:]  # (2B, T)
-    positions = scored.view(-1).nonzero()[:, 0]  # (N,) flat indices into (2B * T)
+    scored[:, :-1] = response_mask[:, 1:]  # (R, T)
+    positions = scored.view(-1).nonzero()[:, 0]  # (N,) flat indices into (R * T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "positions": positions, "position_seq": positions // T, "n_tokens": scored.sum(1),  # (N,), (N,), (2B,)
-            "idx": torch.tensor([p.idx for p in pairs]), "row": torch.tensor([p.row for p in pairs])}
+            "positions": positions, "position_seq": positions // T, "n_tokens": scored.sum(1)}  # (N,), (N,), (R,)
+
+
+def collate(pairs, pad_id):
+    """B pairs -> one batch of 2B rows: the B chosen, then the B rejected, with each pair's cache index and row."""
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
+                              [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs], pad_id)
+    return dict(batch, idx=torch.tensor([p.idx for p in pairs]), row=torch.tensor([p.row for p in pairs]))
 
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
@@ -563,10 +589,13 @@ def weights_dtype(cfg):
     return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
 
 
-def load_model(cfg, tokenizer, device):
-    """The policy, fp32 or bf16 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing."""
+def load_model(cfg, tokenizer, device, log=print):
+    """The policy, fp32 or bf16 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing.
+    The demo model is first fine-tuned on correct sortings (sft_demo), as a real model would come SFT'd."""
     if cfg.model == "demo":
         model = make_demo_model(tokenizer, cfg.seed)
+        if cfg.sft_steps:
+            model = sft_demo(model, tokenizer, cfg, device, log)
     else:
         from transformers import AutoModelForCausalLM
         try:
@@ -759,7 +788,7 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
     fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
               "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
               "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
-              "version": 1}
+              "version": 2}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
 
 
@@ -780,39 +809,165 @@ def compute_reference(model, pairs, cfg, pad_id, device):
     return ref
 
 
-def _tensor_digest(t):
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+def _digest(tensors):
+    """SHA-256 of a dict of tensors (any dtype), in key order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_cache(path, key, what, log):
+    """The tensors cached at path under `key`, or None when there is no such file. A file that cannot be read, or
+    whose key or checksum does not match (edited, or written by another version), is reported and ignored."""
+    if not os.path.exists(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob["key"] == key and blob["checksum"] == _digest(blob["tensors"]):
+            log(f"{what}: loaded cached values from {path}")
+            return blob["tensors"]
+        problem = "its contents do not match its key or checksum (edited, or written by another version)"
+    except Exception as e:
+        problem = f"it cannot be read ({type(e).__name__})"
+    log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
+    return None
+
+
+def write_cache(path, key, fields, tensors):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"key": key, "fields": fields, "tensors": tensors, "checksum": _digest(tensors)}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
 
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
     """Reference log-probs for train and eval pairs: loaded from cache_dir when the key matches, else computed
-    and saved. A cache that is unreadable, or whose key or checksum does not match, is reported and recomputed."""
+    and saved."""
     key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    if os.path.exists(path):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            ok = (blob["key"] == key and blob["train"].shape == (len(train_pairs), 2)
-                  and blob["eval"].shape == (len(eval_pairs), 2)
-                  and blob["checksum"] == _tensor_digest(blob["train"]) + _tensor_digest(blob["eval"]))
-            problem = "its contents do not match its key or checksum (edited, or written by another version)"
-        except Exception as e:
-            ok, problem = False, f"it cannot be read ({type(e).__name__})"
-        if ok:
-            log(f"reference: loaded cached log-probs from {path}")
-            return blob["train"], blob["eval"]
-        log(f"reference: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
+    cached = read_cache(path, key, "reference", log)
+    if cached is not None:
+        return cached["train"], cached["eval"]
     t0 = time.time()
     train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
     eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    blob = {"key": key, "fields": fields, "train": train_ref, "eval": eval_ref,
-            "checksum": _tensor_digest(train_ref) + _tensor_digest(eval_ref)}
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
+    write_cache(path, key, fields, {"train": train_ref, "eval": eval_ref})
     log(f"reference: computed log-probs of {len(train_pairs)}+{len(eval_pairs)} pairs in {time.time() - t0:.1f}s, "
         f"saved to {path}")
     return train_ref, eval_ref
+
+
+# -----------------------------------------------------------------------------
+# The demo as the papers' setting: an SFT model first, and a task metric (greedy generation, exact match)
+
+
+SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
+
+
+def make_sft_rows(cfg):
+    """Correct sortings (prompt, answer) whose letter SETS appear in no preference pair, so that SFT teaches the
+    task without showing the model any prompt it will be asked about later (not even reordered)."""
+    letters = lambda row: frozenset(row["prompt"].split()[1:-1])
+    taken = {letters(r) for r in make_demo_pairs(DEMO_PAIRS, cfg.seed)}
+    rows = [r for r in make_demo_pairs(SFT_EXAMPLES + 500, cfg.seed + 1) if letters(r) not in taken]
+    return [(r["prompt"], " " + demo_answer(r["prompt"])) for r in rows[:SFT_EXAMPLES]]
+
+
+def sft_demo(model, tokenizer, cfg, device, log=print):
+    """Demo only: --sft_steps of next-token training on correct sortings, stopped early on purpose, so that the
+    model sorts some held-out prompts right and many wrong. It is then the reference and every loss's starting
+    point, as the SFT model is in the papers. The loss is the answer tokens' mean negative log-prob, computed with
+    sequence_logps. Cached like the reference: the key covers the initial weights, the examples' token ids, the
+    steps, the learning rate, the batch and the device and dtype."""
+    seqs, starts = [], []
+    for prompt, answer in make_sft_rows(cfg):  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
+        p = tokenizer(prompt)["input_ids"]
+        seqs.append(torch.tensor(p + tokenizer(answer, add_special_tokens=False)["input_ids"]
+                                 + [tokenizer.eos_token_id], dtype=torch.int32))
+        starts.append(len(p))
+    data = hashlib.sha256(b"".join(s.numpy().tobytes() + bytes([n]) for s, n in zip(seqs, starts)))
+    model = model.to(device)
+    fields = {"stage": "sft", "init": weights_fingerprint(model), "data": data.hexdigest()[:16], "steps": cfg.sft_steps,
+              "lr": SFT_LR, "batch": SFT_BATCH, "compute": f"{device.type}/{next(model.parameters()).dtype}",
+              "version": 1}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    path = os.path.join(cfg.cache_dir, f"sft_{key}.pt")
+    cached = read_cache(path, key, "sft", log)
+    if cached is not None:
+        model.load_state_dict(cached)
+        return model
+    t0, rng = time.time(), random.Random(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR)
+    model.train()
+    for _ in range(cfg.sft_steps):
+        chosen = rng.sample(range(len(seqs)), SFT_BATCH)
+        batch = collate_sequences([seqs[i] for i in chosen], [starts[i] for i in chosen], tokenizer.pad_token_id)
+        with autocast(device):
+            logps, n_tokens = sequence_logps(model, to_device(batch, device))
+        loss = -logps.sum() / n_tokens.sum()  # mean next-token loss over the answers' tokens
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    write_cache(path, key, fields, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    log(f"sft: {cfg.sft_steps} steps of {SFT_BATCH} correct sortings (from {len(seqs)}, no letter set shared with a "
+        f"preference pair) in {time.time() - t0:.1f}s, final loss {loss.item():.3f}; saved to {path}")
+    return model
+
+
+@torch.no_grad()
+def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
+    """Greedy completions of prompts given as token ids: (text up to the first EOS, whether an EOS came) each.
+    Prompts of equal length are batched together, so no padding (and no attention mask) is needed."""
+    was_training, eos = model.training, tokenizer.eos_token_id
+    model.eval()
+    out, by_length = [None] * len(prompts), {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for group in by_length.values():
+        for k in range(0, len(group), batch_size):
+            idx = group[k:k + batch_size]
+            ids = torch.stack([torch.as_tensor(prompts[i]) for i in idx]).long().to(device)
+            room = getattr(model.config, "max_position_embeddings", None)
+            new_tokens = min(max_new_tokens, room - ids.shape[1]) if room else max_new_tokens
+            with autocast(device):
+                new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     do_sample=False, use_cache=True, eos_token_id=eos,
+                                     pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+            for i, row in zip(idx, new.tolist()):
+                end = row.index(eos) if eos in row else len(row)
+                out[i] = (tokenizer.decode(row[:end], skip_special_tokens=True), end < len(row))
+    model.train(was_training)
+    return out
+
+
+def expected_answer(pair, tokenizer):
+    """Demo: the right answer to the pair's prompt (not its chosen answer, which may have a mistake)."""
+    return demo_answer(tokenizer.decode(pair.chosen[:pair.chosen_start], skip_special_tokens=True))
+
+
+def generation_accuracy(model, pairs, tokenizer, device):
+    """Demo: the fraction of prompts whose greedy completion is exactly the right answer, compared as decoded text,
+    and then ends (EOS)."""
+    longest = max(len(p.chosen) - p.chosen_start for p in pairs)  # an answer and its EOS (all have one letter each)
+    got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
+    return sum(ended and text.strip() == expected_answer(p, tokenizer) for (text, ended), p in zip(got, pairs)) / len(pairs)
+
+
+def show_generations(model, pairs, tokenizer, cfg, device, label, log):
+    """--generate=N: the first N held-out prompts with the policy's greedy completions (and, for the demo, the
+    correct answer)."""
+    n = cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)
+    if n <= 0:
+        return
+    pairs = pairs[:n]
+    got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, cfg.max_new_tokens)
+    for p, (text, ended) in zip(pairs, got):
+        prompt = tokenizer.decode(p.chosen[:p.chosen_start], skip_special_tokens=True)
+        line = f"{label} {prompt[-200:]!r} -> {text!r}{'' if ended else ' (no EOS)'}"
+        if cfg.dataset == "demo":
+            right = ended and text.strip() == expected_answer(p, tokenizer)
+            line += f"   {'right' if right else 'wrong: expected ' + repr(expected_answer(p, tokenizer))}"
+        log(line)
 
 
 # -----------------------------------------------------------------------------
@@ -955,13 +1110,17 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
 
 
 @torch.no_grad()
-def evaluate(model, batches, ref, cfg, loss_type, device):
+def evaluate(model, batches, ref, cfg, loss_type, device, task=None):
+    """Held-out metrics; with task = (pairs, tokenizer) (the demo) also the generation accuracy of greedy decoding."""
     model.eval()
     total = {}
     for batch in batches:
         add_metrics(total, forward_pairs(model, batch, ref, cfg, loss_type, device)[1])
+    out = finish_metrics(metrics_to_host(total))
+    if task is not None:
+        out["generation_accuracy"] = generation_accuracy(model, *task, device)
     model.train()
-    return finish_metrics(metrics_to_host(total))
+    return out
 
 
 def make_optimizer(model, cfg, lr, device):
@@ -976,7 +1135,7 @@ def make_optimizer(model, cfg, lr, device):
 
 
 def peak_lr(cfg):
-    return cfg.lr or (1e-3 if cfg.model == "demo" else 5e-7)
+    return cfg.lr or (3e-4 if cfg.model == "demo" else 5e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -1271,6 +1430,7 @@ def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps,
     summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
                "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
                "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
+               "eval_generation_accuracy_start": first.get("generation_accuracy"),
                **{f"eval_{k}": v for k, v in last.items()},
                "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
     if cfg.save_model:
@@ -1289,6 +1449,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.grad_accum)
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
+    task = (eval_pairs, tokenizer) if cfg.dataset == "demo" else None  # the demo's answers can be checked
     state, last_saved = resume(cfg, model, optimizer, out_dir, label, total_steps, log)
     metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), append=state["step"] > 0)
     def save():  # returns the checkpoint's path; kept in last_saved to name it if the run must stop
@@ -1299,9 +1460,11 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
 
     model.train()
     if state["first_eval"] is None:
-        state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+        state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device,
+                                                                 task)
         metrics.record({"step": 0, "split": "eval", **ev})
-        log(f"{label} step 0: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}")
+        log(f"{label} step 0: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
+            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if task else ""))
     stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
     bar = None
     if cfg.progress:
@@ -1350,10 +1513,11 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
                                         tok_s=f"{row['tokens_per_second']:.0f}")
                 if done % cfg.eval_every == 0 or done == total_steps:
-                    state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device)
+                    state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device, task)
                     metrics.record({"step": done, "split": "eval", **ev})
                     say(f"{label} step {done}: eval loss {ev['loss']:.4f}, reward accuracy "
-                        f"{ev['reward_accuracy']:.3f}, margin {ev['rewards/margin']:.3f}")
+                        f"{ev['reward_accuracy']:.3f}, margin {ev['rewards/margin']:.3f}"
+                        + (f", generation accuracy {ev['generation_accuracy']:.3f}" if task else ""))
                 if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
                     save()
                 if stop.signal is not None and done < total_steps:
@@ -1388,15 +1552,21 @@ def run(cfg, log=print):
             with open(os.path.join(out_dir, "summary.json")) as f:
                 summaries[loss_type] = json.load(f)
             continue
-        model = load_model(cfg, tokenizer, device)  # reloaded per loss: each starts from the same weights
-        if ref is None:
+        model = load_model(cfg, tokenizer, device, log)  # reloaded per loss: each starts from the same weights
+        first = ref is None
+        if first:
             n = sum(p.numel() for p in model.parameters())
             log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}")
         # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
         # from the weights the reference was computed with; the second and later losses load the cache
         ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
+        if first:
+            right = int((ref[1][:, 0] >= ref[1][:, 1]).sum())
+            log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= π_ref(y_l|x)) "
+                f"and {len(eval_pairs) - right} wrong")
         summaries[loss_type] = train(cfg, model, tokenizer, train_pairs, eval_pairs, *ref, loss_type, device,
                                      out_dir, log)
+        show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
         del model
     log(comparison_table(summaries))
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
@@ -1408,13 +1578,16 @@ def comparison_table(summaries):
             ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
             ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
             ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
-            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected")]
+            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
+            ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
+    cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     widths = [max(8, len(name) + 2) for _, name in cols]
+    name = lambda lt, s: lt + (" (detached)" if lt == "focalpo" and s.get("focal_detach") else "")
     lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
-             f"{'loss':<10}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
+             f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
     for lt, s in summaries.items():
-        lines.append(f"{lt:<10}" + "".join(f"{fmt(s[k]):>{w}}" for (k, _), w in zip(cols, widths)))
+        lines.append(f"{name(lt, s):<19}" + "".join(f"{fmt(s.get(k)):>{w}}" for (k, _), w in zip(cols, widths)))
     return "\n".join(lines)
 
 

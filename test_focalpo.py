@@ -56,7 +56,10 @@ def tiny_model(vocab_size, seed=0, dropout=0.0):
 
 
 def cfg_for(tmp_path, **kw):
-    base = dict(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), progress=False, save_model=False)
+    """A demo config writing under tmp_path. No SFT stage unless asked (sft_steps=...): most tests are about the
+    pipeline, and a random reference is enough for them; the SFT tests set it."""
+    base = dict(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), progress=False, save_model=False,
+                sft_steps=0)
     base.update(kw)
     return Config(**base)
 
@@ -425,7 +428,7 @@ def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
         open(path, "wb").write(b"not a cache")
     else:
         blob = torch.load(path, weights_only=True)
-        blob["train"][0, 0] += 1.0
+        blob["tensors"]["train"][0, 0] += 1.0
         torch.save(blob, path)
     tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, dev, logs.append)
     assert "WARNING: ignoring the cache file" in logs[1] and "computed" in logs[2]
@@ -434,10 +437,11 @@ def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
 
 def test_eval_reference_is_the_initial_model_not_the_trained_one(tmp_path):
     """trl #1107: eval-set reference computed with the trained policy makes eval margins read 0."""
-    cfg = cfg_for(tmp_path, loss="dpo", max_steps=15, eval_every=100, max_eval_pairs=64, log_every=5)
+    cfg = cfg_for(tmp_path, loss="dpo", max_steps=15, eval_every=100, max_eval_pairs=64, log_every=5, lr=1e-3)
     s = focalpo.run(cfg, log=lambda *_: None)["dpo"]
     assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
-    assert s["eval_reward_accuracy"] > 0.5 and s["eval_rewards/margin"] > 0
+    # with a reference from the trained policy every reward would be exactly 0 (all ties): they are not
+    assert s["eval_rewards/margin"] > 0 and s["eval_rewards/chosen"] != 0 and s["eval_rewards/rejected"] != 0
 
 
 # -----------------------------------------------------------------------------
@@ -588,24 +592,143 @@ def test_tiny_batch_overfits(tmp_path):
 
 
 def test_demo_learns_and_writes_its_outputs(tmp_path):
-    cfg = cfg_for(tmp_path, loss="dpo,minordpo", max_steps=60, eval_every=30, max_eval_pairs=200, save_model=True)
+    """The demo with its defaults (SFT first, then each loss), shortened to 60 steps."""
+    cfg = cfg_for(tmp_path, loss="dpo,minordpo", max_steps=60, eval_every=30, max_eval_pairs=200, save_model=True,
+                  sft_steps=Config.sft_steps)
     out = focalpo.run(cfg, log=lambda *_: None)
     for lt, s in out.items():
         assert s["eval_reward_accuracy_start"] == 0.5
-        assert s["eval_reward_accuracy"] >= 0.65, (lt, s["eval_reward_accuracy"])
+        assert s["eval_reward_accuracy"] >= 0.6, (lt, s["eval_reward_accuracy"])
         run_dir = tmp_path / "out" / lt
         summary = json.loads((run_dir / "summary.json").read_text())
         for key in ("loss_type", "eval_reward_accuracy", "eval_ranking_accuracy", "eval_ranking_accuracy_ref_correct",
-                    "eval_ranking_accuracy_ref_incorrect", "train_tokens_per_second", "runtime_seconds"):
+                    "eval_ranking_accuracy_ref_incorrect", "train_tokens_per_second", "runtime_seconds",
+                    "eval_generation_accuracy", "eval_generation_accuracy_start"):
             assert key in summary
+        assert 0 < summary["eval_generation_accuracy_start"] < 1  # the SFT reference: partial skill
         rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in rows if r["split"] == "eval"]
         assert [r["step"] for r in evals] == [0, 30, 60]
+        assert all(0 <= r["generation_accuracy"] <= 1 for r in evals)
+        assert evals[0]["generation_accuracy"] == summary["eval_generation_accuracy_start"]
         assert [r["step"] for r in rows if r["split"] == "train"] == list(range(5, 61, 5))
         assert (run_dir / "config.json").exists() and (run_dir / "tokenizer.json").exists()
     # the ranking-accuracy split covers every eval pair exactly once
     s = out["dpo"]
     assert s["eval_pairs_ref_correct"] + s["eval_pairs_ref_incorrect"] == 200
+
+
+# -----------------------------------------------------------------------------
+# the demo as the papers' setting: SFT first, a task metric, --generate
+
+
+def test_demo_pairs_are_half_right_vs_wrong_and_half_less_wrong_vs_more_wrong():
+    rows = focalpo.make_demo_pairs(2000, 0)
+    right = [r["chosen"].strip() == focalpo.demo_answer(r["prompt"]) for r in rows]
+    assert 0.45 < sum(right) / len(rows) < 0.55
+    for r in rows:
+        assert r["chosen"] != r["rejected"] and r["rejected"].strip() != focalpo.demo_answer(r["prompt"])
+        assert len(r["chosen"].split()) == len(r["rejected"].split()) == len(r["prompt"].split()) - 2
+    assert len({r["prompt"] for r in rows}) == 2000
+    assert focalpo.demo_answer("sort: q d m a =") == "a d m q"
+
+
+def test_sft_prompts_share_no_letter_set_with_the_preference_pairs_and_answers_are_right():
+    cfg = Config()
+    letters = lambda prompt: frozenset(prompt.split()[1:-1])
+    taken = {letters(r["prompt"]) for r in focalpo.make_demo_pairs(focalpo.DEMO_PAIRS, cfg.seed)}
+    rows = focalpo.make_sft_rows(cfg)
+    assert len(rows) == focalpo.SFT_EXAMPLES and not taken & {letters(p) for p, _ in rows}
+    assert all(a.strip() == " ".join(sorted(letters(p))) for p, a in rows)
+
+
+def test_sft_gives_a_reference_with_partial_skill(tmp_path):
+    """With the default --sft_steps the reference sorts some held-out prompts right (the random model: none)
+    and many wrong."""
+    cfg = cfg_for(tmp_path, sft_steps=Config.sft_steps)
+    tok, dev = focalpo.make_demo_tokenizer(), torch.device("cpu")
+    _, eval_pairs = focalpo.prepare_data(dataclasses.replace(cfg, max_eval_pairs=200), tok, lambda *_: None)
+    before = focalpo.generation_accuracy(focalpo.make_demo_model(tok, cfg.seed), eval_pairs, tok, dev)
+    after = focalpo.generation_accuracy(focalpo.load_model(cfg, tok, dev, lambda *_: None), eval_pairs, tok, dev)
+    assert before == 0 and 0.2 < after < 0.9, (before, after)
+
+
+def test_sft_is_cached_and_the_reference_key_covers_it(tmp_path):
+    tok, dev = focalpo.make_demo_tokenizer(), torch.device("cpu")
+    cfg = cfg_for(tmp_path, sft_steps=20)
+    logs = []
+    a = focalpo.load_model(cfg, tok, dev, logs.append)
+    b = focalpo.load_model(cfg, tok, dev, logs.append)
+    assert logs[0].startswith("sft: 20 steps") and logs[1].startswith("sft: loaded cached values")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    # the stage changes the weights, so the reference cache's key (a fingerprint of them) changes with it
+    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg, {})
+    keys = {steps: focalpo.cache_key(cfg, focalpo.load_model(dataclasses.replace(cfg, sft_steps=steps), tok, dev,
+                                                             lambda *_: None), pairs, pairs, dev)[0]
+            for steps in (0, 10, 20)}
+    assert len(set(keys.values())) == 3
+    # a damaged SFT cache is reported and recomputed, to the same weights
+    sft_files = sorted((tmp_path / "cache").glob("sft_*.pt"))
+    for f in sft_files:
+        f.write_bytes(b"damaged")
+    logs = []
+    c = focalpo.load_model(cfg, tok, dev, logs.append)
+    assert "WARNING: ignoring the cache file" in logs[0] and logs[1].startswith("sft: 20 steps")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+
+
+def test_generation_metric_is_exact_match_on_decoded_text(monkeypatch):
+    tok = focalpo.make_demo_tokenizer()
+    rows = [{"prompt": "sort: q d m a =", "chosen": " a d q m", "rejected": " a d x q"}] * 5  # chosen has a mistake
+    pairs = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})
+    outputs = [("a d m q", True),     # right: the sorted letters (not the chosen answer), then EOS
+               ("a d m q", False),    # no EOS: it did not stop
+               ("a d m q x", True),   # one letter too many
+               ("a d q m", True),     # the chosen answer, which is wrong
+               (" a d m q ", True)]   # right: surrounding spaces do not count
+    monkeypatch.setattr(focalpo, "greedy_completions", lambda *a, **kw: outputs)
+    assert focalpo.generation_accuracy(None, pairs, tok, None) == 2 / 5
+    assert focalpo.expected_answer(pairs[0], tok) == "a d m q"
+
+
+def test_greedy_completions_match_a_naive_greedy_loop(tmp_path):
+    """The batched, cached, mask-free generation against the obvious loop: the whole sequence through the model at
+    every step, argmax, stop at EOS."""
+    tok, dev = focalpo.make_demo_tokenizer(), torch.device("cpu")
+    model = focalpo.load_model(cfg_for(tmp_path, sft_steps=30), tok, dev, lambda *_: None)
+    assert model.config._attn_implementation == "causal_sdpa"
+    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(24, 3), "plain", tok, Config(), {})
+    prompts = [p.chosen[:p.chosen_start] for p in pairs]  # 4 to 8 letters: several lengths, several batches
+    got = focalpo.greedy_completions(model, prompts, tok, dev, max_new_tokens=10, batch_size=4)
+    model.eval()
+    for prompt, (text, ended) in zip(prompts, got):
+        ids = prompt.long().tolist()
+        new = []
+        with torch.no_grad():
+            for _ in range(10):
+                nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+        assert text == tok.decode(new, skip_special_tokens=True) and ended == (len(new) < 10)
+
+
+def test_generate_prints_held_out_prompts_with_completions(tmp_path):
+    logs = []
+    focalpo.run(cfg_for(tmp_path, loss="dpo", max_steps=2, max_eval_pairs=16, generate=3), log=logs.append)
+    lines = [l for l in logs if l.startswith("[dpo] 'sort")]
+    assert len(lines) == 3 and all(" -> '" in l and ("   right" in l or "   wrong: expected '" in l) for l in lines)
+    # any model: the prompt and the completion, nothing to check it against
+    tok = make_bpe_tokenizer()
+    tok.save_pretrained(tmp_path / "m")
+    tiny_model(len(tok)).save_pretrained(tmp_path / "m")
+    logs = []
+    focalpo.run(cfg_for(tmp_path / "real", model=str(tmp_path / "m"), dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN),
+                        eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN[:4]), loss="dpo", max_steps=1,
+                        batch_size=2, generate=2, max_new_tokens=5), log=logs.append)
+    lines = [l for l in logs if l.startswith("[dpo] '")]
+    assert len(lines) == 2 and all(" -> '" in l and "expected" not in l for l in lines)
+    assert not any("generation accuracy" in l for l in logs)  # no task metric for a real dataset
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
@@ -953,11 +1076,11 @@ def test_adamw_sr_state_survives_a_state_dict_round_trip():
 
 
 def test_training_with_bf16_weights(tmp_path):
-    cfg = cfg_for(tmp_path, loss="focalpo", weights="bf16", max_steps=40, eval_every=40, max_eval_pairs=64)
+    cfg = cfg_for(tmp_path, loss="focalpo", weights="bf16", max_steps=40, eval_every=40, max_eval_pairs=64, lr=1e-3)
     s = focalpo.run(cfg, log=lambda *_: None)["focalpo"]
     # the reference ran in bf16 too, so step 0 is still a tie everywhere (PITFALLS.md 8)
     assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(2 ** -0.05 * math.log(2), abs=1e-6)
-    assert s["eval_reward_accuracy"] > 0.6
+    assert s["eval_loss"] < s["eval_loss_start"] and s["eval_rewards/margin"] > 0  # it trains
 
 
 # -----------------------------------------------------------------------------
