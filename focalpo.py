@@ -24,6 +24,7 @@ Conventions used throughout (the reference implementations disagree on all three
 
 import argparse
 import dataclasses
+import datetime
 import glob
 import hashlib
 import json
@@ -33,10 +34,12 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+import types
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -88,6 +91,7 @@ class Config:
     keep_checkpoints: int = 2  # keep the last this many checkpoints (older ones are deleted)
     resume: bool = False  # continue from the latest good checkpoint in out_dir (losses already finished are skipped)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
+    dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops with an error
     progress: bool = True  # show a tqdm progress bar
     generate: int = -1  # at the end, print this many held-out prompts with greedy completions (-1: 5 demo, 0 other)
     max_new_tokens: int = 128  # --generate: at most this many new tokens per completion
@@ -136,7 +140,7 @@ def check_config(cfg):
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
     for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
-                 "keep_checkpoints", "max_bad_steps", "max_new_tokens"):
+                 "keep_checkpoints", "max_bad_steps", "max_new_tokens", "dist_timeout"):
         if getattr(cfg, name) < 1:
             raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     if cfg.max_prompt_length >= cfg.max_length:
@@ -595,7 +599,8 @@ def load_model(cfg, tokenizer, device, log=print):
     if cfg.model == "demo":
         model = make_demo_model(tokenizer, cfg.seed)
         if cfg.sft_steps:
-            model = sft_demo(model, tokenizer, cfg, device, log)
+            with rank0_first():  # with several processes rank 0 trains and caches it, the others load the cache
+                model = sft_demo(model, tokenizer, cfg, device, log)
     else:
         from transformers import AutoModelForCausalLM
         try:
@@ -651,10 +656,11 @@ def prepare_model(model, cfg, device):
 GiB = 2 ** 30
 
 
-def bytes_per_parameter(cfg):
+def bytes_per_parameter(cfg, world_size=1):
     """Training state per parameter: fp32 weights + gradients + AdamW's two moments (4+4+4+4), plus the bf16 copy
-    autocast makes of each weight during the step (2); or, with --weights=bf16, 2+2+2+2."""
-    return 8 if cfg.weights == "bf16" else 18
+    autocast makes of each weight during the step (2); or, with --weights=bf16, 2+2+2+2. Sharded over several
+    processes (FSDP2) the bf16 copies exist only for the layers being gathered, so fp32 is 16 (not counted here)."""
+    return 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
 
 
 def activation_bytes(config, cfg):
@@ -680,12 +686,12 @@ def memory_plan(config, cfg, world_size=1):
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    state = n * bytes_per_parameter(cfg) / world_size  # sharded over the processes (FSDP) when there are several
+    state = n * bytes_per_parameter(cfg, world_size) / world_size  # sharded over the processes (FSDP) with several
     buffers = 28 * min(AdamWSR.bucket_numel, n) if cfg.weights == "bf16" else 0
     acts = activation_bytes(config, cfg)
     what = "bf16 weights, gradients, AdamW moments" if cfg.weights == "bf16" else \
            "fp32 weights, gradients, AdamW moments, bf16 autocast copies"
-    line = (f"memory plan: {n / 1e9:.2f}B parameters x {bytes_per_parameter(cfg)} bytes ({what})"
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {bytes_per_parameter(cfg, world_size)} bytes ({what})"
             + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
             + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
             + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
@@ -721,7 +727,8 @@ def weights_fingerprint(model):
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            x = p.detach().float()
+            x = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP: gather the shards
+            x = x.float()
             h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
     return h.hexdigest()[:16]
 
@@ -795,18 +802,17 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
 @torch.no_grad()
 def compute_reference(model, pairs, cfg, pad_id, device):
     """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
-    ref = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    ref = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
     model.eval()
-    idx, values = [], []
-    for chunk in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False):
-        batch = collate(chunk, pad_id)
+    batches = length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)
+    for chunk in my_share(batches):  # all the batches with one process; with several, each its share
+        batch = collate(chunk or batches[0], pad_id)  # None: a stand-in forward, so every process runs as many
         with autocast(device):
-            logps, _ = sequence_logps(model, to_device(batch, device))
-        idx.append(batch["idx"])
-        values.append(logps.view(2, -1).T)  # (B, 2): chosen, rejected
-    if idx:  # one copy to the host at the end, not one wait per batch
-        ref[torch.cat(idx)] = torch.cat(values).cpu()
-    return ref
+            logps, _ = model_logps(model, to_device(batch, device))
+        if chunk:
+            ref[batch["idx"].to(device)] = logps.view(2, -1).T.float()  # (B, 2): chosen, rejected
+    reshard(model)
+    return all_reduce(ref).cpu()  # each pair's row was filled by one process; one copy to the host at the end
 
 
 def _digest(tensors):
@@ -846,12 +852,13 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
     cached = read_cache(path, key, "reference", log)
-    if cached is not None:
+    if agree(cached is not None, device, "min"):  # with several processes: all of them found it
         return cached["train"], cached["eval"]
     t0 = time.time()
     train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
     eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
-    write_cache(path, key, fields, {"train": train_ref, "eval": eval_ref})
+    if rank() == 0:
+        write_cache(path, key, fields, {"train": train_ref, "eval": eval_ref})
     log(f"reference: computed log-probs of {len(train_pairs)}+{len(eval_pairs)} pairs in {time.time() - t0:.1f}s, "
         f"saved to {path}")
     return train_ref, eval_ref
@@ -932,10 +939,12 @@ def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_
             with autocast(device):
                 new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      do_sample=False, use_cache=True, eos_token_id=eos,
-                                     pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     synced_gpus=world() > 1)[:, ids.shape[1]:]  # FSDP: every process, every step
             for i, row in zip(idx, new.tolist()):
                 end = row.index(eos) if eos in row else len(row)
                 out[i] = (tokenizer.decode(row[:end], skip_special_tokens=True), end < len(row))
+    reshard(model)
     model.train(was_training)
     return out
 
@@ -1036,10 +1045,16 @@ def add_metrics(total, m):
 
 
 def metrics_to_host(total):
-    """The sums as Python floats, in one device -> host copy (one wait, however many metrics)."""
-    keys = [k for k, v in total.items() if torch.is_tensor(v)]
-    values = torch.stack([total[k].float() for k in keys]).tolist() if keys else []
-    return {**total, **dict(zip(keys, values))}
+    """The sums as Python floats, in one device -> host copy (one wait, however many metrics), summed over the
+    processes when there are several."""
+    keys = sorted(total)
+    if not keys:
+        return {}
+    device = next((v.device for v in total.values() if torch.is_tensor(v)), torch.device("cpu"))
+    if world() > 1 and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
+    return dict(zip(keys, all_reduce(values).tolist()))
 
 
 def finish_metrics(total):
@@ -1074,7 +1089,7 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
     batch = to_device(dict(batch, ref=r), device)
     with autocast(device):
-        logps, n_tokens = sequence_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
+        logps, n_tokens = model_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
     B, r = len(r), batch["ref"]
     losses, chosen_rewards, rejected_rewards = preference_loss(
         logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
@@ -1082,13 +1097,16 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
 
 
-def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
+def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
     """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
     tensors: see metrics_to_host), or {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which
-    case no update is applied. The CPU waits for the GPU once per step, to learn whether to apply the update."""
-    n_pairs = sum(len(b["idx"]) for b in micro_batches)
+    case no update is applied. The CPU waits for the GPU once per step, to learn whether to apply the update.
+    n_pairs: the pairs of the whole step (with several processes, each runs only its share of the micro-batches)."""
+    n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
     total, all_losses = {}, []
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce the gradients once, after the last one
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
         # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
         # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
@@ -1098,9 +1116,15 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device):
         all_losses.append(losses.detach())
     # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    if not (torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)).item():  # the step's one wait
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the global norm, as a plain tensor
+    finite = torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)
+    if not agree(finite, device, "min"):  # the step's one wait (with several processes: all must be finite)
         # a NaN/inf would poison every weight it touches: skip the update, and name the rows (rare: waits are fine)
         bad_rows = [r for b, l in zip(micro_batches, all_losses) for r in b["row"][~torch.isfinite(l).cpu()].tolist()]
+        if world() > 1:
+            gathered = [None] * world()
+            dist.all_gather_object(gathered, bad_rows)
+            bad_rows = sorted(r for rows in gathered for r in rows)
         optimizer.zero_grad(set_to_none=True)
         return {"nonfinite_rows": bad_rows or "gradient only"}
     total["grad_norm"] = norm * total["pairs"]
@@ -1114,11 +1138,15 @@ def evaluate(model, batches, ref, cfg, loss_type, device, task=None):
     """Held-out metrics; with task = (pairs, tokenizer) (the demo) also the generation accuracy of greedy decoding."""
     model.eval()
     total = {}
-    for batch in batches:
-        add_metrics(total, forward_pairs(model, batch, ref, cfg, loss_type, device)[1])
+    for batch in my_share(batches):  # all of them with one process; with several, each its share
+        metrics = forward_pairs(model, batch or batches[0], ref, cfg, loss_type, device)[1]
+        if batch is None:  # a stand-in forward, so every process runs as many: it counts for nothing
+            metrics = {k: 0 * v for k, v in metrics.items()}
+        add_metrics(total, metrics)
     out = finish_metrics(metrics_to_host(total))
     if task is not None:
         out["generation_accuracy"] = generation_accuracy(model, *task, device)
+    reshard(model)
     model.train()
     return out
 
@@ -1154,6 +1182,11 @@ def stochastic_round_bf16(x, noise=None):
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def _local(t):
+    """This process's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class AdamWSR(torch.optim.Optimizer):
     """AdamW whose state lives in the parameters' dtype (bf16: 2+2+2 bytes per weight instead of 4+4+4) but whose
     arithmetic is fp32. Weights and both moments are written back with stochastic rounding. With round-to-nearest,
@@ -1179,7 +1212,7 @@ class AdamWSR(torch.optim.Optimizer):
         return self._buffer("bits", n, torch.int64, device).random_()
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: unused, accepted because torch.distributed.checkpoint passes it
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             by_step = {}  # parameters that missed a step (no gradient) keep their own count: bucket by count
@@ -1195,14 +1228,15 @@ class AdamWSR(torch.optim.Optimizer):
                     self._update(pieces, group, t)
 
     def _buckets(self, params):
-        """Lists of (param, start, end) slices of the flattened parameters, at most bucket_numel elements each."""
+        """Lists of (param, start, end) slices of the flattened parameters, at most bucket_numel elements each.
+        With several processes (FSDP2) a parameter is a DTensor: its local shard is what this process updates."""
         bucket, room = [], self.bucket_numel
         for p in params:
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError("AdamWSR needs contiguous parameters")
-            start = 0
-            while start < p.numel():
-                end = min(p.numel(), start + room)
+            start, numel = 0, _local(p).numel()
+            while start < numel:
+                end = min(numel, start + room)
                 bucket.append((p, start, end))
                 room -= end - start
                 start = end
@@ -1227,7 +1261,7 @@ class AdamWSR(torch.optim.Optimizer):
         sizes = [e - s for _, s, e in pieces]
         n = sum(sizes)
         def views(get):  # the bucket's slices of a tensor per parameter (the parameter, its gradient or a moment)
-            return [get(p).view(-1)[s:e] for p, s, e in pieces]
+            return [_local(get(p)).view(-1)[s:e] for p, s, e in pieces]
         ws, gs, ms, vs = (views(f) for f in (lambda p: p, lambda p: p.grad, lambda p: self.state[p]["exp_avg"],
                                               lambda p: self.state[p]["exp_avg_sq"]))
         w, g, m, v = (self._buffer(name, n, torch.float32, device) for name in ("w", "g", "m", "v"))
@@ -1293,16 +1327,31 @@ def _sha256_file(path):
     return h.hexdigest()
 
 
-def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
-    """step_NNNNNNN.pt (model, optimizer, RNG, training state) and, once that is complete, its step_NNNNNNN.json
-    (size and SHA-256). Each is written under a temporary name and renamed, so a file with its final name is
-    whole. The newest `keep` checkpoints are kept."""
-    os.makedirs(ckpt_dir, exist_ok=True)
+# What a resumed run must share with the run it resumes; anything else (logging, evaluation, checkpoint frequency,
+# progress bar, device, number of processes) may change
+RESULT_OPTIONS = ("beta", "gamma", "focal_detach", "lr", "batch_size", "grad_accum", "epochs", "max_steps",
+                  "warmup_ratio", "schedule", "weight_decay", "grad_clip", "seed", "model", "revision", "dataset",
+                  "split", "eval_dataset", "eval_split", "eval_fraction", "max_train_pairs", "max_eval_pairs",
+                  "max_length", "max_prompt_length", "weights", "sft_steps")
+
+
+def save_checkpoint(ckpt_dir, model, optimizer, state, keep, cfg=None, loss_type=None):
+    """step_NNNNNNN.pt (model, optimizer, RNG, training state, the options and the loss) and, once that is complete,
+    its step_NNNNNNN.json (size and SHA-256). Each is written under a temporary name and renamed, so a file with
+    its final name is whole. The newest `keep` checkpoints are kept. With several processes, all gather and rank 0
+    writes. Returns the path."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    blob = {"model": get_model_state_dict(model, options=full_state_options()),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=full_state_options()),
+            "state": state, "config": dataclasses.asdict(cfg) if cfg else None, "loss_type": loss_type,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    if rank() != 0:
+        return path
+    os.makedirs(ckpt_dir, exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         out = HashingFile(f)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "rng": rng}, out)
+        torch.save(blob, out)
         out.close()
     os.replace(path + ".tmp", path)
     with open(path + ".json.tmp", "w") as f:
@@ -1315,7 +1364,7 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
     return path
 
 
-def load_latest_checkpoint(ckpt_dir, log=print):
+def find_latest_checkpoint(ckpt_dir, log=print):
     """The newest checkpoint whose size and checksum match its .json, or None. Damaged ones are reported and
     skipped, so a truncated or corrupted last checkpoint falls back to the one before."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt")), reverse=True):
@@ -1326,13 +1375,146 @@ def load_latest_checkpoint(ckpt_dir, log=print):
                 raise ValueError(f"it has {os.path.getsize(path)} bytes, {meta['bytes']} were written")
             if _sha256_file(path) != meta["sha256"]:
                 raise ValueError("its checksum does not match (corrupted)")
-            return torch.load(path, map_location="cpu", weights_only=True), path
+            return path
         except FileNotFoundError:
             problem = "its .json is missing (the save did not finish)"
         except Exception as e:
             problem = str(e) or type(e).__name__
         log(f"checkpoint: WARNING: skipping {path}: {problem}")
-    return None, None
+    return None
+
+
+def load_latest_checkpoint(ckpt_dir, log=print):
+    """(the newest good checkpoint, its path), or (None, None). With several processes rank 0 checks the files
+    and the others take its answer; every process then maps the file (mmap: no copy in memory)."""
+    path = find_latest_checkpoint(ckpt_dir, log) if rank() == 0 else None
+    if world() > 1:
+        shared = [path]
+        dist.broadcast_object_list(shared, src=0)
+        path = shared[0]
+    if path is None:
+        return None, None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
+
+
+def check_resumed_options(ckpt, cfg, loss_type, path):
+    """--resume continues a run only with the options that produced it: one sentence naming each that differs."""
+    if not ckpt.get("config"):
+        raise FocalpoError(f"{path} records no options (written by an older focalpo): start a new --out_dir")
+    was = ckpt["config"]
+    diffs = [f"--{k} was {was.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_OPTIONS if was.get(k) != getattr(cfg, k)]
+    if ckpt["loss_type"] != loss_type:
+        diffs.insert(0, f"the loss was {ckpt['loss_type']!r}, now {loss_type!r}")
+    if diffs:
+        raise FocalpoError(f"--resume=true with options that change the result ({'; '.join(diffs)}) would not "
+                           f"continue {path}: run with the original values, or start a new --out_dir")
+
+
+# -----------------------------------------------------------------------------
+# Optional: several processes (torchrun --nproc_per_node=N focalpo.py ...) with FSDP2. A first read can skip this
+# section: in a single process every helper below is a no-op or returns the single-process answer.
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextmanager
+def rank0_first():
+    """Rank 0 runs the block (and caches what it makes) before the other processes run it (and load the cache)."""
+    if rank() != 0:
+        dist.barrier()
+    yield
+    if rank() == 0 and world() > 1:
+        dist.barrier()
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def setup_processes(cfg):
+    """The device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA, gloo on the CPU, with
+    a timeout on collectives, so that a process that hangs makes the others stop instead of waiting forever (one
+    that dies is noticed at once)."""
+    device, n = pick_device(cfg), int(os.environ.get("WORLD_SIZE", "1"))
+    if n <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    if cfg.grad_accum % n:
+        raise FocalpoError(f"--grad_accum={cfg.grad_accum} is not a multiple of the {n} processes: each process takes "
+                           f"an equal share of every step's micro-batches; use --grad_accum={n * math.ceil(cfg.grad_accum / n)}")
+    return device
+
+
+def shard_model(model, device):
+    """FSDP2: each decoder layer, then the whole model, sharded over the processes. fp32 weights compute in bf16 on
+    CUDA (fp32 master copies, fp32 gradient reduction), as autocast does with one process. Gradients are SUMMED
+    over the processes: each process's loss is already divided by the pairs of the whole step (train_step), so the
+    sum is the step's mean gradient. sequence_logps and generate call the model's parts directly, so they are
+    registered as forward methods: FSDP then gathers the embedding, final norm and output layer around them."""
+    if world() == 1:
+        return model
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    bf16_compute = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else MixedPrecisionPolicy()
+    for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # sum, do not average
+            m.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction
+    model.sequence_logps = types.MethodType(sequence_logps, model)
+    register_fsdp_forward_method(model, "sequence_logps")
+    register_fsdp_forward_method(model, "generate")
+    return model.to(device)
+
+
+def reshard(model):
+    """After a forward pass with no backward (the reference, evaluation, generation): FSDP keeps the root module's
+    parameters gathered after a forward, expecting a backward, and meanwhile the module holds the gathered tensors
+    instead of its sharded parameters (which the optimizer and checkpoints know). Put the shards back."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
+def model_logps(model, batch):
+    """sequence_logps, through FSDP's hooks when the model is sharded."""
+    return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
+
+
+def all_reduce(t, op="sum"):
+    """t summed (or max'ed, min'ed) over the processes, in place; t itself with one process."""
+    if world() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+def agree(flag, device, op):
+    """A bool that every process holds the same value of: any ("max") or all ("min") of the processes' values."""
+    if world() == 1:
+        return bool(flag.item() if torch.is_tensor(flag) else flag)
+    return bool(all_reduce(torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1), op).item())
+
+
+def my_share(items):
+    """This process's items of a list split over the processes (process r takes items r, r+N, ...), padded with
+    None so that every process gets as many: under FSDP every forward pass is collective, so all must run one."""
+    n = math.ceil(len(items) / world())
+    return [items[i] if i < len(items) else None for i in range(rank(), n * world(), world())]
+
+
+def full_state_options():
+    """Checkpoints hold full (unsharded) tensors whatever the number of processes, so a run saved with 2 processes
+    resumes with 1 and the reverse. With several, rank 0 gathers them to its host memory, one tensor at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=world() > 1, cpu_offload=world() > 1)
 
 
 # -----------------------------------------------------------------------------
@@ -1375,17 +1557,20 @@ class StopSignals:
 
 
 class MetricsFile:
-    """metrics.jsonl: one JSON object per line, flushed at once (a crash loses nothing already logged)."""
+    """metrics.jsonl: one JSON object per line, flushed at once (a crash loses nothing already logged). Written by
+    rank 0 only; the metrics it gets are already summed over the processes."""
 
     def __init__(self, path, append):
-        self.f = open(path, "a" if append else "w")
+        self.f = open(path, "a" if append else "w") if rank() == 0 else None
 
     def record(self, row):
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
 
     def close(self):
-        self.f.close()
+        if self.f:
+            self.f.close()
 
 
 def new_state():
@@ -1394,26 +1579,43 @@ def new_state():
             "first_eval": None, "last_eval": None}
 
 
-def resume(cfg, model, optimizer, out_dir, label, total_steps, log):
-    """With --resume: weights, optimizer, RNG and state from the newest good checkpoint, with metrics.jsonl cut
-    back to it. Returns (state, the checkpoint's path or None)."""
+def resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log):
+    """With --resume: weights, optimizer, RNG and state from the newest good checkpoint (written with any number of
+    processes), after checking that the options that change the result are the same; metrics.jsonl is cut back to
+    it. Returns (state, the checkpoint's path or None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
     ckpt, path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
     if ckpt is None:
         if cfg.resume:
-            log(f"{label} --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
+            log(f"[{loss_type}] --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
         return new_state(), None
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    check_resumed_options(ckpt, cfg, loss_type, path)
+    full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
+    set_model_state_dict(model, ckpt["model"], options=full)
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=full)
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
-        kept = [line for line in f if json.loads(line)["step"] <= ckpt["state"]["step"]]
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
-    log(f"{label} resumed from {path} at step {ckpt['state']['step']} of {total_steps}")
-    return ckpt["state"], path
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    state = ckpt["state"]
+    if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
+        state["window"] = {}
+    if rank() == 0:
+        with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
+            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    log(f"[{loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
+    return state, path
+
+
+def next_step(stream, cfg, pad_id):
+    """The next optimizer step: (this process's micro-batches, collated; the pairs in the whole step; their response
+    tokens). Every process draws the same stream; with N of them, each takes micro-batches rank, rank + N, ..."""
+    step = [next(stream) for _ in range(cfg.grad_accum)]
+    pairs = [p for b in step for p in b]
+    tokens = sum(len(p.chosen) - p.chosen_start + len(p.rejected) - p.rejected_start for p in pairs)
+    return [collate(b, pad_id) for b in step[rank()::world()]], len(pairs), tokens
 
 
 def out_of_memory(cfg, micro, step, saved):
@@ -1433,11 +1635,15 @@ def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps,
                "eval_generation_accuracy_start": first.get("generation_accuracy"),
                **{f"eval_{k}": v for k, v in last.items()},
                "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
-    if cfg.save_model:
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
-        json.dump(summary, f, indent=2)
+    if cfg.save_model:  # with several processes the full weights are gathered on rank 0, which writes them
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
+        if rank() == 0:
+            model.save_pretrained(out_dir, state_dict=weights)
+            tokenizer.save_pretrained(out_dir)
+    if rank() == 0:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
+            json.dump(summary, f, indent=2)
     return summary
 
 
@@ -1445,17 +1651,20 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
     """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
     Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
     os.makedirs(out_dir, exist_ok=True)
-    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"
+    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"  # label: the prefix of every log line
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.grad_accum)
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
     task = (eval_pairs, tokenizer) if cfg.dataset == "demo" else None  # the demo's answers can be checked
-    state, last_saved = resume(cfg, model, optimizer, out_dir, label, total_steps, log)
+    state, last_saved = resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log)
     metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), append=state["step"] > 0)
     def save():  # returns the checkpoint's path; kept in last_saved to name it if the run must stop
         nonlocal last_saved
-        state["window"] = metrics_to_host(state["window"])  # floats: a checkpoint holds no device tensors
-        last_saved = save_checkpoint(os.path.join(out_dir, "checkpoints"), model, optimizer, state, cfg.keep_checkpoints)
+        state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
+        last_saved = save_checkpoint(os.path.join(out_dir, "checkpoints"), model, optimizer, state,
+                                     cfg.keep_checkpoints, cfg, loss_type)
+        if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
+            state["window"] = {}
         return last_saved
 
     model.train()
@@ -1467,7 +1676,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
             + (f", generation accuracy {ev['generation_accuracy']:.3f}" if task else ""))
     stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
     bar = None
-    if cfg.progress:
+    if cfg.progress and rank() == 0:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
     say = bar.write if bar is not None else log
@@ -1477,9 +1686,9 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
             while state["step"] < total_steps:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
-                micro = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+                micro, n_pairs, n_tokens = next_step(stream, cfg, pad_id)
                 try:
-                    m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device)
+                    m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
                 except torch.cuda.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
@@ -1499,7 +1708,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                                else "No checkpoint was written yet."))
                 else:
                     state["bad_steps"] = 0
-                    state["tokens_seen"] += sum(int(b["n_tokens"].sum()) for b in micro)  # host tensors: no wait
+                    state["tokens_seen"] += n_tokens
                     add_metrics(state["window"], m)  # still on the device
                 if bar is not None:
                     bar.update(1)
@@ -1520,10 +1729,10 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                         + (f", generation accuracy {ev['generation_accuracy']:.3f}" if task else ""))
                 if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
                     save()
-                if stop.signal is not None and done < total_steps:
-                    raise Interrupted(f"stopped by {signal.Signals(stop.signal).name} at step {done} of "
-                                      f"{total_steps}; checkpoint saved to {save()}. To continue, run the same "
-                                      f"command with --resume=true")
+                if agree(stop.signal is not None, device, "max") and done < total_steps:  # every process stops here
+                    by = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
+                    raise Interrupted(f"stopped by {by} at step {done} of {total_steps}; checkpoint saved to "
+                                      f"{save()}. To continue, run the same command with --resume=true")
     finally:
         if bar is not None:
             bar.close()
@@ -1537,12 +1746,13 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
 
 
 def run(cfg, log=print):
-    """Returns {loss_type: summary}."""
+    """Returns {loss_type: summary}. Under torchrun every process runs this; rank 0 logs and writes the files."""
     t0 = time.time()
-    device = pick_device(cfg)
+    device = setup_processes(cfg)
+    log = log if rank() == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    check_memory(cfg, device, log)  # before the data and the model: a plan that cannot fit stops here
+    check_memory(cfg, device, log, world())  # before the data and the model: a plan that cannot fit stops here
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
     summaries, ref = {}, None
     for loss_type in loss_types(cfg):
@@ -1552,11 +1762,12 @@ def run(cfg, log=print):
             with open(os.path.join(out_dir, "summary.json")) as f:
                 summaries[loss_type] = json.load(f)
             continue
-        model = load_model(cfg, tokenizer, device, log)  # reloaded per loss: each starts from the same weights
+        model = shard_model(load_model(cfg, tokenizer, device, log), device)  # per loss: each from the same weights
         first = ref is None
         if first:
             n = sum(p.numel() for p in model.parameters())
-            log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}")
+            log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}"
+                + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
         # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
         # from the weights the reference was computed with; the second and later losses load the cache
         ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
@@ -1591,19 +1802,40 @@ def comparison_table(summaries):
     return "\n".join(lines)
 
 
+def lost_contact(e):
+    """A collective that failed because another process died, hung or closed its connection."""
+    return world() > 1 and (isinstance(e, dist.DistError) or any(
+        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL")))
+
+
 def main(argv=None):
+    code, who = 0, ""
     try:
         cfg = parse_args(argv)
+        who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         run(cfg)
     except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(130)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
+            signal.signal(sig, signal.SIG_IGN)      # process) must not cut the exit short
+        print(f"{who}interrupted: {e}", file=sys.stderr)
+        code = 130
     except FocalpoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{who}error: {e}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing to save
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(f"{who}interrupted", file=sys.stderr)
+        code = 130
+    except RuntimeError as e:
+        if not lost_contact(e):
+            raise
+        detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
+        print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
+              f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

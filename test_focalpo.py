@@ -895,8 +895,10 @@ def test_memory_plan_arithmetic():
     acts = 2 * H * tokens * L + (30 * H + 8 * I) * tokens + 2048 * V * 10
     assert needed == n * 8 + 28 * 2 ** 25 + acts
     assert f"{n * 8 / 2 ** 30:.1f} GiB" in line  # 54.0 GiB of training state
-    half, _ = focalpo.memory_plan(MistralConfig(), cfg, world_size=8)  # FSDP over 8 GPUs shards the state
-    assert half == n * 8 / 8 + 28 * 2 ** 25 + acts
+    shared, _ = focalpo.memory_plan(MistralConfig(), cfg, world_size=8)  # FSDP over 8 GPUs shards the state
+    assert shared == n * 8 / 8 + 28 * 2 ** 25 + acts
+    fp32, _ = focalpo.memory_plan(MistralConfig(), dataclasses.replace(cfg, weights="fp32"), world_size=8)
+    assert fp32 == n * 16 / 8 + acts + (4 - 2) * H * tokens * L  # fp32 master, no full bf16 copy; fp32 layer inputs
     # nothing to plan for the demo, or off the GPU
     focalpo.check_memory(Config(), torch.device("cuda"), log=lambda m: pytest.fail(m))
     focalpo.check_memory(Config(model="x"), torch.device("cpu"), log=lambda m: pytest.fail(m))
@@ -1314,11 +1316,199 @@ def test_out_of_memory_names_the_knobs_and_saves(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# several processes (FSDP2 over gloo on the CPU): the same results as one process, resume across process counts,
+# refusal of changed options, bf16 weights, signals and a process that dies
+
+
+DIST = dict(loss="dpo", max_steps=6, batch_size=4, grad_accum=2, eval_every=3, log_every=3, save_every=3, lr=1e-3,
+            max_eval_pairs=32, max_train_pairs=200, sft_steps=10, progress=False, generate=0)
+
+
+def cli_args(**kw):
+    return [f"--{k}={v}" for k, v in kw.items()]
+
+
+def torchrun(nproc, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(HERE, "focalpo.py"), *args], capture_output=True, text=True, cwd=HERE,
+                          timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def crash_after_step_3(out):
+    """What a crash after the step-3 checkpoint leaves: no step-6 checkpoint, no summary."""
+    for f in ("step_0000006.pt", "step_0000006.json"):
+        (out / "checkpoints" / f).unlink()
+    (out / "summary.json").unlink()
+
+
+def assert_same_run(a, b, rel=1e-5):
+    """Same metrics.jsonl rows and summary, to `rel`. One process accumulates two micro-batches' gradients in one
+    order; two processes each compute one and FSDP sums them in another: fp32 rounding differs by ~1e-7 per step,
+    which 6 AdamW steps do not grow past 1e-5."""
+    rows = [comparable(p / "metrics.jsonl") for p in (a, b)]
+    assert [(r["step"], r["split"]) for r in rows[0]] == [(r["step"], r["split"]) for r in rows[1]]
+    for ra, rb in zip(*rows):
+        for k, v in ra.items():
+            assert rb[k] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=rel, abs=1e-7)), (ra["step"], k)
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
+    for k, v in sa.items():
+        if k not in ("train_tokens_per_second", "runtime_seconds"):
+            assert sb[k] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=rel, abs=1e-7)), k
+
+
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory):
+    """The same short run with one process (in this one) and with two (torchrun), each checkpointing at 3 and 6."""
+    root = tmp_path_factory.mktemp("dist")
+    one = Config(**DIST, out_dir=str(root / "one"), cache_dir=str(root / "cache1"), save_model=True)
+    focalpo.run(one, log=lambda *_: None)
+    r = torchrun(2, *cli_args(**DIST, out_dir=root / "two", cache_dir=root / "cache2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, r
+
+
+def test_two_processes_give_the_results_of_one(dist_runs):
+    root, r = dist_runs
+    assert "sharded over 2 processes (FSDP2)" in r.stdout
+    assert_same_run(root / "one", root / "two")
+    from safetensors.torch import load_file
+    one, two = load_file(root / "one" / "model.safetensors"), load_file(root / "two" / "model.safetensors")
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # rank 0 gathered and saved the full model
+    assert "[rank 1]" not in r.stderr and r.stdout.count("step 0: eval loss") == 1  # rank 0 alone logs
+
+
+def test_a_checkpoint_from_two_processes_resumes_in_one_and_the_reverse(dist_runs, tmp_path):
+    import shutil
+    root, _ = dist_runs
+    two_to_one, one_to_two = tmp_path / "two_to_one", tmp_path / "one_to_two"
+    shutil.copytree(root / "two", two_to_one)
+    shutil.copytree(root / "one", one_to_two)
+    for out in (two_to_one, one_to_two):
+        crash_after_step_3(out)
+    logs = []
+    focalpo.run(Config(**DIST, out_dir=str(two_to_one), cache_dir=str(root / "cache2"), resume=True), log=logs.append)
+    assert any("resumed from" in l and "at step 3 of 6" in l for l in logs)
+    assert_same_run(root / "one", two_to_one)
+    r = torchrun(2, *cli_args(**DIST, out_dir=one_to_two, cache_dir=root / "cache1", resume=True))
+    assert r.returncode == 0 and "at step 3 of 6" in r.stdout, r.stderr[-3000:]
+    assert_same_run(root / "one", one_to_two)
+
+
+def test_resume_refuses_options_that_change_the_result(dist_runs, tmp_path):
+    import shutil
+    root, _ = dist_runs
+    out = tmp_path / "out"
+    shutil.copytree(root / "one", out)
+    crash_after_step_3(out)
+    changed = dict(DIST, lr=2e-3, batch_size=8, max_length=512)
+    with pytest.raises(FocalpoError) as err:
+        focalpo.run(Config(**changed, out_dir=str(out), cache_dir=str(root / "cache1"), resume=True), log=lambda *_: None)
+    msg = str(err.value)
+    assert msg.startswith("--resume=true with options that change the result (") and len(msg.splitlines()) == 1
+    assert "--lr was 0.001, now 0.002" in msg and "--batch_size was 4, now 8" in msg and "--max_length was 1024, now 512" in msg
+    with pytest.raises(FocalpoError, match="the loss was 'dpo', now 'minordpo'"):
+        focalpo.run(Config(**dict(DIST, loss="minordpo"), out_dir=str(out), cache_dir=str(root / "cache1"), resume=True),
+                    log=lambda *_: None)
+    # what does not change the result may change: how often to evaluate, log and save
+    focalpo.run(Config(**dict(DIST, eval_every=2, log_every=1, save_every=0), out_dir=str(out),
+                       cache_dir=str(root / "cache1"), resume=True), log=lambda *_: None)
+
+
+def test_bf16_weights_under_fsdp(tmp_path):
+    r = torchrun(2, *cli_args(**dict(DIST, loss="focalpo", weights="bf16", max_steps=4, save_every=0, sft_steps=0),
+                              out_dir=tmp_path / "out", cache_dir=tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(2 ** -0.05 * math.log(2), abs=1e-6)
+    assert math.isfinite(s["eval_loss"]) and s["eval_loss"] != s["eval_loss_start"]
+    ckpt, _ = focalpo.load_latest_checkpoint(str(tmp_path / "out" / "checkpoints"))
+    state = ckpt["optimizer"]["state"]["model.embed_tokens.weight"]  # AdamWSR's moments, gathered whole, in bf16
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg"].shape == ckpt["model"]["model.embed_tokens.weight"].shape
+    assert state["step"] == 4
+
+
+def start_worker(rank, port, out, *extra):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+               LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    args = cli_args(loss="dpo", max_steps=100000, save_every=0, eval_every=100000, max_eval_pairs=16, sft_steps=0,
+                    progress=False, generate=0, out_dir=out / "out", cache_dir=out / "cache")
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "focalpo.py"), *args, *extra], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_training(out):
+    import time
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "out" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps
+
+
+def test_sigterm_stops_every_process_at_the_same_step_with_one_checkpoint(tmp_path):
+    """Workers started by hand (as a launcher on several machines would): SIGTERM to both, each at its own moment.
+    They agree on the step, save one checkpoint, and each exits with 130. Then through torchrun, which forwards the
+    signal to its workers."""
+    import signal
+    import time
+    port = free_port()
+    workers = [start_worker(r, port, tmp_path / "hand") for r in (0, 1)]
+    wait_for_training(tmp_path / "hand")
+    workers[1].send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    workers[0].send_signal(signal.SIGTERM)
+    outs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [130, 130], [o[1][-2000:] for o in outs]
+    steps = [int(o[1].split(" at step ")[1].split()[0]) for o in outs]
+    assert steps[0] == steps[1] and "[rank 1] interrupted: stopped by SIGTERM" in outs[1][1]
+    # rank 0 may have stopped for rank 1's signal, before its own arrived
+    assert any(f"[rank 0] interrupted: stopped by {by} at step" in outs[0][1]
+               for by in ("SIGTERM", "a signal to another process"))
+    ckpt, path = focalpo.load_latest_checkpoint(str(tmp_path / "hand" / "out" / "checkpoints"))
+    assert ckpt["state"]["step"] == steps[0] and path.endswith(f"step_{steps[0]:07d}.pt")
+    # through torchrun: SIGTERM to the launcher
+    args = cli_args(loss="dpo", max_steps=100000, save_every=0, eval_every=100000, max_eval_pairs=16, sft_steps=0,
+                    progress=False, generate=0, out_dir=tmp_path / "run" / "out", cache_dir=tmp_path / "run" / "cache")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 os.path.join(HERE, "focalpo.py"), *args], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    wait_for_training(tmp_path / "run")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert "[rank 0] interrupted: stopped by SIGTERM at step " in err and "[rank 1] interrupted: stopped by SIGTERM" in err
+    ckpt, _ = focalpo.load_latest_checkpoint(str(tmp_path / "run" / "out" / "checkpoints"))
+    assert ckpt is not None and ckpt["state"]["step"] >= 1
+
+
+def test_a_process_that_dies_or_hangs_stops_the_others(tmp_path):
+    import signal
+    import time
+    for how, extra in (("dies", []), ("hangs", ["--dist_timeout=3"])):
+        port = free_port()
+        workers = [start_worker(r, port, tmp_path / how, *extra) for r in (0, 1)]
+        wait_for_training(tmp_path / how)
+        t0 = time.time()
+        workers[1].send_signal(signal.SIGKILL if how == "dies" else signal.SIGSTOP)
+        _, err = workers[0].communicate(timeout=120)
+        waited = time.time() - t0
+        workers[1].kill()
+        workers[1].communicate()
+        assert workers[0].returncode == 1 and "[rank 0] error: lost contact with another process (" in err, err[-2000:]
+        assert "Traceback" not in err and waited < (30 if how == "dies" else 60), (how, waited)
+
+
+# -----------------------------------------------------------------------------
 # the notebook runs top to bottom from a clean state (about a minute)
 
 
 def test_tutorial_notebook_runs(tmp_path, monkeypatch):
-    """Every cell, from a clean state. FOCALPO_TUTORIAL_QUICK=1 trains one seed for 40 steps instead of three seeds
+    """Every cell, from a clean state. FOCALPO_TUTORIAL_QUICK=1 trains one seed for 20 steps instead of three seeds
     for 250 (3 minutes); the derivation checks are the same."""
     import nbclient
     import nbformat
