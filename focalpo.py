@@ -12,6 +12,8 @@ Train a real model (needs the Hugging Face Hub, or local paths):
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
 Local data (.json, .jsonl or .parquet with prompt/chosen/rejected columns):
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
+Several GPUs (FSDP2; the same options):
+    torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8
 See every option:
     python focalpo.py --help
 
@@ -157,7 +159,7 @@ def loss_types(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Demo task: sort letters. The preferred answer is verifiably right; the rejected one has two neighbours swapped.
+# Demo task: sort letters. Pairs are right vs wrong, or less wrong vs more wrong; the answers can be checked.
 
 
 DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -650,7 +652,7 @@ def prepare_model(model, cfg, device):
 
 
 # -----------------------------------------------------------------------------
-# Memory plan: before loading a real model onto a GPU, will training fit? (an estimate, stated, not a measurement)
+# Memory plan (GPU only; a first read can skip it): will training fit? An estimate, stated, not a measurement
 
 
 GiB = 2 ** 30
@@ -1167,7 +1169,7 @@ def peak_lr(cfg):
 
 
 # -----------------------------------------------------------------------------
-# AdamW for bf16 weights (PITFALLS.md 12): fp32 math, stochastic rounding back to bf16
+# Optional, --weights=bf16 (PITFALLS.md 12): AdamW with fp32 math, stochastic rounding back to bf16. Skippable.
 
 
 def stochastic_round_bf16(x, noise=None):
@@ -1290,7 +1292,7 @@ class AdamWSR(torch.optim.Optimizer):
             torch._foreach_copy_([d.view(torch.int16) for d in dst], list(top.split(sizes)))
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written atomically (a crash mid-save leaves the previous one intact), verified when read back
+# Checkpoints (resume machinery; a first read can skip it): written atomically, verified when read back
 
 
 class HashingFile:
@@ -1618,6 +1620,19 @@ def next_step(stream, cfg, pad_id):
     return [collate(b, pad_id) for b in step[rank()::world()]], len(pairs), tokens
 
 
+def eval_line(label, step, ev):
+    return (f"{label} step {step}: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
+            + (f", margin {ev['rewards/margin']:.3f}" if step else "")
+            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
+
+
+def too_many_bad_steps(state, step, rows, last_saved):
+    return FocalpoError(
+        f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step {step}, training rows "
+        f"{rows}): stopped; check those rows or lower --lr. "
+        + (f"The last good checkpoint is {last_saved} (--resume=true)." if last_saved else "No checkpoint was written yet."))
+
+
 def out_of_memory(cfg, micro, step, saved):
     longest = max(b["input_ids"].shape[1] for b in micro)
     return FocalpoError(
@@ -1672,8 +1687,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
         state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device,
                                                                  task)
         metrics.record({"step": 0, "split": "eval", **ev})
-        log(f"{label} step 0: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
-            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if task else ""))
+        log(eval_line(label, 0, ev))
     stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
     bar = None
     if cfg.progress and rank() == 0:
@@ -1701,11 +1715,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                     say(f"{label} step {done}: WARNING: non-finite loss or gradient, update skipped "
                         f"(training rows: {m['nonfinite_rows']})")
                     if state["bad_steps"] >= cfg.max_bad_steps:
-                        raise FocalpoError(
-                            f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step "
-                            f"{done}, training rows {m['nonfinite_rows']}): stopped; check those rows or lower --lr. "
-                            + (f"The last good checkpoint is {last_saved} (--resume=true)." if last_saved
-                               else "No checkpoint was written yet."))
+                        raise too_many_bad_steps(state, done, m["nonfinite_rows"], last_saved)
                 else:
                     state["bad_steps"] = 0
                     state["tokens_seen"] += n_tokens
@@ -1724,9 +1734,7 @@ def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, l
                 if done % cfg.eval_every == 0 or done == total_steps:
                     state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device, task)
                     metrics.record({"step": done, "split": "eval", **ev})
-                    say(f"{label} step {done}: eval loss {ev['loss']:.4f}, reward accuracy "
-                        f"{ev['reward_accuracy']:.3f}, margin {ev['rewards/margin']:.3f}"
-                        + (f", generation accuracy {ev['generation_accuracy']:.3f}" if task else ""))
+                    say(eval_line(label, done, ev))
                 if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
                     save()
                 if agree(stop.signal is not None, device, "max") and done < total_steps:  # every process stops here
