@@ -959,7 +959,8 @@ def expected_answer(pair, tokenizer):
 def generation_accuracy(model, pairs, tokenizer, device):
     """Demo: the fraction of prompts whose greedy completion is exactly the right answer, compared as decoded text,
     and then ends (EOS)."""
-    longest = max(len(p.chosen) - p.chosen_start for p in pairs)  # an answer and its EOS (all have one letter each)
+    longest = max(len(p.chosen) - p.chosen_start for p in pairs)  # the longest answer with its EOS, in tokens
+    # one token more: a completion that runs past the right answer shows as one, rather than being cut off there
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
     return sum(ended and text.strip() == expected_answer(p, tokenizer) for (text, ended), p in zip(got, pairs)) / len(pairs)
 
