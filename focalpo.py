@@ -197,8 +197,8 @@ def make_demo_pairs(n, seed):
         if rng.random() < 0.5:
             chosen, rejected = good, demo_mistake(good, letters, rng)
         else:
-            chosen, rejected = demo_mistake(good, letters, rng), demo_mistake(demo_mistake(good, letters, rng), letters, rng)
-            while rejected in (chosen, good):
+            chosen, rejected = demo_mistake(good, letters, rng), None
+            while rejected is None or rejected in (chosen, good):  # two mistakes, not undoing each other
                 rejected = demo_mistake(demo_mistake(good, letters, rng), letters, rng)
         pairs.append({"prompt": "sort: " + " ".join(letters) + " =",
                       "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
@@ -716,7 +716,8 @@ def check_memory(cfg, device, log=print, world_size=1):
     free = torch.cuda.mem_get_info(device)[0]
     log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
     if needed > free:
-        savers = ([] if cfg.weights == "bf16" else ["--weights=bf16 (8 bytes per parameter instead of 18)"]) + \
+        savers = ([] if cfg.weights == "bf16" else
+                  [f"--weights=bf16 (8 bytes per parameter instead of {bytes_per_parameter(cfg, world_size)})"]) + \
                  ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
         raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
                            f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
@@ -785,6 +786,11 @@ def to_device(batch, device):
 # Reference log-prob cache: one no-grad pass with the initial weights; the reference model is never kept
 
 
+def fields_key(fields):
+    """A cache file's key: a hash of everything that changes what it holds."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def cache_key(cfg, model, train_pairs, eval_pairs, device):
     """Everything that changes the cached values: model, its weights, the exact token ids and masks of every pair
     (so dataset, split, tokenizer, chat template and max lengths), and the dtype / device kind of the forward."""
@@ -798,7 +804,7 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
               "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
               "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
               "version": 2}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
+    return fields_key(fields), fields
 
 
 @torch.no_grad()
@@ -899,7 +905,7 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
     fields = {"stage": "sft", "init": weights_fingerprint(model), "data": data.hexdigest()[:16], "steps": cfg.sft_steps,
               "lr": SFT_LR, "batch": SFT_BATCH, "compute": f"{device.type}/{next(model.parameters()).dtype}",
               "version": 1}
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    key = fields_key(fields)
     path = os.path.join(cfg.cache_dir, f"sft_{key}.pt")
     cached = read_cache(path, key, "sft", log)
     if cached is not None:
@@ -956,13 +962,19 @@ def expected_answer(pair, tokenizer):
     return demo_answer(tokenizer.decode(pair.chosen[:pair.chosen_start], skip_special_tokens=True))
 
 
+def is_right(pair, completion, tokenizer):
+    """Demo: a greedy completion (text, whether it ended with EOS) is the right answer, exactly, and then stops."""
+    text, ended = completion
+    return ended and text.strip() == expected_answer(pair, tokenizer)
+
+
 def generation_accuracy(model, pairs, tokenizer, device):
     """Demo: the fraction of prompts whose greedy completion is exactly the right answer, compared as decoded text,
     and then ends (EOS)."""
     longest = max(len(p.chosen) - p.chosen_start for p in pairs)  # the longest answer with its EOS, in tokens
     # one token more: a completion that runs past the right answer shows as one, rather than being cut off there
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
-    return sum(ended and text.strip() == expected_answer(p, tokenizer) for (text, ended), p in zip(got, pairs)) / len(pairs)
+    return sum(is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
 
 
 def show_generations(model, pairs, tokenizer, cfg, device, label, log):
@@ -977,8 +989,7 @@ def show_generations(model, pairs, tokenizer, cfg, device, label, log):
         prompt = tokenizer.decode(p.chosen[:p.chosen_start], skip_special_tokens=True)
         line = f"{label} {prompt[-200:]!r} -> {text!r}{'' if ended else ' (no EOS)'}"
         if cfg.dataset == "demo":
-            right = ended and text.strip() == expected_answer(p, tokenizer)
-            line += f"   {'right' if right else 'wrong: expected ' + repr(expected_answer(p, tokenizer))}"
+            line += "   right" if is_right(p, (text, ended), tokenizer) else f"   wrong: expected {expected_answer(p, tokenizer)!r}"
         log(line)
 
 
@@ -1299,8 +1310,9 @@ class AdamWSR(torch.optim.Optimizer):
 class HashingFile:
     """A file that computes the SHA-256 of what is written to it as it is written, so a checkpoint is never read
     back to be hashed. Each large block is hashed in a second thread while it is written (hashlib and file writes
-    both release the GIL), so saving costs about max(write, hash) rather than their sum; both finish before write()
-    returns, because torch may reuse the block afterwards."""
+    both release the GIL), so where writing waits on the disk the hash runs meanwhile (on a 2-core machine writing
+    to the page cache it did not hide: see the README); both finish before write() returns, because torch may
+    reuse the block afterwards."""
 
     def __init__(self, f):
         from concurrent.futures import ThreadPoolExecutor
@@ -1354,8 +1366,10 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep, cfg=None, loss_type
     os.makedirs(ckpt_dir, exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         out = HashingFile(f)
-        torch.save(blob, out)
-        out.close()
+        try:
+            torch.save(blob, out)
+        finally:
+            out.close()
     os.replace(path + ".tmp", path)
     with open(path + ".json.tmp", "w") as f:
         json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": out.sha.hexdigest()}, f)
