@@ -110,59 +110,204 @@ class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM during training: a checkpoint was saved and the run can be resumed."""
 
 
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def parse_args(argv=None):
-    """--key=value for every Config field; unknown keys and bad values are errors (argparse exits with usage)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = _parse_bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"(default: {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    losses = loss_types(cfg)
-    bad = [l for l in losses if l not in LOSSES]
-    if bad or not losses:
-        raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}")
-    if cfg.schedule not in ("cosine", "linear"):
-        raise FocalpoError(f"--schedule={cfg.schedule!r}: expected 'cosine' or 'linear'")
-    if cfg.weights not in ("fp32", "bf16"):
-        raise FocalpoError(f"--weights={cfg.weights!r}: expected 'fp32' or 'bf16'")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
-    for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
-                 "keep_checkpoints", "max_bad_steps", "max_new_tokens", "dist_timeout"):
-        if getattr(cfg, name) < 1:
-            raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
-                           f"--max_length={cfg.max_length}: make it smaller")
-    if cfg.beta <= 0 or cfg.gamma < 0 or cfg.lr < 0 or cfg.sft_steps < 0:
-        raise FocalpoError("--beta must be > 0, and --gamma, --lr and --sft_steps >= 0")
-    if not 0 < cfg.eval_fraction < 1:
-        raise FocalpoError(f"--eval_fraction={cfg.eval_fraction}: must be between 0 and 1")
-
-
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
 
 
+def peak_lr(cfg):
+    return cfg.lr or (3e-4 if cfg.model == "demo" else 5e-7)
+
+
+def weights_dtype(cfg):
+    return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
+
+
 # -----------------------------------------------------------------------------
-# Demo task: sort letters. Pairs are right vs wrong, or less wrong vs more wrong; the answers can be checked.
+# Losses: pure functions of per-pair summed log-probs, each (B,). Derived and checked in tutorial.ipynb, sections 1-4
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
+    """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,), rewards detached.
+
+    r_w = log πθ(y_w|x) − log π_ref(y_w|x),  r_l = the same for y_l,  h = r_w − r_l,  p = σ(βh).
+      dpo:      L = −log σ(βh)                          Eq. 7 of arXiv 2305.18290
+      focalpo:  L = −p^γ · log p                        arXiv 2501.06645; gradient flows through p^γ too
+                (focal_detach=True: p^γ is a constant weight, a variant found in third-party code)
+      minordpo: L = −log σ(β(r_w − max(0, r_l)))       arXiv 2408.09834; y_l pushed down only while r_l > 0
+    gamma and focal_detach are used by focalpo only (γ = 0 gives DPO exactly, detached or not).
+    """
+    r_w = policy_chosen_logps - ref_chosen_logps  # (B,)
+    r_l = policy_rejected_logps - ref_rejected_logps  # (B,)
+    if loss_type == "dpo":
+        losses = -F.logsigmoid(beta * (r_w - r_l))
+    elif loss_type == "focalpo":
+        log_p = F.logsigmoid(beta * (r_w - r_l))  # log p, stable for any βh
+        focal = torch.exp(gamma * log_p)  # p^γ computed as exp(γ log p): no under/overflow
+        losses = -(focal.detach() if focal_detach else focal) * log_p
+    elif loss_type == "minordpo":
+        # torch.where, not clamp: at r_l = 0 (every pair at step 0) the rejected branch has zero gradient, 1[r_l > 0]
+        r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
+        losses = -F.logsigmoid(beta * (r_w - r_l_pos))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
+    return losses, beta * r_w.detach(), beta * r_l.detach()
+
+
+# -----------------------------------------------------------------------------
+# Log-probs: summed over response tokens, computed only where the response mask is on (pitfalls 5, 7)
+
+
+def _token_logps(lm_head, hidden, targets):
+    """log π(target | prefix) for N positions: lm_head on (N, H) hidden states, log-softmax in fp32."""
+    logits = lm_head(hidden).float()  # (N, V)
+    return -F.cross_entropy(logits, targets, reduction="none")  # (N,)
+
+
+def sequence_logps(model, batch, chunk_size=2048):
+    """Summed response-token log-probs per row, (2B,) fp32, and the number of response tokens per row, (2B,).
+
+    Logits at position t predict token t+1, so position t counts when token t+1 is a response token (collate lists
+    those positions). Only they reach the output layer, in chunks of `chunk_size`, each recomputed in backward
+    (checkpoint) so that no (N, vocab) fp32 tensor outlives its chunk.
+    """
+    # No attention mask, on purpose: with right padding every real token comes before every pad, so causal attention
+    # alone keeps scored positions from seeing pads (pads' own outputs are never scored), and position ids are
+    # 0..T-1 either way. Passing the mask would make transformers test it on the host every forward (a GPU wait)
+    # and keep SDPA off its fastest causal kernels (use_causal_sdpa). test_sequence_logps_match_naive_loop... checks
+    # the values. A model with a sliding window shorter than --max_length keeps the mask.
+    mask = None if model.config._attn_implementation == "causal_sdpa" else batch["attention_mask"]
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=mask)
+    hidden = out.last_hidden_state  # (2B, T, H)
+    positions = batch["positions"]  # (N,) flat indices into (2B * T)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
+    targets = batch["input_ids"].view(-1).index_select(0, positions + 1)  # (N,) the token each position predicts
+    lm_head = model.get_output_embeddings()
+    pieces = []
+    for i in range(0, h.shape[0], chunk_size):
+        args = (lm_head, h[i:i + chunk_size], targets[i:i + chunk_size])
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _token_logps(*args))
+    token_logps = torch.cat(pieces)  # (N,)
+    logps = torch.zeros(hidden.shape[0], device=h.device, dtype=torch.float32)
+    return logps.index_add(0, batch["position_seq"], token_logps), batch["n_tokens"]  # (2B,), (2B,)
+
+
+def to_device(batch, device):
+    """Host batch -> device. On CUDA through pinned memory, so the copy is queued without making the CPU wait."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# Reference log-prob cache: one no-grad pass with the initial weights; the reference model is never kept (pitfall 9)
+
+
+def weights_fingerprint(model):
+    """A cheap digest of the weights: two sums per tensor. Enough to tell one checkpoint from another."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP: gather the shards
+            x = x.float()
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
+    return h.hexdigest()[:16]
+
+
+def fields_key(fields):
+    """A cache file's key: a hash of everything that changes what it holds."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_key(cfg, model, train_pairs, eval_pairs, device):
+    """Everything that changes the cached values: model, its weights, the exact token ids and masks of every pair
+    (so dataset, split, tokenizer, chat template and max lengths), and the dtype / device kind of the forward."""
+    data = hashlib.sha256()
+    for pairs in (train_pairs, eval_pairs):
+        for p in pairs:
+            data.update(p.chosen.numpy().tobytes() + p.rejected.numpy().tobytes())
+            data.update(f"{p.chosen_start},{p.rejected_start};".encode())
+        data.update(b"|")
+    fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
+              "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
+              "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
+              "version": 2}
+    return fields_key(fields), fields
+
+
+@torch.no_grad()
+def compute_reference(model, pairs, cfg, pad_id, device):
+    """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
+    ref = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
+    model.eval()
+    batches = length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)
+    for chunk in my_share(batches):  # all the batches with one process; with several, each its share
+        batch = collate(chunk or batches[0], pad_id)  # None: a stand-in forward, so every process runs as many
+        with autocast(device):
+            logps, _ = model_logps(model, to_device(batch, device))
+        if chunk:
+            ref[batch["idx"].to(device)] = logps.view(2, -1).T.float()  # (B, 2): chosen, rejected
+    reshard(model)
+    return all_reduce(ref).cpu()  # each pair's row was filled by one process; one copy to the host at the end
+
+
+def _digest(tensors):
+    """SHA-256 of a dict of tensors (any dtype), in key order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_cache(path, key, what, log):
+    """The tensors cached at path under `key`, or None when there is no such file. A file that cannot be read, or
+    whose key or checksum does not match (edited, or written by another version), is reported and ignored."""
+    if not os.path.exists(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob["key"] == key and blob["checksum"] == _digest(blob["tensors"]):
+            log(f"{what}: loaded cached values from {path}")
+            return blob["tensors"]
+        problem = "its contents do not match its key or checksum (edited, or written by another version)"
+    except Exception as e:
+        problem = f"it cannot be read ({type(e).__name__})"
+    log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
+    return None
+
+
+def write_cache(path, key, fields, tensors):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"key": key, "fields": fields, "tensors": tensors, "checksum": _digest(tensors)}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
+
+
+def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
+    """Reference log-probs for train and eval pairs: loaded from cache_dir when the key matches, else computed
+    and saved."""
+    key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
+    path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
+    cached = read_cache(path, key, "reference", log)
+    if agree(cached is not None, device, "min"):  # with several processes: all of them found it
+        return cached["train"], cached["eval"]
+    t0 = time.time()
+    train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
+    eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
+    if rank() == 0:
+        write_cache(path, key, fields, {"train": train_ref, "eval": eval_ref})
+    log(f"reference: computed log-probs of {len(train_pairs)}+{len(eval_pairs)} pairs in {time.time() - t0:.1f}s, "
+        f"saved to {path}")
+    return train_ref, eval_ref
+
+
+# -----------------------------------------------------------------------------
+# Data, the demo task: sort letters. Pairs are right vs wrong, or less wrong vs more wrong; the answers can be checked
 
 
 DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
 DEMO_PAIRS = 4400  # 4000 to train on, 400 held out
 
 
@@ -236,73 +381,7 @@ def make_demo_model(tokenizer, seed):
 
 
 # -----------------------------------------------------------------------------
-# Data: load rows, detect their format, turn each into (prompt text, prompt+chosen text, prompt+rejected text)
-
-
-def _read_json_rows(path):
-    """A .json file holding a list of objects, or a .jsonl file with one object per line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                rows = json.load(f)
-                if not isinstance(rows, list):
-                    raise FocalpoError(f"{path}: expected a JSON list of objects, found a {type(rows).__name__}")
-                return rows
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise FocalpoError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
-            return rows
-    except UnicodeDecodeError as e:
-        raise FocalpoError(f"{path} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8")
-    except json.JSONDecodeError as e:
-        raise FocalpoError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})")
-    except OSError as e:
-        raise FocalpoError(f"cannot read {path}: {e.strerror}")
-
-
-def read_local_rows(spec):
-    rows = []
-    for path in [p for p in spec.split(",") if p]:
-        if not os.path.exists(path):
-            raise FocalpoError(f"data file {path} does not exist")
-        if path.endswith((".json", ".jsonl")):
-            rows += _read_json_rows(path)
-        elif path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            rows += pq.read_table(path).to_pylist()
-        else:
-            raise FocalpoError(f"{path}: expected a .json, .jsonl or .parquet file")
-    return rows
-
-
-def is_local_data(spec):
-    return any(p.endswith((".json", ".jsonl", ".parquet")) for p in spec.split(","))
-
-
-def load_hub_splits(name, split, eval_split):
-    """(train rows, eval rows or None) from the Hugging Face Hub (or its local cache)."""
-    try:
-        import datasets
-        ds = datasets.load_dataset(name)
-    except Exception as e:  # network errors, unknown names, gated datasets: all end up here
-        raise FocalpoError(f"could not load dataset {name!r} from the Hugging Face Hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}): check the name and your network, "
-                           f"or pass local .json/.jsonl/.parquet files") from None
-    def pick(wanted, fallbacks):
-        if wanted:
-            if wanted not in ds:
-                raise FocalpoError(f"dataset {name!r} has no split {wanted!r}; it has: {', '.join(ds)}")
-            return wanted
-        return next((s for s in fallbacks if s in ds), None)
-    train_split = pick(split, ("train", "train_prefs"))
-    if train_split is None:
-        raise FocalpoError(f"dataset {name!r} has no 'train' or 'train_prefs' split; pass --split (it has: {', '.join(ds)})")
-    test_split = pick(eval_split, ("test", "test_prefs", "validation"))
-    return list(ds[train_split]), (list(ds[test_split]) if test_split else None)
+# Data: rows, their format, and each row as (prompt text, prompt+chosen text, prompt+rejected text)
 
 
 def load_rows(cfg):
@@ -420,7 +499,7 @@ def render_row(row, fmt, tokenizer, i):
 
 
 # -----------------------------------------------------------------------------
-# Tokenization (PITFALLS.md 1-4, 11): prompt+response tokenized as one string, prefix-checked, explicit mask
+# Tokenization (pitfalls 1-4, 6, 11): prompt+response tokenized as one string, prefix-checked, explicit mask
 
 
 @dataclass
@@ -561,7 +640,7 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
 
 
 # -----------------------------------------------------------------------------
-# Model
+# Model and tokenizer
 
 
 def pick_device(cfg):
@@ -591,10 +670,6 @@ def load_tokenizer(cfg):
     return tok
 
 
-def weights_dtype(cfg):
-    return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
-
-
 def load_model(cfg, tokenizer, device, log=print):
     """The policy, fp32 or bf16 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing.
     The demo model is first fine-tuned on correct sortings (sft_demo), as a real model would come SFT'd."""
@@ -613,6 +688,22 @@ def load_model(cfg, tokenizer, device, log=print):
                                f"{str(e).splitlines()[0] if str(e) else ''}): check the name, your network, or "
                                f"pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
     return prepare_model(model, cfg, device)
+
+
+def prepare_model(model, cfg, device):
+    """Dropout off (PITFALLS.md 8), the weights' dtype, attention without masks, optional gradient checkpointing,
+    then onto the device."""
+    for m in model.modules():  # dropout makes the policy differ from the reference at step 0
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (PITFALLS.md 8)
+    use_causal_sdpa(model, cfg.max_length)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.to(device)
 
 
 def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -635,241 +726,589 @@ def use_causal_sdpa(model, max_length):
     return True
 
 
-def prepare_model(model, cfg, device):
-    """Dropout off (PITFALLS.md 8), the weights' dtype, attention without masks, optional gradient checkpointing,
-    then onto the device."""
-    for m in model.modules():  # dropout makes the policy differ from the reference at step 0
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-    model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (PITFALLS.md 8)
-    use_causal_sdpa(model, cfg.max_length)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model.to(device)
+# -----------------------------------------------------------------------------
+# Metrics: summed over pairs, averaged at the end, so a mean over micro-batches or eval batches is exact
+
+
+def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref):
+    """Per-batch SUMS of per-pair metrics, as 0-dim tensors left on the device: reading each one here would make the
+    CPU wait for the GPU ~15 times per micro-batch. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
+    B = losses.shape[0]
+    pc, pr = logps[:B].detach().float(), logps[B:].detach().float()
+    nc, nr = n_tokens[:B].float(), n_tokens[B:].float()
+    ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
+    ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
+    win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    count = lambda x: x.float().sum()
+    return {
+        "pairs": float(B), "loss": losses.detach().float().sum(),
+        "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
+        "logps/chosen": pc.sum(), "logps/rejected": pr.sum(),
+        "ranking_accuracy": count(ranked),
+        "ranking_accuracy_norm": count(pc / nc >= pr / nr),  # mean token log-prob version
+        "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
+        "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right),
+        "tokens": count(n_tokens),
+    }
+
+
+def add_metrics(total, m):
+    for k, v in m.items():
+        total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def metrics_to_host(total):
+    """The sums as Python floats, in one device -> host copy (one wait, however many metrics), summed over the
+    processes when there are several."""
+    keys = sorted(total)
+    if not keys:
+        return {}
+    device = next((v.device for v in total.values() if torch.is_tensor(v)), torch.device("cpu"))
+    if world() > 1 and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
+    return dict(zip(keys, all_reduce(values).tolist()))
+
+
+def finish_metrics(total):
+    """Sums -> means. The ref-split accuracies are means within their group (None when the group is empty)."""
+    out, n = {}, total["pairs"]
+    for k, v in total.items():
+        if k in ("pairs", "tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
+            out[k] = int(v)
+        elif k.endswith("_ref_correct") or k.endswith("_ref_incorrect"):
+            group = total["pairs_" + k.split("accuracy_")[1]]
+            out[k] = v / group if group else None
+        else:
+            out[k] = v / n
+    return out
 
 
 # -----------------------------------------------------------------------------
-# Memory plan (GPU only; a first read can skip it): will training fit? An estimate, stated, not a measurement
+# One optimizer step, and evaluation
 
 
-GiB = 2 ** 30
+def lr_at(step, total_steps, cfg, peak):
+    """Linear warm-up from 0 over warmup_ratio of the steps, then cosine or linear decay to 0."""
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
 
 
-def bytes_per_parameter(cfg, world_size=1):
-    """Training state per parameter: fp32 weights + gradients + AdamW's two moments (4+4+4+4), plus the bf16 copy
-    autocast makes of each weight during the step (2); or, with --weights=bf16, 2+2+2+2. Sharded over several
-    processes (FSDP2) the bf16 copies exist only for the layers being gathered, so fp32 is 16 (not counted here)."""
-    return 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
+def make_optimizer(model, cfg, lr, device):
+    """AdamW, no weight decay on norms and biases; for bf16 weights the stochastic-rounding AdamWSR below, because
+    plain AdamW on bf16 weights loses DPO-sized updates to rounding (PITFALLS.md 12)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.weights == "bf16":
+        return AdamWSR(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def activation_bytes(config, cfg):
-    """An allowance for activations at --batch_size pairs (2x as many sequences) of --max_length tokens each.
-
-    Without checkpointing, a decoder layer keeps about 30*H + 8*I bytes per token for backward (bf16: the inputs of
-    its six projections, q/k/v after RoPE, the attention output, the SwiGLU products, the norms' fp32 copies).
-    With checkpointing it keeps only its input (H values, in the weights' dtype), and one layer at a time is
-    recomputed with its full activations. Plus the log-prob chunk: 2048 positions x vocabulary x 10 bytes (bf16
-    logits, their fp32 copy and its gradient)."""
-    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    tokens = 2 * cfg.batch_size * cfg.max_length
-    full_layer = (30 * H + 8 * I) * tokens
-    if cfg.gradient_checkpointing:
-        layers = (2 if cfg.weights == "bf16" else 4) * H * tokens * L + full_layer
-    else:
-        layers = full_layer * L
-    return layers + 2048 * config.vocab_size * 10
+def forward_pairs(model, batch, ref, cfg, loss_type, device):
+    """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics."""
+    r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
+    batch = to_device(dict(batch, ref=r), device)
+    with autocast(device):
+        logps, n_tokens = model_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
+    B, r = len(r), batch["ref"]
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
+        focal_detach=cfg.focal_detach)
+    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
 
 
-def memory_plan(config, cfg, world_size=1):
-    """(bytes needed per GPU, a one-line account of them). Parameters are counted on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    state = n * bytes_per_parameter(cfg, world_size) / world_size  # sharded over the processes (FSDP) with several
-    buffers = 28 * min(AdamWSR.bucket_numel, n) if cfg.weights == "bf16" else 0
-    acts = activation_bytes(config, cfg)
-    what = "bf16 weights, gradients, AdamW moments" if cfg.weights == "bf16" else \
-           "fp32 weights, gradients, AdamW moments, bf16 autocast copies"
-    line = (f"memory plan: {n / 1e9:.2f}B parameters x {bytes_per_parameter(cfg, world_size)} bytes ({what})"
-            + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
-            + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
-            + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
-            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
-    return state + buffers + acts, line
-
-
-def check_memory(cfg, device, log=print, world_size=1):
-    """On a GPU, before loading a real model: print the plan beside the free memory, and stop at once when it
-    cannot fit, rather than after the reference pass."""
-    if device.type != "cuda" or cfg.model == "demo":
-        return
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
-    except Exception as e:
-        raise FocalpoError(f"could not load the config of {cfg.model!r} ({type(e).__name__}): check the name, your "
-                           f"network, or pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
-    needed, line = memory_plan(config, cfg, world_size)
-    free = torch.cuda.mem_get_info(device)[0]
-    log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
-    if needed > free:
-        savers = ([] if cfg.weights == "bf16" else
-                  [f"--weights=bf16 (8 bytes per parameter instead of {bytes_per_parameter(cfg, world_size)})"]) + \
-                 ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
-        raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
-                           f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
-                           + "lower --batch_size (raising --grad_accum) or --max_length, or spread the model over "
-                           "more GPUs with torchrun")
-
-
-def weights_fingerprint(model):
-    """A cheap digest of the weights: two sums per tensor. Enough to tell one checkpoint from another."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP: gather the shards
-            x = x.float()
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
-    return h.hexdigest()[:16]
-
-
-# -----------------------------------------------------------------------------
-# Log-probs: summed over response tokens, computed only where the response mask is on (PITFALLS.md 5, 7)
-
-
-def _token_logps(lm_head, hidden, targets):
-    """log π(target | prefix) for N positions: lm_head on (N, H) hidden states, log-softmax in fp32."""
-    logits = lm_head(hidden).float()  # (N, V)
-    return -F.cross_entropy(logits, targets, reduction="none")  # (N,)
-
-
-def sequence_logps(model, batch, chunk_size=2048):
-    """Summed response-token log-probs per row, (2B,) fp32, and the number of response tokens per row, (2B,).
-
-    Logits at position t predict token t+1, so position t counts when token t+1 is a response token (collate lists
-    those positions). Only they reach the output layer, in chunks of `chunk_size`, each recomputed in backward
-    (checkpoint) so that no (N, vocab) fp32 tensor outlives its chunk.
-    """
-    # No attention mask, on purpose: with right padding every real token comes before every pad, so causal attention
-    # alone keeps scored positions from seeing pads (pads' own outputs are never scored), and position ids are
-    # 0..T-1 either way. Passing the mask would make transformers test it on the host every forward (a GPU wait)
-    # and keep SDPA off its fastest causal kernels (use_causal_sdpa). test_sequence_logps_match_naive_loop... checks
-    # the values. A model with a sliding window shorter than --max_length keeps the mask.
-    mask = None if model.config._attn_implementation == "causal_sdpa" else batch["attention_mask"]
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=mask)
-    hidden = out.last_hidden_state  # (2B, T, H)
-    positions = batch["positions"]  # (N,) flat indices into (2B * T)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
-    targets = batch["input_ids"].view(-1).index_select(0, positions + 1)  # (N,) the token each position predicts
-    lm_head = model.get_output_embeddings()
-    pieces = []
-    for i in range(0, h.shape[0], chunk_size):
-        args = (lm_head, h[i:i + chunk_size], targets[i:i + chunk_size])
-        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else _token_logps(*args))
-    token_logps = torch.cat(pieces)  # (N,)
-    logps = torch.zeros(hidden.shape[0], device=h.device, dtype=torch.float32)
-    return logps.index_add(0, batch["position_seq"], token_logps), batch["n_tokens"]  # (2B,), (2B,)
-
-
-def to_device(batch, device):
-    """Host batch -> device. On CUDA through pinned memory, so the copy is queued without making the CPU wait."""
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-# -----------------------------------------------------------------------------
-# Reference log-prob cache: one no-grad pass with the initial weights; the reference model is never kept
-
-
-def fields_key(fields):
-    """A cache file's key: a hash of everything that changes what it holds."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def cache_key(cfg, model, train_pairs, eval_pairs, device):
-    """Everything that changes the cached values: model, its weights, the exact token ids and masks of every pair
-    (so dataset, split, tokenizer, chat template and max lengths), and the dtype / device kind of the forward."""
-    data = hashlib.sha256()
-    for pairs in (train_pairs, eval_pairs):
-        for p in pairs:
-            data.update(p.chosen.numpy().tobytes() + p.rejected.numpy().tobytes())
-            data.update(f"{p.chosen_start},{p.rejected_start};".encode())
-        data.update(b"|")
-    fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
-              "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
-              "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
-              "version": 2}
-    return fields_key(fields), fields
+def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
+    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
+    tensors: see metrics_to_host), or {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which
+    case no update is applied. The CPU waits for the GPU once per step, to learn whether to apply the update.
+    n_pairs: the pairs of the whole step (with several processes, each runs only its share of the micro-batches)."""
+    n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
+    total, all_losses = {}, []
+    for i, batch in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce the gradients once, after the last one
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
+        # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
+        # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
+        # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
+        (losses.sum() / n_pairs).backward()
+        add_metrics(total, metrics)
+        all_losses.append(losses.detach())
+    # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the global norm, as a plain tensor
+    finite = torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)
+    if not agree(finite, device, "min"):  # the step's one wait (with several processes: all must be finite)
+        # a NaN/inf would poison every weight it touches: skip the update, and name the rows (rare: waits are fine)
+        bad_rows = [r for b, l in zip(micro_batches, all_losses) for r in b["row"][~torch.isfinite(l).cpu()].tolist()]
+        if world() > 1:
+            gathered = [None] * world()
+            dist.all_gather_object(gathered, bad_rows)
+            bad_rows = sorted(r for rows in gathered for r in rows)
+        optimizer.zero_grad(set_to_none=True)
+        return {"nonfinite_rows": bad_rows or "gradient only"}
+    total["grad_norm"] = norm * total["pairs"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 @torch.no_grad()
-def compute_reference(model, pairs, cfg, pad_id, device):
-    """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
-    ref = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
+def evaluate(model, batches, ref, cfg, loss_type, device, task=None):
+    """Held-out metrics; with task = (pairs, tokenizer) (the demo) also the generation accuracy of greedy decoding."""
     model.eval()
-    batches = length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)
-    for chunk in my_share(batches):  # all the batches with one process; with several, each its share
-        batch = collate(chunk or batches[0], pad_id)  # None: a stand-in forward, so every process runs as many
-        with autocast(device):
-            logps, _ = model_logps(model, to_device(batch, device))
-        if chunk:
-            ref[batch["idx"].to(device)] = logps.view(2, -1).T.float()  # (B, 2): chosen, rejected
+    total = {}
+    for batch in my_share(batches):  # all of them with one process; with several, each its share
+        metrics = forward_pairs(model, batch or batches[0], ref, cfg, loss_type, device)[1]
+        if batch is None:  # a stand-in forward, so every process runs as many: it counts for nothing
+            metrics = {k: 0 * v for k, v in metrics.items()}
+        add_metrics(total, metrics)
+    out = finish_metrics(metrics_to_host(total))
+    if task is not None:
+        out["generation_accuracy"] = generation_accuracy(model, *task, device)
     reshard(model)
-    return all_reduce(ref).cpu()  # each pair's row was filled by one process; one copy to the host at the end
+    model.train()
+    return out
 
 
-def _digest(tensors):
-    """SHA-256 of a dict of tensors (any dtype), in key order."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode() + tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+# -----------------------------------------------------------------------------
+# Training: the loop, and the small helpers it leans on
 
 
-def read_cache(path, key, what, log):
-    """The tensors cached at path under `key`, or None when there is no such file. A file that cannot be read, or
-    whose key or checksum does not match (edited, or written by another version), is reported and ignored."""
-    if not os.path.exists(path):
-        return None
+def micro_batch_stream(train_pairs, cfg, skip):
+    """An endless, seeded stream of micro-batches (lists of pairs), reshuffled every epoch. A resumed run skips
+    the ones it has trained on, so it sees exactly the batches an uninterrupted run would."""
+    epoch, n = 0, 0
+    while True:
+        for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
+            if n >= skip:
+                yield b
+            n += 1
+        epoch += 1
+
+
+def next_step(stream, cfg, pad_id):
+    """The next optimizer step: (this process's micro-batches, collated; the pairs in the whole step; their response
+    tokens). Every process draws the same stream; with N of them, each takes micro-batches rank, rank + N, ..."""
+    step = [next(stream) for _ in range(cfg.grad_accum)]
+    pairs = [p for b in step for p in b]
+    tokens = sum(len(p.chosen) - p.chosen_start + len(p.rejected) - p.rejected_start for p in pairs)
+    return [collate(b, pad_id) for b in step[rank()::world()]], len(pairs), tokens
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per line, flushed at once (a crash loses nothing already logged). Written by
+    rank 0 only; the metrics it gets are already summed over the processes."""
+
+    def __init__(self, path, append):
+        self.f = open(path, "a" if append else "w") if rank() == 0 else None
+
+    def record(self, row):
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def new_state():
+    """Everything needed to continue exactly where we stopped, besides weights, optimizer and RNG."""
+    return {"step": 0, "tokens_seen": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
+            "first_eval": None, "last_eval": None}
+
+
+def eval_line(label, step, ev):
+    return (f"{label} step {step}: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
+            + (f", margin {ev['rewards/margin']:.3f}" if step else "")
+            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
+
+
+def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
+    """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
+    Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
+    os.makedirs(out_dir, exist_ok=True)
+    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"  # label: the prefix of every log line
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.grad_accum)
+    optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
+    eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
+    task = (eval_pairs, tokenizer) if cfg.dataset == "demo" else None  # the demo's answers can be checked
+    state, last_saved = resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log)
+    metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), append=state["step"] > 0)
+    def save():  # returns the checkpoint's path; kept in last_saved to name it if the run must stop
+        nonlocal last_saved
+        state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
+        last_saved = save_checkpoint(os.path.join(out_dir, "checkpoints"), model, optimizer, state,
+                                     cfg.keep_checkpoints, cfg, loss_type)
+        if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
+            state["window"] = {}
+        return last_saved
+
+    model.train()
+    if state["first_eval"] is None:
+        state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device,
+                                                                 task)
+        metrics.record({"step": 0, "split": "eval", **ev})
+        log(eval_line(label, 0, ev))
+    stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
+    bar = None
+    if cfg.progress and rank() == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
+    say = bar.write if bar is not None else log
+    t_start, elapsed_before = time.time(), state["elapsed"]
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] == key and blob["checksum"] == _digest(blob["tensors"]):
-            log(f"{what}: loaded cached values from {path}")
-            return blob["tensors"]
-        problem = "its contents do not match its key or checksum (edited, or written by another version)"
-    except Exception as e:
-        problem = f"it cannot be read ({type(e).__name__})"
-    log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
-    return None
+        with StopSignals() as stop:
+            while state["step"] < total_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
+                micro, n_pairs, n_tokens = next_step(stream, cfg, pad_id)
+                try:
+                    m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
+                except torch.cuda.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    raise out_of_memory(cfg, micro, state["step"] + 1, save() if state["step"] else None) from None
+                state["step"] += 1
+                done = state["step"]
+                state["elapsed"] = elapsed_before + time.time() - t_start
+                if "nonfinite_rows" in m:
+                    state["bad_steps"] += 1
+                    say(f"{label} step {done}: WARNING: non-finite loss or gradient, update skipped "
+                        f"(training rows: {m['nonfinite_rows']})")
+                    if state["bad_steps"] >= cfg.max_bad_steps:
+                        raise too_many_bad_steps(state, done, m["nonfinite_rows"], last_saved)
+                else:
+                    state["bad_steps"] = 0
+                    state["tokens_seen"] += n_tokens
+                    add_metrics(state["window"], m)  # still on the device
+                if bar is not None:
+                    bar.update(1)
+                if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
+                    row = finish_metrics(metrics_to_host(state["window"]))  # the metrics' one wait per log step
+                    row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
+                               tokens_per_second=state["tokens_seen"] / state["elapsed"])
+                    metrics.record(row)
+                    state["window"] = {}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                                        tok_s=f"{row['tokens_per_second']:.0f}")
+                if done % cfg.eval_every == 0 or done == total_steps:
+                    state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device, task)
+                    metrics.record({"step": done, "split": "eval", **ev})
+                    say(eval_line(label, done, ev))
+                if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+                    save()
+                if agree(stop.signal is not None, device, "max") and done < total_steps:  # every process stops here
+                    by = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
+                    raise Interrupted(f"stopped by {by} at step {done} of {total_steps}; checkpoint saved to "
+                                      f"{save()}. To continue, run the same command with --resume=true")
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    return write_summary(cfg, model, tokenizer, state, loss_type, (len(train_pairs), len(eval_pairs)), total_steps,
+                         out_dir)
 
 
-def write_cache(path, key, fields, tensors):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"key": key, "fields": fields, "tensors": tensors, "checksum": _digest(tensors)}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
-
-
-def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """Reference log-probs for train and eval pairs: loaded from cache_dir when the key matches, else computed
-    and saved."""
-    key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
-    path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    cached = read_cache(path, key, "reference", log)
-    if agree(cached is not None, device, "min"):  # with several processes: all of them found it
-        return cached["train"], cached["eval"]
-    t0 = time.time()
-    train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
-    eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
+def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps, out_dir):
+    first, last = state["first_eval"], state["last_eval"]
+    summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
+               "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
+               "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
+               "eval_generation_accuracy_start": first.get("generation_accuracy"),
+               **{f"eval_{k}": v for k, v in last.items()},
+               "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
+    if cfg.save_model:  # with several processes the full weights are gathered on rank 0, which writes them
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
+        if rank() == 0:
+            model.save_pretrained(out_dir, state_dict=weights)
+            tokenizer.save_pretrained(out_dir)
     if rank() == 0:
-        write_cache(path, key, fields, {"train": train_ref, "eval": eval_ref})
-    log(f"reference: computed log-probs of {len(train_pairs)}+{len(eval_pairs)} pairs in {time.time() - t0:.1f}s, "
-        f"saved to {path}")
-    return train_ref, eval_ref
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# The whole job: data, reference cache, then each loss from the same initial weights
+
+
+def run(cfg, log=print):
+    """Returns {loss_type: summary}. Under torchrun every process runs this; rank 0 logs and writes the files."""
+    t0 = time.time()
+    device = setup_processes(cfg)
+    log = log if rank() == 0 else (lambda msg: None)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    check_memory(cfg, device, log, world())  # before the data and the model: a plan that cannot fit stops here
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
+    summaries, ref = {}, None
+    for loss_type in loss_types(cfg):
+        out_dir = cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
+        if cfg.resume and os.path.exists(os.path.join(out_dir, "summary.json")):
+            log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
+            with open(os.path.join(out_dir, "summary.json")) as f:
+                summaries[loss_type] = json.load(f)
+            continue
+        model = shard_model(load_model(cfg, tokenizer, device, log), device)  # per loss: each from the same weights
+        first = ref is None
+        if first:
+            n = sum(p.numel() for p in model.parameters())
+            log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}"
+                + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
+        # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
+        # from the weights the reference was computed with; the second and later losses load the cache
+        ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
+        if first:
+            right = int((ref[1][:, 0] >= ref[1][:, 1]).sum())
+            log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= π_ref(y_l|x)) "
+                f"and {len(eval_pairs) - right} wrong")
+        summaries[loss_type] = train(cfg, model, tokenizer, train_pairs, eval_pairs, *ref, loss_type, device,
+                                     out_dir, log)
+        show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
+        del model
+    log(comparison_table(summaries))
+    log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
+    return summaries
+
+
+def comparison_table(summaries):
+    cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
+            ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
+            ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
+            ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
+            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
+            ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
+    cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    widths = [max(8, len(name) + 2) for _, name in cols]
+    name = lambda lt, s: lt + (" (detached)" if lt == "focalpo" and s.get("focal_detach") else "")
+    lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
+             f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
+    for lt, s in summaries.items():
+        lines.append(f"{name(lt, s):<19}" + "".join(f"{fmt(s.get(k)):>{w}}" for (k, _), w in zip(cols, widths)))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    code, who = 0, ""
+    try:
+        cfg = parse_args(argv)
+        who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        run(cfg)
+    except Interrupted as e:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
+            signal.signal(sig, signal.SIG_IGN)      # process) must not cut the exit short
+        print(f"{who}interrupted: {e}", file=sys.stderr)
+        code = 130
+    except FocalpoError as e:
+        print(f"{who}error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing to save
+        print(f"{who}interrupted", file=sys.stderr)
+        code = 130
+    except RuntimeError as e:
+        if not lost_contact(e):
+            raise
+        detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
+        print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
+              f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+# -----------------------------------------------------------------------------
+# Several processes, the helpers the core calls: with one process each is a no-op or gives the plain answer
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@contextmanager
+def rank0_first():
+    """Rank 0 runs the block (and caches what it makes) before the other processes run it (and load the cache)."""
+    if rank() != 0:
+        dist.barrier()
+    yield
+    if rank() == 0 and world() > 1:
+        dist.barrier()
+
+
+def my_share(items):
+    """This process's items of a list split over the processes (process r takes items r, r+N, ...), padded with
+    None so that every process gets as many: under FSDP every forward pass is collective, so all must run one."""
+    n = math.ceil(len(items) / world())
+    return [items[i] if i < len(items) else None for i in range(rank(), n * world(), world())]
+
+
+def all_reduce(t, op="sum"):
+    """t summed (or max'ed, min'ed) over the processes, in place; t itself with one process."""
+    if world() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+def agree(flag, device, op):
+    """A bool that every process holds the same value of: any ("max") or all ("min") of the processes' values."""
+    if world() == 1:
+        return bool(flag.item() if torch.is_tensor(flag) else flag)
+    return bool(all_reduce(torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1), op).item())
+
+
+def reshard(model):
+    """After a forward pass with no backward (the reference, evaluation, generation): FSDP keeps the root module's
+    parameters gathered after a forward, expecting a backward, and meanwhile the module holds the gathered tensors
+    instead of its sharded parameters (which the optimizer and checkpoints know). Put the shards back."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
+def model_logps(model, batch):
+    """sequence_logps, through FSDP's hooks when the model is sharded."""
+    return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
+
+
+# =============================================================================
+# Appendix: optional machinery
+# =============================================================================
+# A first reading can stop here. What follows: the command line and its checks, reading data files and the hub,
+# the demo's SFT stage and generation accuracy, the memory plan, AdamW for bf16 weights, checkpoints and resume,
+# fault handling, several processes (FSDP2).
+
+
+# -----------------------------------------------------------------------------
+# The command line and the options check
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_args(argv=None):
+    """--key=value for every Config field; unknown keys and bad values are errors (argparse exits with usage)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = _parse_bool if f.type is bool else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
+                            help=f"(default: {f.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    losses = loss_types(cfg)
+    bad = [l for l in losses if l not in LOSSES]
+    if bad or not losses:
+        raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}")
+    if cfg.schedule not in ("cosine", "linear"):
+        raise FocalpoError(f"--schedule={cfg.schedule!r}: expected 'cosine' or 'linear'")
+    if cfg.weights not in ("fp32", "bf16"):
+        raise FocalpoError(f"--weights={cfg.weights!r}: expected 'fp32' or 'bf16'")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
+    for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
+                 "keep_checkpoints", "max_bad_steps", "max_new_tokens", "dist_timeout"):
+        if getattr(cfg, name) < 1:
+            raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
+                           f"--max_length={cfg.max_length}: make it smaller")
+    if cfg.beta <= 0 or cfg.gamma < 0 or cfg.lr < 0 or cfg.sft_steps < 0:
+        raise FocalpoError("--beta must be > 0, and --gamma, --lr and --sft_steps >= 0")
+    if not 0 < cfg.eval_fraction < 1:
+        raise FocalpoError(f"--eval_fraction={cfg.eval_fraction}: must be between 0 and 1")
+
+
+# -----------------------------------------------------------------------------
+# Reading data files and the hub
+
+
+def _read_json_rows(path):
+    """A .json file holding a list of objects, or a .jsonl file with one object per line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                rows = json.load(f)
+                if not isinstance(rows, list):
+                    raise FocalpoError(f"{path}: expected a JSON list of objects, found a {type(rows).__name__}")
+                return rows
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise FocalpoError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
+            return rows
+    except UnicodeDecodeError as e:
+        raise FocalpoError(f"{path} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8")
+    except json.JSONDecodeError as e:
+        raise FocalpoError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})")
+    except OSError as e:
+        raise FocalpoError(f"cannot read {path}: {e.strerror}")
+
+
+def read_local_rows(spec):
+    rows = []
+    for path in [p for p in spec.split(",") if p]:
+        if not os.path.exists(path):
+            raise FocalpoError(f"data file {path} does not exist")
+        if path.endswith((".json", ".jsonl")):
+            rows += _read_json_rows(path)
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            rows += pq.read_table(path).to_pylist()
+        else:
+            raise FocalpoError(f"{path}: expected a .json, .jsonl or .parquet file")
+    return rows
+
+
+def is_local_data(spec):
+    return any(p.endswith((".json", ".jsonl", ".parquet")) for p in spec.split(","))
+
+
+def load_hub_splits(name, split, eval_split):
+    """(train rows, eval rows or None) from the Hugging Face Hub (or its local cache)."""
+    try:
+        import datasets
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # network errors, unknown names, gated datasets: all end up here
+        raise FocalpoError(f"could not load dataset {name!r} from the Hugging Face Hub ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}): check the name and your network, "
+                           f"or pass local .json/.jsonl/.parquet files") from None
+    def pick(wanted, fallbacks):
+        if wanted:
+            if wanted not in ds:
+                raise FocalpoError(f"dataset {name!r} has no split {wanted!r}; it has: {', '.join(ds)}")
+            return wanted
+        return next((s for s in fallbacks if s in ds), None)
+    train_split = pick(split, ("train", "train_prefs"))
+    if train_split is None:
+        raise FocalpoError(f"dataset {name!r} has no 'train' or 'train_prefs' split; pass --split (it has: {', '.join(ds)})")
+    test_split = pick(eval_split, ("test", "test_prefs", "validation"))
+    return list(ds[train_split]), (list(ds[test_split]) if test_split else None)
 
 
 # -----------------------------------------------------------------------------
@@ -994,194 +1433,81 @@ def show_generations(model, pairs, tokenizer, cfg, device, label, log):
 
 
 # -----------------------------------------------------------------------------
-# Losses: pure functions of per-pair summed log-probs, each (B,). See ../shared/MATH.md for the derivations.
+# Memory plan (GPU only): will training fit? An estimate, stated, not a measurement
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
-    """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,), rewards detached.
+GiB = 2 ** 30
 
-    r_w = log πθ(y_w|x) − log π_ref(y_w|x),  r_l = the same for y_l,  h = r_w − r_l,  p = σ(βh).
-      dpo:      L = −log σ(βh)                          Eq. 7 of arXiv 2305.18290
-      focalpo:  L = −p^γ · log p                        arXiv 2501.06645; gradient flows through p^γ too
-                (focal_detach=True: p^γ is a constant weight, a variant found in third-party code)
-      minordpo: L = −log σ(β(r_w − max(0, r_l)))       arXiv 2408.09834; y_l pushed down only while r_l > 0
-    gamma and focal_detach are used by focalpo only (γ = 0 gives DPO exactly, detached or not).
-    """
-    r_w = policy_chosen_logps - ref_chosen_logps  # (B,)
-    r_l = policy_rejected_logps - ref_rejected_logps  # (B,)
-    if loss_type == "dpo":
-        losses = -F.logsigmoid(beta * (r_w - r_l))
-    elif loss_type == "focalpo":
-        log_p = F.logsigmoid(beta * (r_w - r_l))  # log p, stable for any βh
-        focal = torch.exp(gamma * log_p)  # p^γ computed as exp(γ log p): no under/overflow
-        losses = -(focal.detach() if focal_detach else focal) * log_p
-    elif loss_type == "minordpo":
-        # torch.where, not clamp: at r_l = 0 (every pair at step 0) the rejected branch has zero gradient, 1[r_l > 0]
-        r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
-        losses = -F.logsigmoid(beta * (r_w - r_l_pos))
+
+def bytes_per_parameter(cfg, world_size=1):
+    """Training state per parameter: fp32 weights + gradients + AdamW's two moments (4+4+4+4), plus the bf16 copy
+    autocast makes of each weight during the step (2); or, with --weights=bf16, 2+2+2+2. Sharded over several
+    processes (FSDP2) the bf16 copies exist only for the layers being gathered, so fp32 is 16 (not counted here)."""
+    return 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
+
+
+def activation_bytes(config, cfg):
+    """An allowance for activations at --batch_size pairs (2x as many sequences) of --max_length tokens each.
+
+    Without checkpointing, a decoder layer keeps about 30*H + 8*I bytes per token for backward (bf16: the inputs of
+    its six projections, q/k/v after RoPE, the attention output, the SwiGLU products, the norms' fp32 copies).
+    With checkpointing it keeps only its input (H values, in the weights' dtype), and one layer at a time is
+    recomputed with its full activations. Plus the log-prob chunk: 2048 positions x vocabulary x 10 bytes (bf16
+    logits, their fp32 copy and its gradient)."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = 2 * cfg.batch_size * cfg.max_length
+    full_layer = (30 * H + 8 * I) * tokens
+    if cfg.gradient_checkpointing:
+        layers = (2 if cfg.weights == "bf16" else 4) * H * tokens * L + full_layer
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
-    return losses, beta * r_w.detach(), beta * r_l.detach()
+        layers = full_layer * L
+    return layers + 2048 * config.vocab_size * 10
+
+
+def memory_plan(config, cfg, world_size=1):
+    """(bytes needed per GPU, a one-line account of them). Parameters are counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    state = n * bytes_per_parameter(cfg, world_size) / world_size  # sharded over the processes (FSDP) with several
+    buffers = 28 * min(AdamWSR.bucket_numel, n) if cfg.weights == "bf16" else 0
+    acts = activation_bytes(config, cfg)
+    what = "bf16 weights, gradients, AdamW moments" if cfg.weights == "bf16" else \
+           "fp32 weights, gradients, AdamW moments, bf16 autocast copies"
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {bytes_per_parameter(cfg, world_size)} bytes ({what})"
+            + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
+            + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
+            + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
+            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
+    return state + buffers + acts, line
+
+
+def check_memory(cfg, device, log=print, world_size=1):
+    """On a GPU, before loading a real model: print the plan beside the free memory, and stop at once when it
+    cannot fit, rather than after the reference pass."""
+    if device.type != "cuda" or cfg.model == "demo":
+        return
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+    except Exception as e:
+        raise FocalpoError(f"could not load the config of {cfg.model!r} ({type(e).__name__}): check the name, your "
+                           f"network, or pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
+    needed, line = memory_plan(config, cfg, world_size)
+    free = torch.cuda.mem_get_info(device)[0]
+    log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
+    if needed > free:
+        savers = ([] if cfg.weights == "bf16" else
+                  [f"--weights=bf16 (8 bytes per parameter instead of {bytes_per_parameter(cfg, world_size)})"]) + \
+                 ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
+        raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
+                           f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
+                           + "lower --batch_size (raising --grad_accum) or --max_length, or spread the model over "
+                           "more GPUs with torchrun")
 
 
 # -----------------------------------------------------------------------------
-# Metrics: summed over pairs, averaged at the end, so a mean over micro-batches or eval batches is exact
-
-
-def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref):
-    """Per-batch SUMS of per-pair metrics, as 0-dim tensors left on the device: reading each one here would make the
-    CPU wait for the GPU ~15 times per micro-batch. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
-    B = losses.shape[0]
-    pc, pr = logps[:B].detach().float(), logps[B:].detach().float()
-    nc, nr = n_tokens[:B].float(), n_tokens[B:].float()
-    ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
-    ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
-    win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-    count = lambda x: x.float().sum()
-    return {
-        "pairs": float(B), "loss": losses.detach().float().sum(),
-        "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
-        "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
-        "logps/chosen": pc.sum(), "logps/rejected": pr.sum(),
-        "ranking_accuracy": count(ranked),
-        "ranking_accuracy_norm": count(pc / nc >= pr / nr),  # mean token log-prob version
-        "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
-        "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right),
-        "tokens": count(n_tokens),
-    }
-
-
-def add_metrics(total, m):
-    for k, v in m.items():
-        total[k] = total.get(k, 0.0) + v
-    return total
-
-
-def metrics_to_host(total):
-    """The sums as Python floats, in one device -> host copy (one wait, however many metrics), summed over the
-    processes when there are several."""
-    keys = sorted(total)
-    if not keys:
-        return {}
-    device = next((v.device for v in total.values() if torch.is_tensor(v)), torch.device("cpu"))
-    if world() > 1 and dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
-    return dict(zip(keys, all_reduce(values).tolist()))
-
-
-def finish_metrics(total):
-    """Sums -> means. The ref-split accuracies are means within their group (None when the group is empty)."""
-    out, n = {}, total["pairs"]
-    for k, v in total.items():
-        if k in ("pairs", "tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
-            out[k] = int(v)
-        elif k.endswith("_ref_correct") or k.endswith("_ref_incorrect"):
-            group = total["pairs_" + k.split("accuracy_")[1]]
-            out[k] = v / group if group else None
-        else:
-            out[k] = v / n
-    return out
-
-
-# -----------------------------------------------------------------------------
-# One optimizer step, and evaluation
-
-
-def lr_at(step, total_steps, cfg, peak):
-    """Linear warm-up from 0 over warmup_ratio of the steps, then cosine or linear decay to 0."""
-    warmup = max(1, int(cfg.warmup_ratio * total_steps))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
-
-
-def forward_pairs(model, batch, ref, cfg, loss_type, device):
-    """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics."""
-    r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
-    batch = to_device(dict(batch, ref=r), device)
-    with autocast(device):
-        logps, n_tokens = model_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
-    B, r = len(r), batch["ref"]
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
-        focal_detach=cfg.focal_detach)
-    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
-
-
-def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
-    tensors: see metrics_to_host), or {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which
-    case no update is applied. The CPU waits for the GPU once per step, to learn whether to apply the update.
-    n_pairs: the pairs of the whole step (with several processes, each runs only its share of the micro-batches)."""
-    n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
-    total, all_losses = {}, []
-    for i, batch in enumerate(micro_batches):
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce the gradients once, after the last one
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
-        # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
-        # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
-        (losses.sum() / n_pairs).backward()
-        add_metrics(total, metrics)
-        all_losses.append(losses.detach())
-    # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the global norm, as a plain tensor
-    finite = torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)
-    if not agree(finite, device, "min"):  # the step's one wait (with several processes: all must be finite)
-        # a NaN/inf would poison every weight it touches: skip the update, and name the rows (rare: waits are fine)
-        bad_rows = [r for b, l in zip(micro_batches, all_losses) for r in b["row"][~torch.isfinite(l).cpu()].tolist()]
-        if world() > 1:
-            gathered = [None] * world()
-            dist.all_gather_object(gathered, bad_rows)
-            bad_rows = sorted(r for rows in gathered for r in rows)
-        optimizer.zero_grad(set_to_none=True)
-        return {"nonfinite_rows": bad_rows or "gradient only"}
-    total["grad_norm"] = norm * total["pairs"]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-@torch.no_grad()
-def evaluate(model, batches, ref, cfg, loss_type, device, task=None):
-    """Held-out metrics; with task = (pairs, tokenizer) (the demo) also the generation accuracy of greedy decoding."""
-    model.eval()
-    total = {}
-    for batch in my_share(batches):  # all of them with one process; with several, each its share
-        metrics = forward_pairs(model, batch or batches[0], ref, cfg, loss_type, device)[1]
-        if batch is None:  # a stand-in forward, so every process runs as many: it counts for nothing
-            metrics = {k: 0 * v for k, v in metrics.items()}
-        add_metrics(total, metrics)
-    out = finish_metrics(metrics_to_host(total))
-    if task is not None:
-        out["generation_accuracy"] = generation_accuracy(model, *task, device)
-    reshard(model)
-    model.train()
-    return out
-
-
-def make_optimizer(model, cfg, lr, device):
-    """AdamW, no weight decay on norms and biases; for bf16 weights the stochastic-rounding AdamWSR below, because
-    plain AdamW on bf16 weights loses DPO-sized updates to rounding (PITFALLS.md 12)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if cfg.weights == "bf16":
-        return AdamWSR(groups, lr=lr, betas=(0.9, 0.95))
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def peak_lr(cfg):
-    return cfg.lr or (3e-4 if cfg.model == "demo" else 5e-7)
-
-
-# -----------------------------------------------------------------------------
-# Optional, --weights=bf16 (PITFALLS.md 12): AdamW with fp32 math, stochastic rounding back to bf16. Skippable.
+# --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
 
 
 def stochastic_round_bf16(x, noise=None):
@@ -1303,8 +1629,9 @@ class AdamWSR(torch.optim.Optimizer):
             top = flat.view(torch.int16).view(n, 2)[:, 1]  # (n,) the bf16 bit patterns
             torch._foreach_copy_([d.view(torch.int16) for d in dst], list(top.split(sizes)))
 
+
 # -----------------------------------------------------------------------------
-# Checkpoints (resume machinery; a first read can skip it): written atomically, verified when read back
+# Checkpoints and resume: written atomically, verified when read back
 
 
 class HashingFile:
@@ -1427,27 +1754,87 @@ def check_resumed_options(ckpt, cfg, loss_type, path):
                            f"continue {path}: run with the original values, or start a new --out_dir")
 
 
+def resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log):
+    """With --resume: weights, optimizer, RNG and state from the newest good checkpoint (written with any number of
+    processes), after checking that the options that change the result are the same; metrics.jsonl is cut back to
+    it. Returns (state, the checkpoint's path or None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
+    ckpt, path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
+    if ckpt is None:
+        if cfg.resume:
+            log(f"[{loss_type}] --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
+        return new_state(), None
+    check_resumed_options(ckpt, cfg, loss_type, path)
+    full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
+    set_model_state_dict(model, ckpt["model"], options=full)
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=full)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    state = ckpt["state"]
+    if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
+        state["window"] = {}
+    if rank() == 0:
+        with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
+            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    log(f"[{loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
+    return state, path
+
+
 # -----------------------------------------------------------------------------
-# Optional: several processes (torchrun --nproc_per_node=N focalpo.py ...) with FSDP2. A first read can skip this
-# section: in a single process every helper below is a no-op or returns the single-process answer.
+# Fault handling: signals, non-finite steps, out of memory, a lost process
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+class StopSignals:
+    """Ctrl-C / SIGTERM during training set .signal, so the loop can finish the step in flight, save and stop.
+    A second signal stops at once (KeyboardInterrupt). Outside the main thread no handler can be installed."""
+
+    def __enter__(self):
+        self.signal, self.old = None, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self.on_signal)
+            except ValueError:
+                pass
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
-@contextmanager
-def rank0_first():
-    """Rank 0 runs the block (and caches what it makes) before the other processes run it (and load the cache)."""
-    if rank() != 0:
-        dist.barrier()
-    yield
-    if rank() == 0 and world() > 1:
-        dist.barrier()
+def too_many_bad_steps(state, step, rows, last_saved):
+    return FocalpoError(
+        f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step {step}, training rows "
+        f"{rows}): stopped; check those rows or lower --lr. "
+        + (f"The last good checkpoint is {last_saved} (--resume=true)." if last_saved else "No checkpoint was written yet."))
 
 
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
+def out_of_memory(cfg, micro, step, saved):
+    longest = max(b["input_ids"].shape[1] for b in micro)
+    return FocalpoError(
+        f"out of GPU memory at step {step} with --batch_size={cfg.batch_size} pairs ({2 * cfg.batch_size} sequences) "
+        f"of up to {longest} tokens (--max_length={cfg.max_length}): lower --batch_size and raise --grad_accum to "
+        f"keep the effective batch, or set --gradient_checkpointing=true, or lower --max_length"
+        + (f"; checkpoint saved to {saved}, continue with --resume=true" if saved else ""))
+
+
+def lost_contact(e):
+    """A collective that failed because another process died, hung or closed its connection."""
+    return world() > 1 and (isinstance(e, dist.DistError) or any(
+        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL")))
+
+
+# -----------------------------------------------------------------------------
+# Several processes (torchrun --nproc_per_node=N focalpo.py ...): FSDP2
 
 
 def setup_processes(cfg):
@@ -1493,372 +1880,11 @@ def shard_model(model, device):
     return model.to(device)
 
 
-def reshard(model):
-    """After a forward pass with no backward (the reference, evaluation, generation): FSDP keeps the root module's
-    parameters gathered after a forward, expecting a backward, and meanwhile the module holds the gathered tensors
-    instead of its sharded parameters (which the optimizer and checkpoints know). Put the shards back."""
-    if hasattr(model, "reshard"):
-        model.reshard()
-
-
-def model_logps(model, batch):
-    """sequence_logps, through FSDP's hooks when the model is sharded."""
-    return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
-
-
-def all_reduce(t, op="sum"):
-    """t summed (or max'ed, min'ed) over the processes, in place; t itself with one process."""
-    if world() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t
-
-
-def agree(flag, device, op):
-    """A bool that every process holds the same value of: any ("max") or all ("min") of the processes' values."""
-    if world() == 1:
-        return bool(flag.item() if torch.is_tensor(flag) else flag)
-    return bool(all_reduce(torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1), op).item())
-
-
-def my_share(items):
-    """This process's items of a list split over the processes (process r takes items r, r+N, ...), padded with
-    None so that every process gets as many: under FSDP every forward pass is collective, so all must run one."""
-    n = math.ceil(len(items) / world())
-    return [items[i] if i < len(items) else None for i in range(rank(), n * world(), world())]
-
-
 def full_state_options():
     """Checkpoints hold full (unsharded) tensors whatever the number of processes, so a run saved with 2 processes
     resumes with 1 and the reverse. With several, rank 0 gathers them to its host memory, one tensor at a time."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=world() > 1, cpu_offload=world() > 1)
-
-
-# -----------------------------------------------------------------------------
-# Training: the loop, and the small helpers it leans on (resume, signals, the metrics file, the summary)
-
-
-def micro_batch_stream(train_pairs, cfg, skip):
-    """An endless, seeded stream of micro-batches (lists of pairs), reshuffled every epoch. A resumed run skips
-    the ones it has trained on, so it sees exactly the batches an uninterrupted run would."""
-    epoch, n = 0, 0
-    while True:
-        for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
-            if n >= skip:
-                yield b
-            n += 1
-        epoch += 1
-
-
-class StopSignals:
-    """Ctrl-C / SIGTERM during training set .signal, so the loop can finish the step in flight, save and stop.
-    A second signal stops at once (KeyboardInterrupt). Outside the main thread no handler can be installed."""
-
-    def __enter__(self):
-        self.signal, self.old = None, {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self.on_signal)
-            except ValueError:
-                pass
-        return self
-
-    def on_signal(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-class MetricsFile:
-    """metrics.jsonl: one JSON object per line, flushed at once (a crash loses nothing already logged). Written by
-    rank 0 only; the metrics it gets are already summed over the processes."""
-
-    def __init__(self, path, append):
-        self.f = open(path, "a" if append else "w") if rank() == 0 else None
-
-    def record(self, row):
-        if self.f:
-            self.f.write(json.dumps(row) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
-
-
-def new_state():
-    """Everything needed to continue exactly where we stopped, besides weights, optimizer and RNG."""
-    return {"step": 0, "tokens_seen": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
-            "first_eval": None, "last_eval": None}
-
-
-def resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log):
-    """With --resume: weights, optimizer, RNG and state from the newest good checkpoint (written with any number of
-    processes), after checking that the options that change the result are the same; metrics.jsonl is cut back to
-    it. Returns (state, the checkpoint's path or None)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
-    ckpt, path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
-    if ckpt is None:
-        if cfg.resume:
-            log(f"[{loss_type}] --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
-        return new_state(), None
-    check_resumed_options(ckpt, cfg, loss_type, path)
-    full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
-    set_model_state_dict(model, ckpt["model"], options=full)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=full)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    state = ckpt["state"]
-    if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
-        state["window"] = {}
-    if rank() == 0:
-        with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
-            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    log(f"[{loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
-    return state, path
-
-
-def next_step(stream, cfg, pad_id):
-    """The next optimizer step: (this process's micro-batches, collated; the pairs in the whole step; their response
-    tokens). Every process draws the same stream; with N of them, each takes micro-batches rank, rank + N, ..."""
-    step = [next(stream) for _ in range(cfg.grad_accum)]
-    pairs = [p for b in step for p in b]
-    tokens = sum(len(p.chosen) - p.chosen_start + len(p.rejected) - p.rejected_start for p in pairs)
-    return [collate(b, pad_id) for b in step[rank()::world()]], len(pairs), tokens
-
-
-def eval_line(label, step, ev):
-    return (f"{label} step {step}: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
-            + (f", margin {ev['rewards/margin']:.3f}" if step else "")
-            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
-
-
-def too_many_bad_steps(state, step, rows, last_saved):
-    return FocalpoError(
-        f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step {step}, training rows "
-        f"{rows}): stopped; check those rows or lower --lr. "
-        + (f"The last good checkpoint is {last_saved} (--resume=true)." if last_saved else "No checkpoint was written yet."))
-
-
-def out_of_memory(cfg, micro, step, saved):
-    longest = max(b["input_ids"].shape[1] for b in micro)
-    return FocalpoError(
-        f"out of GPU memory at step {step} with --batch_size={cfg.batch_size} pairs ({2 * cfg.batch_size} sequences) "
-        f"of up to {longest} tokens (--max_length={cfg.max_length}): lower --batch_size and raise --grad_accum to "
-        f"keep the effective batch, or set --gradient_checkpointing=true, or lower --max_length"
-        + (f"; checkpoint saved to {saved}, continue with --resume=true" if saved else ""))
-
-
-def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps, out_dir):
-    first, last = state["first_eval"], state["last_eval"]
-    summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
-               "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
-               "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
-               "eval_generation_accuracy_start": first.get("generation_accuracy"),
-               **{f"eval_{k}": v for k, v in last.items()},
-               "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
-    if cfg.save_model:  # with several processes the full weights are gathered on rank 0, which writes them
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
-        if rank() == 0:
-            model.save_pretrained(out_dir, state_dict=weights)
-            tokenizer.save_pretrained(out_dir)
-    if rank() == 0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
-            json.dump(summary, f, indent=2)
-    return summary
-
-
-def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
-    """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
-    Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
-    os.makedirs(out_dir, exist_ok=True)
-    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"  # label: the prefix of every log line
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.grad_accum)
-    optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
-    eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
-    task = (eval_pairs, tokenizer) if cfg.dataset == "demo" else None  # the demo's answers can be checked
-    state, last_saved = resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log)
-    metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), append=state["step"] > 0)
-    def save():  # returns the checkpoint's path; kept in last_saved to name it if the run must stop
-        nonlocal last_saved
-        state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
-        last_saved = save_checkpoint(os.path.join(out_dir, "checkpoints"), model, optimizer, state,
-                                     cfg.keep_checkpoints, cfg, loss_type)
-        if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
-            state["window"] = {}
-        return last_saved
-
-    model.train()
-    if state["first_eval"] is None:
-        state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device,
-                                                                 task)
-        metrics.record({"step": 0, "split": "eval", **ev})
-        log(eval_line(label, 0, ev))
-    stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
-    bar = None
-    if cfg.progress and rank() == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
-    say = bar.write if bar is not None else log
-    t_start, elapsed_before = time.time(), state["elapsed"]
-    try:
-        with StopSignals() as stop:
-            while state["step"] < total_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
-                micro, n_pairs, n_tokens = next_step(stream, cfg, pad_id)
-                try:
-                    m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
-                except torch.cuda.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    raise out_of_memory(cfg, micro, state["step"] + 1, save() if state["step"] else None) from None
-                state["step"] += 1
-                done = state["step"]
-                state["elapsed"] = elapsed_before + time.time() - t_start
-                if "nonfinite_rows" in m:
-                    state["bad_steps"] += 1
-                    say(f"{label} step {done}: WARNING: non-finite loss or gradient, update skipped "
-                        f"(training rows: {m['nonfinite_rows']})")
-                    if state["bad_steps"] >= cfg.max_bad_steps:
-                        raise too_many_bad_steps(state, done, m["nonfinite_rows"], last_saved)
-                else:
-                    state["bad_steps"] = 0
-                    state["tokens_seen"] += n_tokens
-                    add_metrics(state["window"], m)  # still on the device
-                if bar is not None:
-                    bar.update(1)
-                if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
-                    row = finish_metrics(metrics_to_host(state["window"]))  # the metrics' one wait per log step
-                    row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
-                               tokens_per_second=state["tokens_seen"] / state["elapsed"])
-                    metrics.record(row)
-                    state["window"] = {}
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
-                                        tok_s=f"{row['tokens_per_second']:.0f}")
-                if done % cfg.eval_every == 0 or done == total_steps:
-                    state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device, task)
-                    metrics.record({"step": done, "split": "eval", **ev})
-                    say(eval_line(label, done, ev))
-                if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-                    save()
-                if agree(stop.signal is not None, device, "max") and done < total_steps:  # every process stops here
-                    by = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
-                    raise Interrupted(f"stopped by {by} at step {done} of {total_steps}; checkpoint saved to "
-                                      f"{save()}. To continue, run the same command with --resume=true")
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    return write_summary(cfg, model, tokenizer, state, loss_type, (len(train_pairs), len(eval_pairs)), total_steps,
-                         out_dir)
-
-
-# -----------------------------------------------------------------------------
-# The whole job: data, reference cache, then each loss from the same initial weights
-
-
-def run(cfg, log=print):
-    """Returns {loss_type: summary}. Under torchrun every process runs this; rank 0 logs and writes the files."""
-    t0 = time.time()
-    device = setup_processes(cfg)
-    log = log if rank() == 0 else (lambda msg: None)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    check_memory(cfg, device, log, world())  # before the data and the model: a plan that cannot fit stops here
-    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
-    summaries, ref = {}, None
-    for loss_type in loss_types(cfg):
-        out_dir = cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
-        if cfg.resume and os.path.exists(os.path.join(out_dir, "summary.json")):
-            log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
-            with open(os.path.join(out_dir, "summary.json")) as f:
-                summaries[loss_type] = json.load(f)
-            continue
-        model = shard_model(load_model(cfg, tokenizer, device, log), device)  # per loss: each from the same weights
-        first = ref is None
-        if first:
-            n = sum(p.numel() for p in model.parameters())
-            log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}"
-                + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
-        # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
-        # from the weights the reference was computed with; the second and later losses load the cache
-        ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
-        if first:
-            right = int((ref[1][:, 0] >= ref[1][:, 1]).sum())
-            log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= π_ref(y_l|x)) "
-                f"and {len(eval_pairs) - right} wrong")
-        summaries[loss_type] = train(cfg, model, tokenizer, train_pairs, eval_pairs, *ref, loss_type, device,
-                                     out_dir, log)
-        show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
-        del model
-    log(comparison_table(summaries))
-    log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
-    return summaries
-
-
-def comparison_table(summaries):
-    cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
-            ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
-            ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
-            ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
-            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
-            ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
-    cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    widths = [max(8, len(name) + 2) for _, name in cols]
-    name = lambda lt, s: lt + (" (detached)" if lt == "focalpo" and s.get("focal_detach") else "")
-    lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
-             f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
-    for lt, s in summaries.items():
-        lines.append(f"{name(lt, s):<19}" + "".join(f"{fmt(s.get(k)):>{w}}" for (k, _), w in zip(cols, widths)))
-    return "\n".join(lines)
-
-
-def lost_contact(e):
-    """A collective that failed because another process died, hung or closed its connection."""
-    return world() > 1 and (isinstance(e, dist.DistError) or any(
-        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL")))
-
-
-def main(argv=None):
-    code, who = 0, ""
-    try:
-        cfg = parse_args(argv)
-        who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        run(cfg)
-    except Interrupted as e:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
-            signal.signal(sig, signal.SIG_IGN)      # process) must not cut the exit short
-        print(f"{who}interrupted: {e}", file=sys.stderr)
-        code = 130
-    except FocalpoError as e:
-        print(f"{who}error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing to save
-        print(f"{who}interrupted", file=sys.stderr)
-        code = 130
-    except RuntimeError as e:
-        if not lost_contact(e):
-            raise
-        detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
-        print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
-              f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
 
 
 if __name__ == "__main__":
