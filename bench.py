@@ -108,7 +108,7 @@ def random_pairs(n, vocab_size, max_length, max_prompt_length, seed):
         for _ in range(2):
             response = torch.randint(3, vocab_size, (rng.randint(32, 512),), generator=g, dtype=torch.int32)
             seqs.append(torch.cat([prompt, response])[:max_length])
-        pairs.append(focalpo.Pair(i, seqs[0], len(prompt), seqs[1], len(prompt), row=i))
+        pairs.append(focalpo.Pair(i, seqs[0], len(prompt), seqs[1], len(prompt), f"bench pair {i}"))
     return pairs
 
 
@@ -167,7 +167,7 @@ def measure(args, cfg, device):
             sync()
             t0, optimizer_seconds[0] = time.perf_counter(), 0.0
         m = focalpo.train_step(model, optimizer, micro, ref, cfg, focalpo.loss_types(cfg)[0], device)
-        assert "nonfinite_rows" not in m, m
+        assert "nonfinite_pairs" not in m, m
         if i >= args.warmup:
             tokens += sum(int(b["attention_mask"].sum()) for b in micro)
             padded += sum(b["attention_mask"].numel() for b in micro)

@@ -6,38 +6,68 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-Run the built-in demo (offline, a tiny model built from a config, ~1-2 minutes on 2 CPU cores):
-    python focalpo.py
-Train a real model (needs the Hugging Face Hub, or local paths):
+    python focalpo.py        # the demo: offline, a tiny model built from a config, about a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
-Local data (.json, .jsonl or .parquet with prompt/chosen/rejected columns):
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
-Several GPUs (FSDP2; the same options):
-    torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8
-See every option:
-    python focalpo.py --help
+    torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
+    python focalpo.py --help # every option, explained
 
-Conventions used throughout (the reference implementations disagree on all three, so we say it here):
+Reading guide: the core, in reading order
+    Config           every option on one line, with what it means
+    Losses           preference_loss: DPO, FocalPO, MinorDPO on per-pair log-probs (derived in tutorial.ipynb)
+    Log-probs        sequence_logps: summed response-token log-probs (fp32 log-softmax, float64 sums)
+    Reference cache  one no-grad pass with the initial weights, cached under a hash of everything that changes it
+    Data             the demo task, the row formats, tokenization with an explicit response mask, batches
+    Model            loading, dropout off, attention without a mask
+    One step         metrics, train_step (gradient accumulation), evaluate
+    Training         train(): schedule, step, log, evaluate, save
+    The whole job    run(): data, model, reference, then each loss from the same weights; main()
+    Processes        the few helpers the core calls for several processes: with one, each is a no-op
+A first reading can stop at the line "# Appendix: optional machinery". After it: the command line and the options
+check, data files and the hub, the demo's SFT stage and generation accuracy, the memory plan, AdamW for bf16
+weights, checkpoints and resume, fault handling, several processes (FSDP2).
+
+Conventions (the reference implementations disagree on all three, so we say it here):
   - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
   - rewards are β·(log πθ − log π_ref), i.e. they include β, and are detached (for logging only).
   - reward accuracy counts a tie (r_w == r_l) as half right, so it reads exactly 0.5 at step 0, where the policy
     equals the reference and every pair is a tie. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
+
+Pitfalls of DPO implementations guarded against here, cited below as "pitfall N" (the README's "Pitfalls" section
+names the public bug reports behind each and the tests that check it):
+   1. A token merging across the prompt/response boundary: tokenize prompt+response as one string, check the prefix.
+   2. A doubled or missing BOS: decided once per tokenizer, never by a chat template and add_special_tokens both.
+   3. A doubled EOS on chat data: chat templates close the turn; EOS is appended to plain-text responses only.
+   4. pad == EOS masking out the real EOS: an explicit response mask, never `ids != pad`.
+   5. A log-prob mask off by one: the logits at position t predict token t+1.
+   6. Left padding in training: right padding, so positions are right without position ids.
+   7. A low-precision log-softmax: fp32 (bf16 weights are fine, a bf16 softmax is not).
+   8. Policy != reference at step 0: dropout off; the reference with the same weights, dtype and code path.
+   9. A wrong reference cache: keyed on everything that changes it; held-out pairs scored by the initial model.
+  10. Gradient accumulation that averages means: each micro-batch adds its summed loss / the pairs of the step.
+  11. Truncation that empties a response: the prompt is cut first (keeping its end); emptied pairs are dropped.
+  12. bf16 weights at DPO learning rates: round-to-nearest loses the update; stochastic rounding keeps it.
+  13. Misread metrics: chosen rewards may fall (the margin is what grows); ties are counted as said above.
 """
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import datetime
 import glob
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
+import tempfile
 import time
 import types
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +84,9 @@ class Config:
     # model and data
     model: str = "demo"  # "demo" (tiny model built from a config, offline), a hub name, or a local path
     revision: str = "main"  # hub revision (branch, tag or commit) of --model
-    dataset: str = "demo"  # "demo" (sorting task generated in code), a hub name, or .json/.jsonl/.parquet file(s), comma-separated
+    dataset: str = "demo"  # "demo" (sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet file(s), comma-separated
     split: str = ""  # hub split to train on; "" = "train", else "train_prefs"
-    eval_dataset: str = ""  # local held-out file(s); "" = the hub's test split if it has one, else a seeded fraction
+    eval_dataset: str = ""  # held-out file(s), whatever --dataset is; "" = its test split if it has one, else a seeded fraction
     eval_split: str = ""  # hub split to evaluate on; "" = "test", else "test_prefs", else a seeded fraction
     eval_fraction: float = 0.05  # fraction of pairs held out when there is no test split
     max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
@@ -70,7 +100,7 @@ class Config:
     gamma: float = 0.05  # FocalPO's γ (γ = 0 is DPO). 0.05 is THIS PROJECT's default, not a value from the paper
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
     # optimisation
-    lr: float = 0.0  # peak learning rate; 0 = auto: 3e-4 for the demo model, 5e-7 (the DPO paper's) for any other
+    lr: float = 0.0  # peak learning rate; 0 = auto: 3e-4 for the demo, 5e-7 for any other model (the DPO reference code's default; the paper used 1e-6 with RMSprop)
     batch_size: int = 8  # pairs per micro-batch (each pair is two sequences, so 2x this many rows per forward)
     grad_accum: int = 2  # micro-batches per optimizer step: effective batch = batch_size * grad_accum pairs
     epochs: int = 1  # passes over the training pairs
@@ -86,12 +116,13 @@ class Config:
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu" or "cuda"
     eval_every: int = 25  # evaluate every this many optimizer steps (and at the start and the end)
     log_every: int = 5  # write a line to metrics.jsonl every this many optimizer steps
-    out_dir: str = "out"  # metrics, summary and the trained model go here (out/<loss>/ when several losses)
+    out_dir: str = "out"  # metrics, summary and the trained model go here (out_dir/<loss>/ when several losses)
     cache_dir: str = "ref_cache"  # reference log-prob caches, one file per (model, weights, data, lengths, dtype)
     save_model: bool = True  # save the trained model and tokenizer with save_pretrained at the end
     save_every: int = 100  # write a checkpoint every this many optimizer steps (and at the end); 0 = only at the end
-    keep_checkpoints: int = 2  # keep the last this many checkpoints (older ones are deleted)
-    resume: bool = False  # continue from the latest good checkpoint in out_dir (losses already finished are skipped)
+    keep_checkpoints: int = 2  # keep the last this many checkpoints of the run (older ones are deleted)
+    keep_final_checkpoint: bool = False  # keep the checkpoints of a finished run (by default only model and summary stay)
+    resume: bool = False  # continue the run in out_dir from its newest good checkpoint (finished losses: shown, not rerun)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
     dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops with an error
     progress: bool = True  # show a tqdm progress bar
@@ -165,11 +196,13 @@ def _token_logps(lm_head, hidden, targets):
 
 
 def sequence_logps(model, batch, chunk_size=2048):
-    """Summed response-token log-probs per row, (2B,) fp32, and the number of response tokens per row, (2B,).
+    """Summed response-token log-probs per row, (2B,) float64, and the number of response tokens per row, (2B,).
 
     Logits at position t predict token t+1, so position t counts when token t+1 is a response token (collate lists
     those positions). Only they reach the output layer, in chunks of `chunk_size`, each recomputed in backward
-    (checkpoint) so that no (N, vocab) fp32 tensor outlives its chunk.
+    (checkpoint) so that no (N, vocab) fp32 tensor outlives its chunk. Each token's log-prob is fp32; their sum per
+    row is float64: an fp32 sum over thousands of tokens drifts by many of its units in the last place, and DPO
+    subtracts such sums from each other.
     """
     # No attention mask, on purpose: with right padding every real token comes before every pad, so causal attention
     # alone keeps scored positions from seeing pads (pads' own outputs are never scored), and position ids are
@@ -189,15 +222,16 @@ def sequence_logps(model, batch, chunk_size=2048):
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _token_logps(*args))
     token_logps = torch.cat(pieces)  # (N,)
-    logps = torch.zeros(hidden.shape[0], device=h.device, dtype=torch.float32)
-    return logps.index_add(0, batch["position_seq"], token_logps), batch["n_tokens"]  # (2B,), (2B,)
+    logps = torch.zeros(hidden.shape[0], device=h.device, dtype=torch.float64)
+    return logps.index_add(0, batch["position_seq"], token_logps.double()), batch["n_tokens"]  # (2B,), (2B,)
 
 
 def to_device(batch, device):
-    """Host batch -> device. On CUDA through pinned memory, so the copy is queued without making the CPU wait."""
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v.to(device) for k, v in batch.items()}
+    """Host batch -> device (its tensors; a flag passes as it is). On CUDA through pinned memory, so the copy is
+    queued without making the CPU wait."""
+    cuda = device.type == "cuda"
+    move = lambda v: v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -232,14 +266,14 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
     fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
               "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
               "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
-              "version": 2}
+              "version": 3}  # 3: float64 sums
     return fields_key(fields), fields
 
 
 @torch.no_grad()
 def compute_reference(model, pairs, cfg, pad_id, device):
-    """(N, 2) fp32: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
-    ref = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
+    """(N, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
+    ref = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
     model.eval()
     batches = length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)
     for chunk in my_share(batches):  # all the batches with one process; with several, each its share
@@ -247,40 +281,9 @@ def compute_reference(model, pairs, cfg, pad_id, device):
         with autocast(device):
             logps, _ = model_logps(model, to_device(batch, device))
         if chunk:
-            ref[batch["idx"].to(device)] = logps.view(2, -1).T.float()  # (B, 2): chosen, rejected
+            ref[batch["idx"].to(device)] = logps.view(2, -1).T  # (B, 2): chosen, rejected
     reshard(model)
     return all_reduce(ref).cpu()  # each pair's row was filled by one process; one copy to the host at the end
-
-
-def _digest(tensors):
-    """SHA-256 of a dict of tensors (any dtype), in key order."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode() + tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def read_cache(path, key, what, log):
-    """The tensors cached at path under `key`, or None when there is no such file. A file that cannot be read, or
-    whose key or checksum does not match (edited, or written by another version), is reported and ignored."""
-    if not os.path.exists(path):
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] == key and blob["checksum"] == _digest(blob["tensors"]):
-            log(f"{what}: loaded cached values from {path}")
-            return blob["tensors"]
-        problem = "its contents do not match its key or checksum (edited, or written by another version)"
-    except Exception as e:
-        problem = f"it cannot be read ({type(e).__name__})"
-    log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
-    return None
-
-
-def write_cache(path, key, fields, tensors):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"key": key, "fields": fields, "tensors": tensors, "checksum": _digest(tensors)}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
 
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
@@ -306,8 +309,6 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 
 
 DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
 DEMO_PAIRS = 4400  # 4000 to train on, 400 held out
 
 
@@ -355,50 +356,33 @@ def demo_answer(prompt):
     return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in DEMO_LETTERS))
 
 
-def make_demo_tokenizer():
-    """A word-level tokenizer (one token per letter or word), built offline with the `tokenizers` library."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tok.decoder = decoders.WordPiece()  # joins tokens with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
-
-
-def make_demo_model(tokenizer, seed):
-    """A 4-layer Llama-shaped model (0.4M parameters), randomly initialised from `seed`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-
-
 # -----------------------------------------------------------------------------
 # Data: rows, their format, and each row as (prompt text, prompt+chosen text, prompt+rejected text)
 
 
 def load_rows(cfg):
-    """(train rows, eval rows): the dataset's own held-out split where it has one, else a seeded fraction."""
+    """(train rows, held-out rows, their format), each row a (dict, where it came from) tuple. Held out: the files
+    of --eval_dataset, else the dataset's own test split, else a seeded fraction of the training rows. The format
+    is the first row's, in the order the data was read (before any shuffle)."""
     if cfg.dataset == "demo":
-        rows = make_demo_pairs(DEMO_PAIRS, cfg.seed)
-        return rows[:4000], rows[4000:]
+        rows = [(r, f"demo pair {i}") for i, r in enumerate(make_demo_pairs(DEMO_PAIRS, cfg.seed), 1)]
+        return rows[:4000], rows[4000:], "plain"
     if is_local_data(cfg.dataset):
-        train, heldout = read_local_rows(cfg.dataset), (read_local_rows(cfg.eval_dataset) if cfg.eval_dataset else None)
+        train, heldout = read_local_rows(cfg.dataset), None
     else:
         train, heldout = load_hub_splits(cfg.dataset, cfg.split, cfg.eval_split)
+    if cfg.eval_dataset:
+        heldout = read_local_rows(cfg.eval_dataset)
+    fmt = detect_format(train)
+    if heldout and detect_format(heldout) != fmt:
+        raise FocalpoError(f"the training data is {fmt} ({train[0][1]}) but the held-out data is "
+                           f"{detect_format(heldout)} ({heldout[0][1]}): use the same format for both")
     if heldout is None:  # hold out a seeded fraction
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, round(cfg.eval_fraction * len(train))) if len(train) > 1 else 0
         heldout, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
-    return train, heldout
+    return train, heldout, fmt
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -417,17 +401,17 @@ def _check_messages(msgs, where):
 
 
 def detect_format(rows):
-    """'plain', 'chat' or 'implicit' (no prompt column: the prompt is the common start of chosen and rejected)."""
+    """'plain', 'chat' or 'implicit' (no prompt column: the prompt is the common start of chosen and rejected),
+    from the first of the (row, where) tuples; render_plain and render_chat check that every row agrees."""
     if not rows:
         raise FocalpoError("the dataset is empty")
-    cols = set(rows[0])
-    if not {"chosen", "rejected"} <= cols:
-        raise FocalpoError(f"expected columns 'chosen' and 'rejected' (and optionally 'prompt'), "
-                           f"found: {', '.join(sorted(cols)) or 'none'}")
-    first = rows[0]
+    first, where = rows[0]
+    if not {"chosen", "rejected"} <= set(first):
+        raise FocalpoError(f"{where}: expected columns 'chosen' and 'rejected' (and optionally 'prompt'), "
+                           f"found: {', '.join(sorted(first)) or 'none'}")
     if _is_messages(first["chosen"]) or _is_messages(first.get("prompt")):
         return "chat"
-    return "plain" if "prompt" in cols else "implicit"
+    return "plain" if "prompt" in first else "implicit"
 
 
 def _common_prefix_len(a, b):
@@ -450,37 +434,8 @@ def implicit_prompt(chosen, rejected):
     return prefix[:cut + 1] if cut >= 0 else ""
 
 
-def render_row(row, fmt, tokenizer, i):
-    """One row -> (prompt text, prompt+chosen text, prompt+rejected text), or a str: the reason to skip it."""
-    where = f"row {i}"
-    if fmt == "chat":
-        prompt = row.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        chosen, rejected = row["chosen"], row["rejected"]
-        for name, x in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
-            if x is None and name == "prompt":
-                continue
-            if not _is_messages(x):
-                raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages like the "
-                                   f"first row, found {type(x).__name__} (mixed formats are not supported)")
-            _check_messages(x, f"{where} {name!r}")
-        if prompt is None:  # prompt = the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
-            n = _common_prefix_len(chosen, rejected)
-            prompt = chosen[:n]
-        if chosen[:len(prompt)] == prompt:  # chosen/rejected may repeat the prompt turns: keep only what follows
-            chosen = chosen[len(prompt):]
-        if rejected[:len(prompt)] == prompt:
-            rejected = rejected[len(prompt):]
-        if not prompt:
-            return "no prompt turns"
-        if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
-            return "empty response"
-        if chosen == rejected:
-            return "chosen == rejected"
-        template = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        return template(prompt, True), template(prompt + chosen, False), template(prompt + rejected, False)
-    # plain text
+def render_plain(row, fmt, where):
+    """A plain-text row -> (prompt, prompt+chosen, prompt+rejected), or a str: the reason to skip it."""
     for name in ("chosen", "rejected") + (("prompt",) if fmt == "plain" else ()):
         if not isinstance(row.get(name), str):
             raise FocalpoError(f"{where}: {name!r} should be a string like the first row, found "
@@ -498,6 +453,32 @@ def render_row(row, fmt, tokenizer, i):
     return prompt, prompt + chosen, prompt + rejected
 
 
+def render_chat(row, tokenizer, where):
+    """A conversational row -> the same three texts through the chat template, or a str: the reason to skip it."""
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    for name, x in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
+        if not _is_messages(x):
+            raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages like the "
+                               f"first row, found {type(x).__name__} (mixed formats are not supported)")
+        _check_messages(x, f"{where} {name!r}")
+    if prompt is None:  # prompt = the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
+        prompt = chosen[:_common_prefix_len(chosen, rejected)]
+    if chosen[:len(prompt)] == prompt:  # chosen/rejected may repeat the prompt turns: keep only what follows
+        chosen = chosen[len(prompt):]
+    if rejected[:len(prompt)] == prompt:
+        rejected = rejected[len(prompt):]
+    if not prompt:
+        return "no prompt turns"
+    if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
+        return "empty response"
+    if chosen == rejected:
+        return "chosen == rejected"
+    text = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    return text(prompt, True), text(prompt + chosen, False), text(prompt + rejected, False)
+
+
 # -----------------------------------------------------------------------------
 # Tokenization (pitfalls 1-4, 6, 11): prompt+response tokenized as one string, prefix-checked, explicit mask
 
@@ -509,7 +490,7 @@ class Pair:
     chosen_start: int  # first response token of chosen
     rejected: torch.Tensor  # (Tr,)
     rejected_start: int
-    row: int = -1  # the row of the loaded split it came from, to name it in messages
+    where: str = ""  # the file (or split) and the line (or row) it came from, to name it in messages
 
 
 def uses_bos(tokenizer):
@@ -519,7 +500,7 @@ def uses_bos(tokenizer):
 
 
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
-    """Rows -> list of Pair. Unusable rows are dropped and counted in `stats` (reason -> count)."""
+    """(row, where) tuples -> list of Pair. Unusable rows are dropped and counted in `stats`, a Counter of reasons."""
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
@@ -527,37 +508,35 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
     rendered = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise FocalpoError(f"row {i}: expected an object with prompt/chosen/rejected, found {type(row).__name__}")
-        r = render_row(row, fmt, tokenizer, i)
+    for row, where in rows:
+        r = render_chat(row, tokenizer, where) if fmt == "chat" else render_plain(row, fmt, where)
         if isinstance(r, str):
-            stats[r] = stats.get(r, 0) + 1
+            stats[r] += 1
         else:
-            rendered.append((i, r))
+            rendered.append((where, r))
     texts = [t for _, r in rendered for t in r]
     # add_special_tokens=False everywhere: BOS is decided once below, and a chat template that writes "<s>" in its
-    # text already has it (PITFALLS.md 2)
+    # text already has it (pitfall 2)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     pairs = []
-    for k, (i, _) in enumerate(rendered):
+    for k, (where, _) in enumerate(rendered):
         prompt, seqs = ids[3 * k], ids[3 * k + 1: 3 * k + 3]
         if add_bos and (not prompt or prompt[0] != bos):
             prompt, seqs = [bos] + prompt, [[bos] + s for s in seqs]
         out, reason = [], None
         for full in seqs:
             n = _common_prefix_len(prompt, full)
-            if n < len(prompt):  # a token merged across the prompt/response boundary (PITFALLS.md 1): the response
-                stats["boundary token merged"] = stats.get("boundary token merged", 0) + 1  # starts where they part
+            if n < len(prompt):  # a token merged across the prompt/response boundary (pitfall 1): the response
+                stats["boundary token merged"] += 1  # starts where they part
             p, resp = full[:n], full[n:]
             if fmt != "chat":
                 resp = resp + [eos]  # plain text: teach the model to stop; chat templates close the turn themselves
-            if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS) (PITFALLS.md 11)
+            if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS) (pitfall 11)
                 p = ([bos] if add_bos else []) + p[len(p) - cfg.max_prompt_length + add_bos:]
-                stats["prompt truncated"] = stats.get("prompt truncated", 0) + 1
+                stats["prompt truncated"] += 1
             if len(p) + len(resp) > cfg.max_length:
                 resp = resp[:cfg.max_length - len(p)]
-                stats["response truncated"] = stats.get("response truncated", 0) + 1
+                stats["response truncated"] += 1
             if not p:
                 reason = "empty prompt and no BOS token"
             elif not resp:
@@ -566,26 +545,22 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         if reason is None and torch.equal(out[0][0], out[1][0]):
             reason = "chosen == rejected after truncation"
         if reason:
-            stats[reason] = stats.get(reason, 0) + 1
+            stats[reason] += 1
             continue
-        pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1], row=i))
+        pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1], where))
     return pairs
 
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs) ready for training, with the reasons rows were dropped or cut in the log."""
-    train_rows, eval_rows = load_rows(cfg)
+    train_rows, eval_rows, fmt = load_rows(cfg)
     if cfg.max_train_pairs:
         train_rows = train_rows[:cfg.max_train_pairs]
     if cfg.max_eval_pairs:
         eval_rows = eval_rows[:cfg.max_eval_pairs]
-    fmt = detect_format(train_rows)
-    if eval_rows and detect_format(eval_rows) != fmt:
-        raise FocalpoError(f"the training data is {fmt} but the held-out data is {detect_format(eval_rows)}: "
-                           f"use the same format for both")
     out = []
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        stats = {}
+        stats = collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
         notes = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()))
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format){'; ' + notes if notes else ''}")
@@ -597,7 +572,7 @@ def prepare_data(cfg, tokenizer, log=print):
 
 
 def collate_sequences(seqs, starts, pad_id):
-    """Right-padded rows (PITFALLS.md 6), the explicit response mask (never from ids != pad: PITFALLS.md 4) and
+    """Right-padded rows (pitfall 6), the explicit response mask (never from ids != pad: pitfall 4) and
     the positions whose logits are scored: position t predicts token t+1, so t counts when token t+1 is a response
     token. They are found here, on the host, so that the forward pass needs no nonzero() (a GPU -> CPU wait)."""
     T = max(len(s) for s in seqs)
@@ -616,10 +591,10 @@ def collate_sequences(seqs, starts, pad_id):
 
 
 def collate(pairs, pad_id):
-    """B pairs -> one batch of 2B rows: the B chosen, then the B rejected, with each pair's cache index and row."""
+    """B pairs -> one batch of 2B rows: the B chosen, then the B rejected, with each pair's index in its split."""
     batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
                               [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs], pad_id)
-    return dict(batch, idx=torch.tensor([p.idx for p in pairs]), row=torch.tensor([p.row for p in pairs]))
+    return dict(batch, idx=torch.tensor([p.idx for p in pairs]))
 
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
@@ -651,7 +626,7 @@ def pick_device(cfg):
 
 def autocast(device):
     """bf16 autocast on CUDA (weights stay fp32); nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def load_tokenizer(cfg):
@@ -661,8 +636,7 @@ def load_tokenizer(cfg):
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
     except Exception as e:
-        raise FocalpoError(f"could not load the tokenizer of {cfg.model!r} ({type(e).__name__}): check the name, "
-                           f"your network, or pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
+        raise load_error("the tokenizer of", cfg.model, e) from None
     if tok.pad_token_id is None:  # padding is masked explicitly, so any id will do; EOS is the usual choice
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
@@ -670,60 +644,33 @@ def load_tokenizer(cfg):
     return tok
 
 
-def load_model(cfg, tokenizer, device, log=print):
-    """The policy, fp32 or bf16 weights, SDPA attention, dropout off (PITFALLS.md 8), optional gradient checkpointing.
-    The demo model is first fine-tuned on correct sortings (sft_demo), as a real model would come SFT'd."""
+def load_model(cfg, tokenizer):
+    """The weights, as they come: the demo model freshly initialised, or a pretrained model in the weights' dtype.
+    prepare_model then readies it for training."""
     if cfg.model == "demo":
-        model = make_demo_model(tokenizer, cfg.seed)
-        if cfg.sft_steps:
-            with rank0_first():  # with several processes rank 0 trains and caches it, the others load the cache
-                model = sft_demo(model, tokenizer, cfg, device, log)
-    else:
-        from transformers import AutoModelForCausalLM
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=weights_dtype(cfg),
-                                                         attn_implementation="sdpa")
-        except Exception as e:
-            raise FocalpoError(f"could not load model {cfg.model!r} ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}): check the name, your network, or "
-                               f"pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
-    return prepare_model(model, cfg, device)
+        return make_demo_model(tokenizer, cfg.seed)
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=weights_dtype(cfg),
+                                                    attn_implementation="sdpa")
+    except Exception as e:
+        raise load_error("model", cfg.model, e) from None
 
 
 def prepare_model(model, cfg, device):
-    """Dropout off (PITFALLS.md 8), the weights' dtype, attention without masks, optional gradient checkpointing,
+    """Dropout off (pitfall 8), the weights' dtype, attention without masks, optional gradient checkpointing,
     then onto the device."""
     for m in model.modules():  # dropout makes the policy differ from the reference at step 0
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
-    model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (PITFALLS.md 8)
+    model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (pitfall 8)
     use_causal_sdpa(model, cfg.max_length)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.to(device)
-
-
-def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, given no mask: causal when several queries come at once (training, scoring,
-    a prompt), full for a single decoded token. See sequence_logps for why right-padded batches need no mask."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-
-
-def use_causal_sdpa(model, max_length):
-    """Switch the model to _causal_sdpa, unless it has a sliding window shorter than max_length (then the mask
-    matters). With it transformers builds no mask and checks none on the host (a GPU wait every forward), and
-    SDPA can take its fastest causal kernels."""
-    from transformers import AttentionInterface
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and window < max_length:
-        return False
-    AttentionInterface.register("causal_sdpa", _causal_sdpa)
-    model.set_attn_implementation("causal_sdpa")
-    return True
 
 
 # -----------------------------------------------------------------------------
@@ -734,8 +681,8 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref)
     """Per-batch SUMS of per-pair metrics, as 0-dim tensors left on the device: reading each one here would make the
     CPU wait for the GPU ~15 times per micro-batch. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
     B = losses.shape[0]
-    pc, pr = logps[:B].detach().float(), logps[B:].detach().float()
-    nc, nr = n_tokens[:B].float(), n_tokens[B:].float()
+    pc, pr = logps[:B].detach(), logps[B:].detach()
+    nc, nr = n_tokens[:B], n_tokens[B:]
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
     ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
@@ -801,7 +748,7 @@ def lr_at(step, total_steps, cfg, peak):
 
 def make_optimizer(model, cfg, lr, device):
     """AdamW, no weight decay on norms and biases; for bf16 weights the stochastic-rounding AdamWSR below, because
-    plain AdamW on bf16 weights loses DPO-sized updates to rounding (PITFALLS.md 12)."""
+    plain AdamW on bf16 weights loses DPO-sized updates to rounding (pitfall 12)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -811,7 +758,8 @@ def make_optimizer(model, cfg, lr, device):
 
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
-    """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics."""
+    """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics. A stand-in
+    batch (several processes: see next_step) runs like any other but counts for nothing."""
     r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
     batch = to_device(dict(batch, ref=r), device)
     with autocast(device):
@@ -820,14 +768,18 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     losses, chosen_rewards, rejected_rewards = preference_loss(
         logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
-    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
+    metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
+    if batch.get("stand_in"):
+        return 0 * losses, {k: 0 * v for k, v in metrics.items()}
+    return losses, metrics
 
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
     """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
-    tensors: see metrics_to_host), or {"nonfinite_rows": [...]} when a loss or the gradient is NaN/inf, in which
-    case no update is applied. The CPU waits for the GPU once per step, to learn whether to apply the update.
-    n_pairs: the pairs of the whole step (with several processes, each runs only its share of the micro-batches)."""
+    tensors: see metrics_to_host), or {"nonfinite_pairs": [...]} (indices into the split) when a loss or the
+    gradient is NaN/inf, in which case no update is applied. The CPU waits for the GPU once per step, to learn
+    whether to apply the update. n_pairs: the pairs of the whole step (with several processes, each runs only its
+    share of the micro-batches)."""
     n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
     total, all_losses = {}, []
     for i, batch in enumerate(micro_batches):
@@ -836,7 +788,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
         # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
         # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
-        # (and however unevenly: the last batch of an epoch may be smaller) (PITFALLS.md 10)
+        # (and however unevenly: the last batch of an epoch may be smaller) (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
         all_losses.append(losses.detach())
@@ -845,14 +797,8 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the global norm, as a plain tensor
     finite = torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)
     if not agree(finite, device, "min"):  # the step's one wait (with several processes: all must be finite)
-        # a NaN/inf would poison every weight it touches: skip the update, and name the rows (rare: waits are fine)
-        bad_rows = [r for b, l in zip(micro_batches, all_losses) for r in b["row"][~torch.isfinite(l).cpu()].tolist()]
-        if world() > 1:
-            gathered = [None] * world()
-            dist.all_gather_object(gathered, bad_rows)
-            bad_rows = sorted(r for rows in gathered for r in rows)
-        optimizer.zero_grad(set_to_none=True)
-        return {"nonfinite_rows": bad_rows or "gradient only"}
+        optimizer.zero_grad(set_to_none=True)  # a NaN/inf would poison every weight it touches: no update
+        return {"nonfinite_pairs": nonfinite_pairs(micro_batches, all_losses)}
     total["grad_norm"] = norm * total["pairs"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -860,69 +806,88 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
 
 
 @torch.no_grad()
-def evaluate(model, batches, ref, cfg, loss_type, device, task=None):
-    """Held-out metrics; with task = (pairs, tokenizer) (the demo) also the generation accuracy of greedy decoding."""
+def evaluate(model, batches, ref, cfg, loss_type, device):
+    """Held-out metrics, averaged over the pairs of `batches`."""
     model.eval()
     total = {}
     for batch in my_share(batches):  # all of them with one process; with several, each its share
-        metrics = forward_pairs(model, batch or batches[0], ref, cfg, loss_type, device)[1]
-        if batch is None:  # a stand-in forward, so every process runs as many: it counts for nothing
-            metrics = {k: 0 * v for k, v in metrics.items()}
-        add_metrics(total, metrics)
-    out = finish_metrics(metrics_to_host(total))
-    if task is not None:
-        out["generation_accuracy"] = generation_accuracy(model, *task, device)
+        if batch is None:  # a stand-in forward, so every process runs as many (see my_share)
+            batch = dict(batches[0], stand_in=True)
+        add_metrics(total, forward_pairs(model, batch, ref, cfg, loss_type, device)[1])
     reshard(model)
     model.train()
-    return out
+    return finish_metrics(metrics_to_host(total))
+
+
+class HeldOut:
+    """The held-out pairs, batched once, with their reference log-probs. Calling it gives evaluate()'s metrics and,
+    for the demo (whose answers can be checked), the generation accuracy of greedy decoding beside them."""
+
+    def __init__(self, pairs, ref, tokenizer, cfg):
+        self.pairs, self.ref, self.tokenizer, self.cfg = pairs, ref, tokenizer, cfg
+        self.batches = [collate(b, tokenizer.pad_token_id)
+                        for b in length_grouped_batches(pairs, cfg.batch_size, 0, shuffle=False)]
+
+    def __call__(self, model, loss_type, device):
+        out = evaluate(model, self.batches, self.ref, self.cfg, loss_type, device)
+        if self.cfg.dataset == "demo":
+            out["generation_accuracy"] = generation_accuracy(model, self.pairs, self.tokenizer, device)
+        return out
 
 
 # -----------------------------------------------------------------------------
 # Training: the loop, and the small helpers it leans on
 
 
-def micro_batch_stream(train_pairs, cfg, skip):
-    """An endless, seeded stream of micro-batches (lists of pairs), reshuffled every epoch. A resumed run skips
-    the ones it has trained on, so it sees exactly the batches an uninterrupted run would."""
+def steps_per_epoch(cfg, n_pairs):
+    return math.ceil(math.ceil(n_pairs / cfg.batch_size) / cfg.grad_accum)
+
+
+def step_stream(train_pairs, cfg, skip):
+    """An endless, seeded stream of optimizer steps, each a list of up to --grad_accum micro-batches (lists of
+    pairs), reshuffled every epoch. An epoch's last step may be short: a step never takes batches of two epochs.
+    A resumed run skips the steps it has trained on, so it sees exactly the batches an uninterrupted run would."""
     epoch, n = 0, 0
     while True:
-        for b in length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch):
+        batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
+        for i in range(0, len(batches), cfg.grad_accum):
             if n >= skip:
-                yield b
+                yield batches[i:i + cfg.grad_accum]
             n += 1
         epoch += 1
 
 
-def next_step(stream, cfg, pad_id):
-    """The next optimizer step: (this process's micro-batches, collated; the pairs in the whole step; their response
-    tokens). Every process draws the same stream; with N of them, each takes micro-batches rank, rank + N, ..."""
-    step = [next(stream) for _ in range(cfg.grad_accum)]
+def next_step(steps, pad_id):
+    """The next optimizer step: (this process's micro-batches, collated; the pairs in the whole step; their tokens,
+    prompt and response, chosen and rejected, without padding). Every process draws the same stream; with N of
+    them, each takes micro-batches rank, rank + N, ..., and a stand-in where an epoch's short last step has none."""
+    step = next(steps)
     pairs = [p for b in step for p in b]
-    tokens = sum(len(p.chosen) - p.chosen_start + len(p.rejected) - p.rejected_start for p in pairs)
-    return [collate(b, pad_id) for b in step[rank()::world()]], len(pairs), tokens
+    tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    mine = [collate(b, pad_id) if b else dict(collate(step[0], pad_id), stand_in=True) for b in my_share(step)]
+    return mine, len(pairs), tokens
 
 
-class MetricsFile:
-    """metrics.jsonl: one JSON object per line, flushed at once (a crash loses nothing already logged). Written by
-    rank 0 only; the metrics it gets are already summed over the processes."""
-
-    def __init__(self, path, append):
-        self.f = open(path, "a" if append else "w") if rank() == 0 else None
-
-    def record(self, row):
-        if self.f:
-            self.f.write(json.dumps(row) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
+def append_row(path, row):
+    """A line of metrics.jsonl, written at once (a crash loses nothing already logged). By rank 0 only: the
+    metrics it gets are already summed over the processes."""
+    if rank() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def new_state():
-    """Everything needed to continue exactly where we stopped, besides weights, optimizer and RNG."""
-    return {"step": 0, "tokens_seen": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
-            "first_eval": None, "last_eval": None}
+    """Everything needed to continue exactly where we stopped, besides weights, optimizer and RNG. train_seconds
+    counts the training steps alone (no evaluation, generation or checkpoint); elapsed counts everything."""
+    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
+            "first_eval": None, "last_eval": None, "run_id": os.urandom(8).hex()}  # run_id: see save_checkpoint
+
+
+def train_row(state, step, lr):
+    """The metrics.jsonl row of the steps since the last one (the metrics' one wait per log step)."""
+    row = finish_metrics(metrics_to_host(state["window"]))
+    state["window"] = {}
+    return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
 
 
 def eval_line(label, step, ev):
@@ -931,109 +896,89 @@ def eval_line(label, step, ev):
             + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
 
 
-def train(cfg, model, tokenizer, train_pairs, eval_pairs, train_ref, eval_ref, loss_type, device, out_dir, log=print):
-    """Train one loss from the model's current weights (or, with --resume, from the latest checkpoint in out_dir).
-    Writes metrics.jsonl, checkpoints/, summary.json and the model. Ctrl-C / SIGTERM save a checkpoint first."""
+def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
+    """Train one loss from the model's current weights (or, with --resume, from the newest checkpoint in out_dir).
+    Writes metrics.jsonl and checkpoints/; returns the state (first and last evaluation, tokens, times)."""
     os.makedirs(out_dir, exist_ok=True)
     pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"  # label: the prefix of every log line
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
-    eval_batches = [collate(b, pad_id) for b in length_grouped_batches(eval_pairs, cfg.batch_size, 0, shuffle=False)]
-    task = (eval_pairs, tokenizer) if cfg.dataset == "demo" else None  # the demo's answers can be checked
-    state, last_saved = resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log)
-    metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), append=state["step"] > 0)
-    def save():  # returns the checkpoint's path; kept in last_saved to name it if the run must stop
-        nonlocal last_saved
-        state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
-        last_saved = save_checkpoint(os.path.join(out_dir, "checkpoints"), model, optimizer, state,
-                                     cfg.keep_checkpoints, cfg, loss_type)
-        if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
-            state["window"] = {}
-        return last_saved
-
+    saver = Checkpoints(os.path.join(out_dir, "checkpoints"), model, optimizer, cfg, loss_type)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    state = resume(cfg, saver, metrics_path, total_steps, log) if cfg.resume else new_state()
     model.train()
     if state["first_eval"] is None:
-        state["first_eval"] = state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device,
-                                                                 task)
-        metrics.record({"step": 0, "split": "eval", **ev})
+        if rank() == 0:
+            open(metrics_path, "w").close()  # a new run: a new metrics file
+        state["first_eval"] = state["last_eval"] = ev = held_out(model, loss_type, device)
+        append_row(metrics_path, {"step": 0, "split": "eval", **ev})
         log(eval_line(label, 0, ev))
-    stream = micro_batch_stream(train_pairs, cfg, skip=state["step"] * cfg.grad_accum)
-    bar = None
-    if cfg.progress and rank() == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False)
+    steps = step_stream(train_pairs, cfg, skip=state["step"])
+    bar = progress_bar(cfg, total_steps, state["step"], loss_type)
     say = bar.write if bar is not None else log
     t_start, elapsed_before = time.time(), state["elapsed"]
-    try:
-        with StopSignals() as stop:
-            while state["step"] < total_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
-                micro, n_pairs, n_tokens = next_step(stream, cfg, pad_id)
-                try:
-                    m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
-                except torch.cuda.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    raise out_of_memory(cfg, micro, state["step"] + 1, save() if state["step"] else None) from None
-                state["step"] += 1
-                done = state["step"]
-                state["elapsed"] = elapsed_before + time.time() - t_start
-                if "nonfinite_rows" in m:
-                    state["bad_steps"] += 1
-                    say(f"{label} step {done}: WARNING: non-finite loss or gradient, update skipped "
-                        f"(training rows: {m['nonfinite_rows']})")
-                    if state["bad_steps"] >= cfg.max_bad_steps:
-                        raise too_many_bad_steps(state, done, m["nonfinite_rows"], last_saved)
-                else:
-                    state["bad_steps"] = 0
-                    state["tokens_seen"] += n_tokens
-                    add_metrics(state["window"], m)  # still on the device
+    with StopSignals() as stop, bar or contextlib.nullcontext():
+        while state["step"] < total_steps:
+            lr = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro, n_pairs, n_tokens = next_step(steps, pad_id)
+            t0 = time.time()
+            with stop_on_out_of_memory(cfg, micro, state, saver):
+                m = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
+            state["train_seconds"] += time.time() - t0
+            state["step"] = step = state["step"] + 1
+            state["elapsed"] = elapsed_before + time.time() - t_start
+            if "nonfinite_pairs" in m:  # no update was made; too many such steps in a row stop the run
+                skip_nonfinite_step(state, [train_pairs[i].where for i in m["nonfinite_pairs"]], cfg, saver,
+                                    lambda msg: say(f"{label} {msg}"))
+            else:
+                state["bad_steps"], state["tokens_seen"] = 0, state["tokens_seen"] + n_tokens
+                add_metrics(state["window"], m)  # still on the device
+            if bar is not None:
+                bar.update(1)
+            if (step % cfg.log_every == 0 or step == total_steps) and state["window"]:
+                row = train_row(state, step, lr)
+                append_row(metrics_path, row)
                 if bar is not None:
-                    bar.update(1)
-                if (done % cfg.log_every == 0 or done == total_steps) and state["window"]:
-                    row = finish_metrics(metrics_to_host(state["window"]))  # the metrics' one wait per log step
-                    row.update(step=done, split="train", lr=optimizer.param_groups[0]["lr"],
-                               tokens_per_second=state["tokens_seen"] / state["elapsed"])
-                    metrics.record(row)
-                    state["window"] = {}
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
-                                        tok_s=f"{row['tokens_per_second']:.0f}")
-                if done % cfg.eval_every == 0 or done == total_steps:
-                    state["last_eval"] = ev = evaluate(model, eval_batches, eval_ref, cfg, loss_type, device, task)
-                    metrics.record({"step": done, "split": "eval", **ev})
-                    say(eval_line(label, done, ev))
-                if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-                    save()
-                if agree(stop.signal is not None, device, "max") and done < total_steps:  # every process stops here
-                    by = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
-                    raise Interrupted(f"stopped by {by} at step {done} of {total_steps}; checkpoint saved to "
-                                      f"{save()}. To continue, run the same command with --resume=true")
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    return write_summary(cfg, model, tokenizer, state, loss_type, (len(train_pairs), len(eval_pairs)), total_steps,
-                         out_dir)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                                    tok_s=f"{row['tokens_per_second']:.0f}")
+            if step % cfg.eval_every == 0 or step == total_steps:
+                state["last_eval"] = ev = held_out(model, loss_type, device)
+                append_row(metrics_path, {"step": step, "split": "eval", **ev})
+                say(eval_line(label, step, ev))
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+                saver.save(state)
+            stop.stop_here_if_asked(step, total_steps, device, saver, state)
+    return state
 
 
-def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps, out_dir):
+def save_model(model, tokenizer, out_dir):
+    """The trained model and its tokenizer, with save_pretrained. With several processes the full weights are
+    gathered on rank 0, which writes them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
+    if rank() == 0:
+        model.save_pretrained(out_dir, state_dict=weights)
+        tokenizer.save_pretrained(out_dir)
+
+
+def write_summary(cfg, state, loss_type, n_pairs, out_dir):
+    """summary.json: the first and last evaluation, the throughput and the options. Written last: its presence
+    means "this loss is done". train_tokens_per_second counts the tokens of the training steps alone (prompt and
+    response, chosen and rejected, no padding) over their time alone (no evaluation, generation or checkpoint)."""
     first, last = state["first_eval"], state["last_eval"]
-    summary = {"loss_type": loss_type, "steps": total_steps, "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
-               "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg), "effective_batch": cfg.batch_size * cfg.grad_accum,
+    summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
+               "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg),
+               "effective_batch": cfg.batch_size * cfg.grad_accum,
                "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
                "eval_generation_accuracy_start": first.get("generation_accuracy"),
                **{f"eval_{k}": v for k, v in last.items()},
-               "train_tokens_per_second": state["tokens_seen"] / state["elapsed"], "runtime_seconds": state["elapsed"]}
-    if cfg.save_model:  # with several processes the full weights are gathered on rank 0, which writes them
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
-        if rank() == 0:
-            model.save_pretrained(out_dir, state_dict=weights)
-            tokenizer.save_pretrained(out_dir)
+               "train_tokens_per_second": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
+               "train_seconds": state["train_seconds"], "runtime_seconds": state["elapsed"],
+               "config": dataclasses.asdict(cfg)}
     if rank() == 0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:  # last: its presence means "this loss is done"
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
 
@@ -1042,38 +987,49 @@ def write_summary(cfg, model, tokenizer, state, loss_type, n_pairs, total_steps,
 # The whole job: data, reference cache, then each loss from the same initial weights
 
 
+def loss_dir(cfg, loss_type):
+    """Where a loss writes: --out_dir itself for one loss, --out_dir/<loss> for several."""
+    return cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
+
+
 def run(cfg, log=print):
     """Returns {loss_type: summary}. Under torchrun every process runs this; rank 0 logs and writes the files."""
     t0 = time.time()
     device = setup_processes(cfg)
     log = log if rank() == 0 else (lambda msg: None)
+    check_before_work(cfg, device, log)  # every mistake a user can make that costs one sentence, before any work
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    check_memory(cfg, device, log, world())  # before the data and the model: a plan that cannot fit stops here
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
-    summaries, ref = {}, None
+    summaries, refs = {}, None
     for loss_type in loss_types(cfg):
-        out_dir = cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
-        if cfg.resume and os.path.exists(os.path.join(out_dir, "summary.json")):
+        out_dir = loss_dir(cfg, loss_type)
+        if cfg.resume and os.path.exists(os.path.join(out_dir, "summary.json")):  # same options: checked before
             log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
-            with open(os.path.join(out_dir, "summary.json")) as f:
-                summaries[loss_type] = json.load(f)
+            summaries[loss_type] = read_summary(out_dir)
             continue
-        model = shard_model(load_model(cfg, tokenizer, device, log), device)  # per loss: each from the same weights
-        first = ref is None
-        if first:
-            n = sum(p.numel() for p in model.parameters())
-            log(f"model: {cfg.model} ({n / 1e6:.2f}M parameters) on {device.type}"
-                + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
+        model = load_model(cfg, tokenizer)  # per loss: each from the same weights
+        if cfg.model == "demo" and cfg.sft_steps:  # the demo's SFT stage: as a real model would come SFT'd
+            with rank0_first():  # with several processes rank 0 trains and caches it, the others load the cache
+                model = sft_demo(model, tokenizer, cfg, device, log)
+        model = shard_model(prepare_model(model, cfg, device), device)
+        if refs is None:
+            log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+                f"{device.type}" + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
         # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
         # from the weights the reference was computed with; the second and later losses load the cache
-        ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
+        first, refs = refs is None, load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
+                                                              tokenizer.pad_token_id, device, log)
         if first:
-            right = int((ref[1][:, 0] >= ref[1][:, 1]).sum())
+            right = int((refs[1][:, 0] >= refs[1][:, 1]).sum())
             log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= π_ref(y_l|x)) "
                 f"and {len(eval_pairs) - right} wrong")
-        summaries[loss_type] = train(cfg, model, tokenizer, train_pairs, eval_pairs, *ref, loss_type, device,
-                                     out_dir, log)
+        held_out = HeldOut(eval_pairs, refs[1], tokenizer, cfg)
+        state = train(cfg, model, tokenizer, train_pairs, held_out, refs[0], loss_type, device, out_dir, log)
+        if cfg.save_model:
+            save_model(model, tokenizer, out_dir)
+        summaries[loss_type] = write_summary(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
+        remove_checkpoints(cfg, out_dir, log)  # the run is done: its optimizer state goes, unless kept
         show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
         del model
     log(comparison_table(summaries))
@@ -1081,48 +1037,13 @@ def run(cfg, log=print):
     return summaries
 
 
-def comparison_table(summaries):
-    cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
-            ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
-            ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
-            ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
-            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
-            ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
-    cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    widths = [max(8, len(name) + 2) for _, name in cols]
-    name = lambda lt, s: lt + (" (detached)" if lt == "focalpo" and s.get("focal_detach") else "")
-    lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
-             f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
-    for lt, s in summaries.items():
-        lines.append(f"{name(lt, s):<19}" + "".join(f"{fmt(s.get(k)):>{w}}" for (k, _), w in zip(cols, widths)))
-    return "\n".join(lines)
-
-
 def main(argv=None):
-    code, who = 0, ""
+    """The command line. An error the user can fix ends in one sentence and exit code 2 (exit_code prints it)."""
     try:
-        cfg = parse_args(argv)
-        who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        run(cfg)
-    except Interrupted as e:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
-            signal.signal(sig, signal.SIG_IGN)      # process) must not cut the exit short
-        print(f"{who}interrupted: {e}", file=sys.stderr)
-        code = 130
-    except FocalpoError as e:
-        print(f"{who}error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing to save
-        print(f"{who}interrupted", file=sys.stderr)
-        code = 130
-    except RuntimeError as e:
-        if not lost_contact(e):
-            raise
-        detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
-        print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
-              f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
-        code = 1
+        run(parse_args(argv))
+        code = 0
+    except BaseException as e:
+        code = exit_code(e)  # in the appendix, with the other fault handling
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1141,7 +1062,7 @@ def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-@contextmanager
+@contextlib.contextmanager
 def rank0_first():
     """Rank 0 runs the block (and caches what it makes) before the other processes run it (and load the cache)."""
     if rank() != 0:
@@ -1205,99 +1126,231 @@ def _parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def option_help():
+    """{option: its explanation}: the comment after each field of Config, read from this file's source, so the
+    explanation is written once."""
+    import inspect
+    found = re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), flags=re.M)
+    return {name: text.replace("%", "%%") for name, text in found}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence, not the usage of 40 options
+        raise FocalpoError(f"{message} (python focalpo.py --help lists every option)")
+
+
 def parse_args(argv=None):
-    """--key=value for every Config field; unknown keys and bad values are errors (argparse exits with usage)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """--key=value for every Config field (a bare --flag for true/false ones). An unknown option, with the nearest
+    real one, a value of the wrong type or out of range: one sentence (FocalpoError)."""
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    helps = option_help()
     for f in dataclasses.fields(Config):
-        kind = _parse_bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"(default: {f.default!r})")
-    cfg = Config(**vars(parser.parse_args(argv)))
+        kind = {"type": _parse_bool, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        parser.add_argument(f"--{f.name}", default=f.default, metavar=f.type.__name__.upper(),
+                            help=f"{helps.get(f.name, '')} (default: {f.default!r})", **kind)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+        name = unknown[0].split("=")[0]
+        near = difflib.get_close_matches(name.lstrip("-"), [f.name for f in dataclasses.fields(Config)], n=1)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean --{near[0]}?" if near else ""))
+    cfg = Config(**vars(args))
     check_config(cfg)
     return cfg
 
 
+CHOICES = {"schedule": ("cosine", "linear"), "weights": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
+              "keep_checkpoints", "max_bad_steps", "max_new_tokens", "dist_timeout")
+AT_LEAST_0 = ("max_steps", "max_train_pairs", "max_eval_pairs", "sft_steps", "save_every", "lr", "gamma",
+              "weight_decay", "grad_clip", "seed")
+
+
 def check_config(cfg):
+    """Every option's value on its own, in one place (paths, the model and earlier runs: check_before_work)."""
     losses = loss_types(cfg)
-    bad = [l for l in losses if l not in LOSSES]
-    if bad or not losses:
+    if not losses or any(l not in LOSSES for l in losses):
         raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}")
-    if cfg.schedule not in ("cosine", "linear"):
-        raise FocalpoError(f"--schedule={cfg.schedule!r}: expected 'cosine' or 'linear'")
-    if cfg.weights not in ("fp32", "bf16"):
-        raise FocalpoError(f"--weights={cfg.weights!r}: expected 'fp32' or 'bf16'")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise FocalpoError(f"--device={cfg.device!r}: expected 'auto', 'cpu' or 'cuda'")
-    for name in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
-                 "keep_checkpoints", "max_bad_steps", "max_new_tokens", "dist_timeout"):
-        if getattr(cfg, name) < 1:
-            raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise FocalpoError(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            raise FocalpoError(f"--{f.name}={getattr(cfg, f.name)}: must be a finite number")
+    for name in AT_LEAST_1 + AT_LEAST_0:
+        if getattr(cfg, name) < (1 if name in AT_LEAST_1 else 0):
+            raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least {1 if name in AT_LEAST_1 else 0}")
+    if cfg.beta <= 0:
+        raise FocalpoError(f"--beta={cfg.beta}: must be greater than 0")
+    if not 0 < cfg.eval_fraction < 1 or not 0 <= cfg.warmup_ratio < 1:
+        raise FocalpoError(f"--eval_fraction={cfg.eval_fraction} and --warmup_ratio={cfg.warmup_ratio}: the first "
+                           f"must be between 0 and 1, the second at least 0 and below 1")
+    if cfg.generate < -1:
+        raise FocalpoError(f"--generate={cfg.generate}: must be -1 (automatic), 0 (none) or more")
     if cfg.max_prompt_length >= cfg.max_length:
         raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
                            f"--max_length={cfg.max_length}: make it smaller")
-    if cfg.beta <= 0 or cfg.gamma < 0 or cfg.lr < 0 or cfg.sft_steps < 0:
-        raise FocalpoError("--beta must be > 0, and --gamma, --lr and --sft_steps >= 0")
-    if not 0 < cfg.eval_fraction < 1:
-        raise FocalpoError(f"--eval_fraction={cfg.eval_fraction}: must be between 0 and 1")
+    if cfg.eval_dataset and cfg.eval_split:
+        raise FocalpoError("--eval_dataset and --eval_split both name the held-out data: give one of them")
+
+
+def check_before_work(cfg, device, log):
+    """Everything that can be checked before the data, the SFT stage and the reference pass: the folders can be
+    written, no other run's results are in the way, the data files exist, the model's config loads and its
+    context holds --max_length, and (on a GPU) the memory plan fits."""
+    for name in ("out_dir", "cache_dir"):
+        check_writable_folder(name, getattr(cfg, name))
+    for loss_type in loss_types(cfg):
+        check_earlier_run(cfg, loss_type)
+    for spec in (cfg.dataset, cfg.eval_dataset):
+        if spec != "demo" and is_local_data(spec):
+            for path in [p for p in spec.split(",") if p]:
+                if not os.path.isfile(path):
+                    raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
+    if cfg.model == "demo":
+        return
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+    except Exception as e:
+        raise load_error("the config of", cfg.model, e) from None
+    context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None)
+    if context and context < cfg.max_length:
+        raise FocalpoError(f"--max_length={cfg.max_length} is longer than the {context} positions {cfg.model} was "
+                           f"built for: lower --max_length (and --max_prompt_length) to at most {context}")
+    check_memory(cfg, config, device, log, world())
+
+
+def check_writable_folder(name, path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FocalpoError(f"--{name}={path} is a file, not a folder: choose another path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise FocalpoError(f"--{name}={path} cannot be written ({e.strerror}): choose another folder") from None
+
+
+def check_earlier_run(cfg, loss_type):
+    """A run never shows another run's results as its own. A new run needs a folder without results; --resume=true
+    continues a run (finished or not) only with the options that made it (check_same_options)."""
+    out_dir = loss_dir(cfg, loss_type)
+    summary = os.path.join(out_dir, "summary.json")
+    if cfg.resume:
+        if os.path.exists(summary):
+            check_same_options(read_summary(out_dir), cfg, loss_type, summary)
+        return
+    found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(os.path.join(out_dir, f))]
+    if found:
+        raise FocalpoError(f"{out_dir} already holds a run's results ({', '.join(found)}): continue or show that run "
+                           f"with --resume=true, or pass a new --out_dir")
+
+
+def load_error(what, name, e, alternative="pass a local path"):
+    """One sentence for a model, tokenizer, config or dataset that could not be loaded: the cause, and what to do."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.exists(name):
+        return FocalpoError(f"could not load {what} {name!r}: there is no such folder; check the path")
+    if os.path.exists(name):
+        hint = f"check that {name} holds what save_pretrained writes"
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        hint = f"check the name; HF_HUB_OFFLINE is set, so only what is in the local cache loads; or {alternative}"
+    else:
+        hint = f"check the name and your network (set HF_HUB_OFFLINE=1 to fail at once), or {alternative}"
+    return FocalpoError(f"could not load {what} {name!r} ({cause}): {hint}")
 
 
 # -----------------------------------------------------------------------------
-# Reading data files and the hub
+# Reading data files and the hub: each row with where it came from (file and 1-based line, before any shuffle)
 
 
-def _read_json_rows(path):
-    """A .json file holding a list of objects, or a .jsonl file with one object per line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                rows = json.load(f)
-                if not isinstance(rows, list):
-                    raise FocalpoError(f"{path}: expected a JSON list of objects, found a {type(rows).__name__}")
-                return rows
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise FocalpoError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
-            return rows
-    except UnicodeDecodeError as e:
-        raise FocalpoError(f"{path} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8")
-    except json.JSONDecodeError as e:
-        raise FocalpoError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})")
-    except OSError as e:
-        raise FocalpoError(f"cannot read {path}: {e.strerror}")
+DATA_FILES = (".jsonl", ".json", ".csv", ".parquet")  # any case; all but .parquet may also end in .gz, .bz2 or .xz
 
 
-def read_local_rows(spec):
-    rows = []
-    for path in [p for p in spec.split(",") if p]:
-        if not os.path.exists(path):
-            raise FocalpoError(f"data file {path} does not exist")
-        if path.endswith((".json", ".jsonl")):
-            rows += _read_json_rows(path)
-        elif path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            rows += pq.read_table(path).to_pylist()
-        else:
-            raise FocalpoError(f"{path}: expected a .json, .jsonl or .parquet file")
-    return rows
+def data_file_kind(path):
+    """('.jsonl', '.gz') for "pairs.JSONL.gz"; None when the name is not that of a data file."""
+    name = path.lower()
+    packed = next((z for z in (".gz", ".bz2", ".xz") if name.endswith(z)), "")
+    ext = next((e for e in DATA_FILES if name[:len(name) - len(packed)].endswith(e)), None)
+    return (ext, packed) if ext and not (ext == ".parquet" and packed) else None
 
 
 def is_local_data(spec):
-    return any(p.endswith((".json", ".jsonl", ".parquet")) for p in spec.split(","))
+    return any(data_file_kind(p) or os.path.exists(p) for p in spec.split(",") if p)
+
+
+def read_local_rows(spec):
+    """[(row, where)] from comma-separated files: where names the file and the row's 1-based line (JSON Lines,
+    CSV), item (a JSON list) or row (Parquet)."""
+    rows = []
+    for path in [p for p in spec.split(",") if p]:
+        if not os.path.isfile(path):
+            raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
+        kind = data_file_kind(path)
+        if kind is None:
+            raise FocalpoError(f"{path}: not a data file this reads; use .jsonl, .json or .csv (each may be .gz, "
+                               f".bz2 or .xz compressed), or .parquet")
+        rows += read_parquet(path) if kind[0] == ".parquet" else read_text_rows(path, *kind)
+    for row, where in rows:
+        if not isinstance(row, dict):
+            raise FocalpoError(f"{where}: expected an object with prompt/chosen/rejected fields, found "
+                               f"{type(row).__name__} {row!r:.40}")
+    return rows
+
+
+def read_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+    except Exception as e:
+        raise FocalpoError(f"{path} is not a Parquet file this can read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    return [(r, f"{path} row {i}") for i, r in enumerate(table.to_pylist(), 1)]
+
+
+def read_text_rows(path, ext, packed):
+    """JSON Lines, a JSON list (told apart by the first character, whatever the extension) or CSV with a header."""
+    import bz2, gzip, lzma
+    try:
+        with {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[packed](path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise FocalpoError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as e:
+        line_start, line = data.rfind(b"\n", 0, e.start) + 1, data.count(b"\n", 0, e.start) + 1
+        raise FocalpoError(f"{path} line {line} is not valid UTF-8 (byte "
+                           f"{e.start - line_start + 1} of that line): re-encode the file as UTF-8") from None
+    if ext == ".csv":
+        import csv
+        reader = csv.DictReader(io.StringIO(text))
+        return [(row, f"{path} line {reader.line_num}") for row in reader]
+    if text.lstrip().startswith("["):
+        try:
+            return [(r, f"{path} item {i}") for i, r in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise FocalpoError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): fix that line") from None
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append((json.loads(line), f"{path} line {lineno}"))
+            except json.JSONDecodeError as e:
+                raise FocalpoError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line; "
+                                   f"the file should be a JSON list, or one JSON object per line") from None
+    return rows
 
 
 def load_hub_splits(name, split, eval_split):
-    """(train rows, eval rows or None) from the Hugging Face Hub (or its local cache)."""
+    """(train rows, eval rows or None) from the Hugging Face Hub (or its local cache), as (row, where) tuples."""
     try:
         import datasets
         ds = datasets.load_dataset(name)
     except Exception as e:  # network errors, unknown names, gated datasets: all end up here
-        raise FocalpoError(f"could not load dataset {name!r} from the Hugging Face Hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}): check the name and your network, "
-                           f"or pass local .json/.jsonl/.parquet files") from None
+        raise load_error("dataset", name, e, "pass local .jsonl/.json/.csv/.parquet files") from None
     def pick(wanted, fallbacks):
         if wanted:
             if wanted not in ds:
@@ -1308,11 +1361,37 @@ def load_hub_splits(name, split, eval_split):
     if train_split is None:
         raise FocalpoError(f"dataset {name!r} has no 'train' or 'train_prefs' split; pass --split (it has: {', '.join(ds)})")
     test_split = pick(eval_split, ("test", "test_prefs", "validation"))
-    return list(ds[train_split]), (list(ds[test_split]) if test_split else None)
+    rows = lambda s: [(r, f"dataset {name!r} split {s!r} row {i}") for i, r in enumerate(ds[s], 1)]
+    return rows(train_split), (rows(test_split) if test_split else None)
 
 
 # -----------------------------------------------------------------------------
 # The demo as the papers' setting: an SFT model first, and a task metric (greedy generation, exact match)
+
+
+def make_demo_tokenizer():
+    """A word-level tokenizer (one token per letter or word), built offline with the `tokenizers` library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.decoder = decoders.WordPiece()  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def make_demo_model(tokenizer, seed):
+    """A 4-layer Llama-shaped model (0.45M parameters), randomly initialised from `seed`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
@@ -1433,6 +1512,30 @@ def show_generations(model, pairs, tokenizer, cfg, device, label, log):
 
 
 # -----------------------------------------------------------------------------
+# Attention without a mask: faster, and no GPU wait (see sequence_logps for why right padding needs no mask)
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, given no mask: causal when several queries come at once (training, scoring,
+    a prompt), full for a single decoded token. See sequence_logps for why right-padded batches need no mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def use_causal_sdpa(model, max_length):
+    """Switch the model to _causal_sdpa, unless it has a sliding window shorter than max_length (then the mask
+    matters). With it transformers builds no mask and checks none on the host (a GPU wait every forward), and
+    SDPA can take its fastest causal kernels."""
+    from transformers import AttentionInterface
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and window < max_length:
+        return False
+    AttentionInterface.register("causal_sdpa", _causal_sdpa)
+    model.set_attn_implementation("causal_sdpa")
+    return True
+
+
+# -----------------------------------------------------------------------------
 # Memory plan (GPU only): will training fit? An estimate, stated, not a measurement
 
 
@@ -1482,17 +1585,11 @@ def memory_plan(config, cfg, world_size=1):
     return state + buffers + acts, line
 
 
-def check_memory(cfg, device, log=print, world_size=1):
-    """On a GPU, before loading a real model: print the plan beside the free memory, and stop at once when it
-    cannot fit, rather than after the reference pass."""
-    if device.type != "cuda" or cfg.model == "demo":
+def check_memory(cfg, config, device, log=print, world_size=1):
+    """On a GPU, before loading a real model (its config is enough): print the plan beside the free memory, and
+    stop at once when it cannot fit, rather than after the reference pass."""
+    if device.type != "cuda":
         return
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
-    except Exception as e:
-        raise FocalpoError(f"could not load the config of {cfg.model!r} ({type(e).__name__}): check the name, your "
-                           f"network, or pass a local path (offline: set HF_HUB_OFFLINE=1)") from None
     needed, line = memory_plan(config, cfg, world_size)
     free = torch.cuda.mem_get_info(device)[0]
     log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
@@ -1519,7 +1616,14 @@ def stochastic_round_bf16(x, noise=None):
     noise: int32 values in [0, 2^16), shaped like x (drawn here when not given)."""
     if noise is None:
         noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    return stochastic_round_bf16_(x.float().clone().reshape(-1), noise.reshape(-1)).reshape(x.shape).clone()
+
+
+def stochastic_round_bf16_(x, noise):
+    """stochastic_round_bf16 in place on a flat fp32 tensor, for AdamWSR's buffers: adds the noise to x's bit
+    patterns and returns the bf16 numbers as a view of x's top halves (little-endian: int16 number 1 of each fp32)."""
+    x.view(torch.int32).add_(noise)
+    return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)
 
 
 def _local(t):
@@ -1619,31 +1723,59 @@ class AdamWSR(torch.optim.Optimizer):
             if dst[0].dtype != torch.bfloat16:
                 torch._foreach_copy_(dst, list(flat.split(sizes)))
                 continue
-            # stochastic rounding, as in stochastic_round_bf16: add 16 random bits to the low half of each fp32 bit
-            # pattern, then keep the top half, which is the bf16 (little-endian: int16 number 1 of each fp32).
-            # The noise is bits 0-15 of the int64 for the weight, 16-31 for m, 32-47 for v.
+            # the noise is bits 0-15 of the int64 for the weight, 16-31 for m, 32-47 for v
             word = words[:, 1] if k == 2 else words[:, 0]
             if k == 1:
                 word = torch.bitwise_right_shift(word, 16, out=noise)
-            flat.view(torch.int32).add_(torch.bitwise_and(word, 0xFFFF, out=noise))
-            top = flat.view(torch.int16).view(n, 2)[:, 1]  # (n,) the bf16 bit patterns
-            torch._foreach_copy_([d.view(torch.int16) for d in dst], list(top.split(sizes)))
+            rounded = stochastic_round_bf16_(flat, torch.bitwise_and(word, 0xFFFF, out=noise))  # (n,) bf16
+            torch._foreach_copy_(dst, list(rounded.split(sizes)))
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and resume: written atomically, verified when read back
+# Cache files and checkpoints: written atomically, verified when read back
+
+
+def _digest(tensors):
+    """SHA-256 of a dict of tensors (any dtype), in key order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_cache(path, key, what, log):
+    """The tensors cached at path under `key`, or None when there is no such file. A file that cannot be read, or
+    whose key or checksum does not match (edited, or written by another version), is reported and ignored."""
+    if not os.path.exists(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob["key"] == key and blob["checksum"] == _digest(blob["tensors"]):
+            log(f"{what}: loaded cached values from {path}")
+            return blob["tensors"]
+        problem = "its contents do not match its key or checksum (edited, or written by another version)"
+    except Exception as e:
+        problem = f"it cannot be read ({type(e).__name__})"
+    log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
+    return None
+
+
+def write_cache(path, key, fields, tensors):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"key": key, "fields": fields, "tensors": tensors, "checksum": _digest(tensors)}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
 
 
 class HashingFile:
-    """A file that computes the SHA-256 of what is written to it as it is written, so a checkpoint is never read
-    back to be hashed. Each large block is hashed in a second thread while it is written (hashlib and file writes
-    both release the GIL), so where writing waits on the disk the hash runs meanwhile (on a 2-core machine writing
-    to the page cache it did not hide: see the README); both finish before write() returns, because torch may
-    reuse the block afterwards."""
+    """A file opened for writing that computes the SHA-256 of what is written to it as it is written, so a
+    checkpoint is never read back to be hashed. Each large block is hashed in a second thread while it is written
+    (hashlib and file writes both release the GIL), so where writing waits on the disk the hash runs meanwhile (on
+    a 2-core machine writing to the page cache it did not hide: see the README); both finish before write()
+    returns, because torch may reuse the block afterwards. close() stops the thread and closes the file."""
 
-    def __init__(self, f):
+    def __init__(self, path):
         from concurrent.futures import ThreadPoolExecutor
-        self.f, self.sha, self.pool = f, hashlib.sha256(), ThreadPoolExecutor(1)
+        self.f, self.sha, self.pool = open(path, "wb"), hashlib.sha256(), ThreadPoolExecutor(1)
 
     def write(self, block):
         if len(block) < 1 << 20:
@@ -1659,6 +1791,7 @@ class HashingFile:
 
     def close(self):
         self.pool.shutdown()
+        self.f.close()
 
 
 def _sha256_file(path):
@@ -1679,9 +1812,9 @@ RESULT_OPTIONS = ("beta", "gamma", "focal_detach", "lr", "batch_size", "grad_acc
 
 def save_checkpoint(ckpt_dir, model, optimizer, state, keep, cfg=None, loss_type=None):
     """step_NNNNNNN.pt (model, optimizer, RNG, training state, the options and the loss) and, once that is complete,
-    its step_NNNNNNN.json (size and SHA-256). Each is written under a temporary name and renamed, so a file with
-    its final name is whole. The newest `keep` checkpoints are kept. With several processes, all gather and rank 0
-    writes. Returns the path."""
+    its step_NNNNNNN.json (size, SHA-256 and the run it belongs to). Each is written under a temporary name and
+    renamed, so a file with its final name is whole. The newest `keep` checkpoints of this run are kept; files of
+    any other run are never touched. With several processes, all gather and rank 0 writes. Returns the path."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
     blob = {"model": get_model_state_dict(model, options=full_state_options()),
@@ -1691,21 +1824,62 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep, cfg=None, loss_type
     if rank() != 0:
         return path
     os.makedirs(ckpt_dir, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        out = HashingFile(f)
-        try:
-            torch.save(blob, out)
-        finally:
-            out.close()
+    out = HashingFile(path + ".tmp")
+    try:
+        torch.save(blob, out)
+    finally:
+        out.close()
     os.replace(path + ".tmp", path)
     with open(path + ".json.tmp", "w") as f:
-        json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": out.sha.hexdigest()}, f)
+        json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": out.sha.hexdigest(),
+                   "run": state.get("run_id")}, f)
     os.replace(path + ".json.tmp", path[:-3] + ".json")
-    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt")))[:-keep]:
+    for old in checkpoints_of_run(ckpt_dir, state.get("run_id"))[:-keep]:
         for f in (old, old[:-3] + ".json"):
-            if os.path.exists(f):
-                os.remove(f)
+            os.remove(f)
     return path
+
+
+def checkpoints_of_run(ckpt_dir, run_id):
+    """The finished checkpoint files of one run, oldest first: those whose .json names it."""
+    mine = []
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt"))):
+        try:
+            with open(path[:-3] + ".json") as f:
+                if json.load(f).get("run") == run_id:
+                    mine.append(path)
+        except (OSError, ValueError):
+            pass
+    return mine
+
+
+class Checkpoints:
+    """A run's checkpoints/ folder: save(state) writes one and remembers its path in .last, to name it if the run
+    must stop."""
+
+    def __init__(self, folder, model, optimizer, cfg, loss_type):
+        self.folder, self.model, self.optimizer, self.cfg, self.loss_type = folder, model, optimizer, cfg, loss_type
+        self.last = None
+
+    def save(self, state):
+        state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
+        self.last = save_checkpoint(self.folder, self.model, self.optimizer, state, self.cfg.keep_checkpoints,
+                                    self.cfg, self.loss_type)
+        if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
+            state["window"] = {}
+        return self.last
+
+
+def remove_checkpoints(cfg, out_dir, log):
+    """A finished run keeps its model and summary; its checkpoints (weights and optimizer state, each about 3x the
+    model) go, unless --keep_final_checkpoint=true."""
+    folder = os.path.join(out_dir, "checkpoints")
+    if cfg.keep_final_checkpoint or rank() != 0 or not os.path.isdir(folder):
+        return
+    for path in glob.glob(os.path.join(folder, "step_*")):
+        os.remove(path)
+    if not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def find_latest_checkpoint(ckpt_dir, log=print):
@@ -1741,47 +1915,102 @@ def load_latest_checkpoint(ckpt_dir, log=print):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
 
 
-def check_resumed_options(ckpt, cfg, loss_type, path):
-    """--resume continues a run only with the options that produced it: one sentence naming each that differs."""
-    if not ckpt.get("config"):
+def check_same_options(recorded, cfg, loss_type, path):
+    """--resume continues a run (a checkpoint, or a finished run's summary.json) only with the options that
+    produced it: one sentence naming each that differs."""
+    if not recorded.get("config"):
         raise FocalpoError(f"{path} records no options (written by an older focalpo): start a new --out_dir")
-    was = ckpt["config"]
+    was = recorded["config"]
     diffs = [f"--{k} was {was.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_OPTIONS if was.get(k) != getattr(cfg, k)]
-    if ckpt["loss_type"] != loss_type:
-        diffs.insert(0, f"the loss was {ckpt['loss_type']!r}, now {loss_type!r}")
+    if recorded["loss_type"] != loss_type:
+        diffs.insert(0, f"the loss was {recorded['loss_type']!r}, now {loss_type!r}")
     if diffs:
         raise FocalpoError(f"--resume=true with options that change the result ({'; '.join(diffs)}) would not "
                            f"continue {path}: run with the original values, or start a new --out_dir")
 
 
-def resume(cfg, model, optimizer, out_dir, loss_type, total_steps, log):
+def read_summary(out_dir):
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def resume(cfg, saver, metrics_path, total_steps, log):
     """With --resume: weights, optimizer, RNG and state from the newest good checkpoint (written with any number of
     processes), after checking that the options that change the result are the same; metrics.jsonl is cut back to
-    it. Returns (state, the checkpoint's path or None)."""
+    it. Returns the state (a new one when there is no checkpoint); saver.last is the checkpoint's path."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    ckpt_dir, metrics_path = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
-    ckpt, path = load_latest_checkpoint(ckpt_dir, log) if cfg.resume else (None, None)
+    ckpt, path = load_latest_checkpoint(saver.folder, log)
     if ckpt is None:
-        if cfg.resume:
-            log(f"[{loss_type}] --resume: no usable checkpoint in {ckpt_dir}, starting from the beginning")
-        return new_state(), None
-    check_resumed_options(ckpt, cfg, loss_type, path)
+        log(f"[{saver.loss_type}] --resume: no usable checkpoint in {saver.folder}, starting from the beginning")
+        return new_state()
+    check_same_options(ckpt, cfg, saver.loss_type, path)
     full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
-    set_model_state_dict(model, ckpt["model"], options=full)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=full)
+    set_model_state_dict(saver.model, ckpt["model"], options=full)
+    set_optimizer_state_dict(saver.model, saver.optimizer, ckpt["optimizer"], options=full)
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    state = ckpt["state"]
+    state, saver.last = ckpt["state"], path
     if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
         state["window"] = {}
     if rank() == 0:
-        with open(metrics_path) as f:  # drop lines written after the checkpoint: they will be written again
-            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    log(f"[{loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
-    return state, path
+        cut_metrics_file(metrics_path, state["step"], log)
+    log(f"[{saver.loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
+    return state
+
+
+def cut_metrics_file(path, step, log):
+    """At a resume, keep the lines of metrics.jsonl up to the checkpoint's step (the later ones will be written
+    again). A torn last line (a crash mid-write) is dropped; a missing file is started anew; both are reported."""
+    if not os.path.exists(path):
+        log(f"WARNING: {path} is missing: its rows up to step {step} are lost; the rows from here on go to a new one")
+        open(path, "w").close()
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise FocalpoError(f"{path} line {lineno} is not valid JSON: fix or remove that line, then resume "
+                                   f"again") from None
+            log(f"WARNING: {path}: dropped its last line, which was cut short ({line.strip()[:40]!r}...)")
+            continue
+        if row["step"] <= step:
+            kept.append(line)
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+# -----------------------------------------------------------------------------
+# Output: the table that compares the losses, the progress bar
+
+
+def comparison_table(summaries):
+    cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
+            ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
+            ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
+            ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
+            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
+            ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
+    cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    widths = [max(8, len(name) + 2) for _, name in cols]
+    name = lambda lt, s: lt + (" (detached)" if lt == "focalpo" and s.get("focal_detach") else "")
+    lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
+             f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
+    for lt, s in summaries.items():
+        lines.append(f"{name(lt, s):<19}" + "".join(f"{fmt(s.get(k)):>{w}}" for (k, _), w in zip(cols, widths)))
+    return "\n".join(lines)
+
+
+def progress_bar(cfg, total_steps, done, loss_type):
+    if not cfg.progress or rank() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total_steps, initial=done, desc=loss_type, dynamic_ncols=True, leave=False)
 
 
 # -----------------------------------------------------------------------------
@@ -1810,21 +2039,77 @@ class StopSignals:
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
 
+    def stop_here_if_asked(self, step, total_steps, device, saver, state):
+        """At a step boundary: after a signal (to this process or, with several, to any), save and stop."""
+        if agree(self.signal is not None, device, "max") and step < total_steps:  # every process stops here
+            by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
+            raise Interrupted(f"stopped by {by} at step {step} of {total_steps}; checkpoint saved to "
+                              f"{saver.save(state)}. To continue, run the same command with --resume=true")
 
-def too_many_bad_steps(state, step, rows, last_saved):
-    return FocalpoError(
-        f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step {step}, training rows "
-        f"{rows}): stopped; check those rows or lower --lr. "
-        + (f"The last good checkpoint is {last_saved} (--resume=true)." if last_saved else "No checkpoint was written yet."))
+
+def nonfinite_pairs(micro_batches, losses):
+    """The step's pairs (indices into the split) whose loss is not finite, from every process. Rare: waits are fine."""
+    bad = [i for b, l in zip(micro_batches, losses) if not b.get("stand_in")
+           for i in b["idx"][~torch.isfinite(l).cpu()].tolist()]
+    if world() > 1:
+        gathered = [None] * world()
+        dist.all_gather_object(gathered, bad)
+        bad = sorted(i for share in gathered for i in share)
+    return bad
 
 
-def out_of_memory(cfg, micro, step, saved):
-    longest = max(b["input_ids"].shape[1] for b in micro)
-    return FocalpoError(
-        f"out of GPU memory at step {step} with --batch_size={cfg.batch_size} pairs ({2 * cfg.batch_size} sequences) "
-        f"of up to {longest} tokens (--max_length={cfg.max_length}): lower --batch_size and raise --grad_accum to "
-        f"keep the effective batch, or set --gradient_checkpointing=true, or lower --max_length"
-        + (f"; checkpoint saved to {saved}, continue with --resume=true" if saved else ""))
+def skip_nonfinite_step(state, where, cfg, saver, say):
+    """A step whose loss or gradient was NaN/inf made no update: say which rows it had, and stop the run after
+    --max_bad_steps of them in a row."""
+    state["bad_steps"] += 1
+    rows = ", ".join(where) or "none: the gradient only"
+    say(f"step {state['step']}: WARNING: non-finite loss or gradient, update skipped (training rows: {rows})")
+    if state["bad_steps"] >= cfg.max_bad_steps:
+        raise FocalpoError(
+            f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step {state['step']}, "
+            f"training rows: {rows}): stopped; check those rows or lower --lr. "
+            + (f"The last good checkpoint is {saver.last} (--resume=true)." if saver.last else
+               "No checkpoint was written yet."))
+
+
+@contextlib.contextmanager
+def stop_on_out_of_memory(cfg, micro, state, saver):
+    """Out of GPU memory in a step: save the last completed step, then stop with the options that use less memory."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        saver.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        saved = saver.save(state) if state["step"] else None
+        longest = max(b["input_ids"].shape[1] for b in micro)
+        raise FocalpoError(
+            f"out of GPU memory at step {state['step'] + 1} with --batch_size={cfg.batch_size} pairs "
+            f"({2 * cfg.batch_size} sequences) of up to {longest} tokens (--max_length={cfg.max_length}): lower "
+            f"--batch_size and raise --grad_accum to keep the effective batch, or set --gradient_checkpointing=true, "
+            f"or lower --max_length" + (f"; checkpoint saved to {saved}, continue with --resume=true" if saved else "")
+        ) from None
+
+
+def exit_code(e):
+    """main(): print one line for an error a user can fix, or a stop, and return the exit code; re-raise the rest."""
+    who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    if isinstance(e, Interrupted):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
+            signal.signal(sig, signal.SIG_IGN)      # process) must not cut the exit short
+        print(f"{who}interrupted: {e}", file=sys.stderr)
+        return 130
+    if isinstance(e, FocalpoError):
+        print(f"{who}error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C, or one outside training: nothing to save
+        print(f"{who}interrupted", file=sys.stderr)
+        return 130
+    if isinstance(e, RuntimeError) and lost_contact(e):
+        detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
+        print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
+              f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
+        return 1
+    raise e
 
 
 def lost_contact(e):

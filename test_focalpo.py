@@ -1,5 +1,6 @@
 """Tests for focalpo.py: offline, on the CPU. Run: python -m pytest -q test_focalpo.py"""
 
+import collections
 import copy
 import dataclasses
 import json
@@ -7,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -46,11 +48,11 @@ def make_bpe_tokenizer(bos=True, pad=True, template=True):
     return t
 
 
-def tiny_model(vocab_size, seed=0, dropout=0.0):
+def tiny_model(vocab_size, seed=0, dropout=0.0, max_positions=1024):
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          attention_dropout=dropout)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
@@ -71,15 +73,33 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def tokenize(rows, fmt, tok, cfg, stats=None):
+    """tokenize_pairs on plain dicts, each named "row N" (1-based) where it came from."""
+    stats = collections.Counter() if stats is None else stats
+    return focalpo.tokenize_pairs([(r, f"row {i}") for i, r in enumerate(rows, 1)], fmt, tok, cfg, stats)
+
+
+def loaded(cfg, tok, device=torch.device("cpu")):
+    """The model as run() starts it, without the SFT stage: loaded, then prepared for training."""
+    return focalpo.prepare_model(focalpo.load_model(cfg, tok), cfg, device)
+
+
+def sft_model(cfg, tok, log=lambda *_: None, device=torch.device("cpu")):
+    """The demo model as run() starts it: loaded, through the SFT stage (when --sft_steps > 0), prepared."""
+    model = focalpo.load_model(cfg, tok)
+    if cfg.sft_steps:
+        model = focalpo.sft_demo(model, tok, cfg, device, log)
+    return focalpo.prepare_model(model, cfg, device)
+
+
 def demo_setup(tmp_path, n_train=64, n_eval=32, **kw):
     cfg = cfg_for(tmp_path, **kw)
     tok = focalpo.make_demo_tokenizer()
     rows = focalpo.make_demo_pairs(n_train + n_eval, 0)
-    stats = {}
-    train = focalpo.tokenize_pairs(rows[:n_train], "plain", tok, cfg, stats)
-    eval_ = focalpo.tokenize_pairs(rows[n_train:], "plain", tok, cfg, stats)
-    model = focalpo.load_model(cfg, tok, torch.device("cpu"))
-    return cfg, tok, model, train, eval_
+    stats = collections.Counter()
+    train = tokenize(rows[:n_train], "plain", tok, cfg, stats)
+    eval_ = tokenize(rows[n_train:], "plain", tok, cfg, stats)
+    return cfg, tok, loaded(cfg, tok), train, eval_
 
 
 def naive_logps(model, ids, start):
@@ -216,8 +236,8 @@ def test_boundary_merge_is_detected_and_mask_follows_the_real_tokens():
     prompt = "Question: what is two plus two? Answer: "  # trailing space merges with the response's first word
     assert tok(prompt + "four.", add_special_tokens=False)["input_ids"][:len(tok(prompt, add_special_tokens=False)["input_ids"])] \
         != tok(prompt, add_special_tokens=False)["input_ids"], "the stand-in tokenizer should merge at the boundary"
-    stats = {}
-    pairs = focalpo.tokenize_pairs([{"prompt": prompt, "chosen": "four.", "rejected": "two."}], "plain", tok, cfg, stats)
+    stats = collections.Counter()
+    pairs = tokenize([{"prompt": prompt, "chosen": "four.", "rejected": "two."}], "plain", tok, cfg, stats)
     assert stats["boundary token merged"] == 2 and len(pairs) == 1
     p = pairs[0]
     whole = [tok.bos_token_id] + tok(prompt + "four.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -229,15 +249,15 @@ def test_exactly_one_bos_plain_and_chat():
     tok = make_bpe_tokenizer()
     cfg = Config()
     bos = tok.bos_token_id
-    plain = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", tok, cfg, {})
+    plain = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", tok, cfg)
     chat_row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
                 "rejected": [{"role": "assistant", "content": "go away"}]}
-    chat = focalpo.tokenize_pairs([chat_row], "chat", tok, cfg, {})  # the template itself writes the BOS
+    chat = tokenize([chat_row], "chat", tok, cfg)  # the template itself writes the BOS
     for p in plain + chat:
         for ids in (p.chosen, p.rejected):
             assert ids[0] == bos and (ids == bos).sum() == 1
     no_bos = make_bpe_tokenizer(bos=False)
-    p = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", no_bos, cfg, {})[0]
+    p = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", no_bos, cfg)[0]
     assert not focalpo.uses_bos(no_bos) and p.chosen[0] != bos
 
 
@@ -245,11 +265,11 @@ def test_eos_appended_to_plain_text_but_not_doubled_on_chat():
     tok = make_bpe_tokenizer()
     cfg = Config()
     eos = tok.eos_token_id
-    p = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", tok, cfg, {})[0]
+    p = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", tok, cfg)[0]
     assert p.chosen[-1] == eos and (p.chosen == eos).sum() == 1
     chat_row = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
                 "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
-    p = focalpo.tokenize_pairs([chat_row], "chat", tok, cfg, {})[0]
+    p = tokenize([chat_row], "chat", tok, cfg)[0]
     response = p.chosen[p.chosen_start:].tolist()
     assert response.count(eos) == 1  # the template's end of turn, and no second one appended
 
@@ -258,7 +278,7 @@ def test_pad_equal_to_eos_keeps_the_real_eos_in_the_mask():
     tok = make_bpe_tokenizer(pad=False)
     tok.pad_token = tok.eos_token  # what load_tokenizer does for tokenizers without a pad token
     rows = [{"prompt": "hello", "chosen": " world", "rejected": " there, hello again and again"}]
-    p = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})[0]
+    p = tokenize(rows, "plain", tok, Config())[0]
     batch = focalpo.collate([p], tok.pad_token_id)
     last = len(p.chosen) - 1
     assert batch["input_ids"][0, last] == tok.eos_token_id and batch["response_mask"][0, last]
@@ -272,8 +292,8 @@ def test_truncation_keeps_prompt_end_and_drops_emptied_pairs():
             {"prompt": "sort: a b =", "chosen": " a b c d e f g h i j k l m", "rejected": " a b c d e f g h i j k l n"},
             {"prompt": "sort: a =", "chosen": " a", "rejected": " a"},
             {"prompt": "sort: a =", "chosen": "  ", "rejected": " b"}]
-    stats = {}
-    pairs = focalpo.tokenize_pairs(rows, "plain", tok, cfg, stats)
+    stats = collections.Counter()
+    pairs = tokenize(rows, "plain", tok, cfg, stats)
     p = pairs[0]
     assert p.chosen_start == 8 and p.chosen[0] == tok.bos_token_id
     assert tok.convert_ids_to_tokens(p.chosen[1:8].tolist()) == ["e", "f", "g", "h", "i", "j", "="]  # the end kept
@@ -298,13 +318,13 @@ def test_sequence_logps_match_naive_loop_and_padding_does_not_matter(attention):
     if attention == "causal_sdpa":
         rows = [{"prompt": "Question: what is two plus two?", "chosen": " Answer: four.", "rejected": " five"},
                 {"prompt": "hello", "chosen": " world, hello there, hello again", "rejected": " there"}]
-        for p in focalpo.tokenize_pairs(rows, "plain", tok, Config(), {}):
+        for p in tokenize(rows, "plain", tok, Config()):
             for ids, start in ((p.chosen, p.chosen_start), (p.rejected, p.rejected_start)):
                 naive[tuple(ids.tolist())] = naive_logps(model, ids, start)
         assert focalpo.use_causal_sdpa(model, 1024) and model.config._attn_implementation == "causal_sdpa"
     rows = [{"prompt": "Question: what is two plus two?", "chosen": " Answer: four.", "rejected": " five"},
             {"prompt": "hello", "chosen": " world, hello there, hello again", "rejected": " there"}]
-    pairs = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})
+    pairs = tokenize(rows, "plain", tok, Config())
     batch = focalpo.collate(pairs, tok.pad_token_id)
     with torch.no_grad():
         logps, n_tokens = focalpo.sequence_logps(model, batch, chunk_size=3)  # several chunks
@@ -314,7 +334,24 @@ def test_sequence_logps_match_naive_loop_and_padding_does_not_matter(attention):
         expected = naive[key] if key in naive else naive_logps(model, ids, start)
         assert logps[i].item() == pytest.approx(expected, abs=1e-4)
         assert n_tokens[i] == len(ids) - start
-    assert logps.dtype == torch.float32
+    assert logps.dtype == torch.float64  # the sums; each token's log-prob is fp32
+
+
+def test_sequence_logps_sums_each_sequence_in_float64(monkeypatch):
+    """Each token's log-prob is fp32, but their sum over thousands of tokens must not drift as an fp32 sum does:
+    checked against math.fsum (exact) of the very same fp32 values, for a 4,000-token and a 100-token sequence."""
+    model = tiny_model(50, max_positions=4096).eval()
+    ids = torch.randint(3, 50, (4000,), generator=torch.Generator().manual_seed(0)).int()
+    batch = focalpo.collate_sequences([ids, ids[:100]], [1, 1], pad_id=0)
+    values = torch.rand(3999 + 99, generator=torch.Generator().manual_seed(1)) * -12  # fp32 "token log-probs"
+    pieces = iter(values.split(2048))  # sequence_logps asks for them chunk by chunk, in order
+    monkeypatch.setattr(focalpo, "_token_logps", lambda lm_head, hidden, targets: next(pieces))
+    with torch.no_grad():
+        logps, _ = focalpo.sequence_logps(model, batch)
+    exact = [math.fsum(values[:3999].tolist()), math.fsum(values[3999:].tolist())]
+    assert abs(logps[0].item() - exact[0]) < 1e-6 and abs(logps[1].item() - exact[1]) < 1e-9
+    fp32_sum = torch.zeros(2).index_add(0, batch["position_seq"], values)  # what an fp32 sum gives instead
+    assert abs(fp32_sum[0].item() - exact[0]) > 1e-4
 
 
 def test_sliding_window_models_keep_their_attention_mask():
@@ -331,8 +368,8 @@ def test_sliding_window_models_keep_their_attention_mask():
 def test_sequence_logps_gradient_matches_full_logits():
     tok = make_bpe_tokenizer()
     model = tiny_model(len(tok))
-    pairs = focalpo.tokenize_pairs([{"prompt": "hello", "chosen": " world", "rejected": " there, hello"}],
-                                   "plain", tok, Config(), {})
+    pairs = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there, hello"}],
+                                   "plain", tok, Config())
     batch = focalpo.collate(pairs, tok.pad_token_id)
     logps, _ = focalpo.sequence_logps(model, batch, chunk_size=2)
     g1 = torch.autograd.grad(logps.sum(), list(model.parameters()))
@@ -345,7 +382,7 @@ def test_sequence_logps_gradient_matches_full_logits():
 
 def test_collate_pads_on_the_right():
     tok = focalpo.make_demo_tokenizer()
-    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(4, 0), "plain", tok, Config(), {})
+    pairs = tokenize(focalpo.make_demo_pairs(4, 0), "plain", tok, Config())
     b = focalpo.collate(pairs, tok.pad_token_id)
     assert b["input_ids"].shape[0] == 8
     lengths = b["attention_mask"].sum(1)
@@ -363,8 +400,8 @@ def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_pat
     tok = focalpo.make_demo_tokenizer()
     monkeypatch.setattr(focalpo, "make_demo_model", lambda t, seed: tiny_model(len(t), seed, dropout=0.5))
     cfg = cfg_for(tmp_path)
-    model = focalpo.load_model(cfg, tok, torch.device("cpu"))
-    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg, {})
+    model = loaded(cfg, tok)
+    pairs = tokenize(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg)
     ref = focalpo.compute_reference(model, pairs, cfg, tok.pad_token_id, torch.device("cpu"))
     model.train()
     batch = focalpo.collate(pairs[3:11], tok.pad_token_id)  # a different grouping than the reference pass used
@@ -403,7 +440,7 @@ def test_cache_key_changes_with_everything_that_changes_the_values(tmp_path):
     dev = torch.device("cpu")
     key = focalpo.cache_key(cfg, model, train, eval_, dev)[0]
     assert focalpo.cache_key(cfg, model, train, eval_, dev)[0] == key
-    short = focalpo.tokenize_pairs(focalpo.make_demo_pairs(96, 0)[:64], "plain", tok, dataclasses.replace(cfg, max_length=10), {})
+    short = tokenize(focalpo.make_demo_pairs(96, 0)[:64], "plain", tok, dataclasses.replace(cfg, max_length=10))
     assert focalpo.cache_key(cfg, model, short, eval_, dev)[0] != key  # max length
     assert focalpo.cache_key(cfg, model, train[:-1], eval_, dev)[0] != key  # dataset
     assert focalpo.cache_key(cfg, model, eval_, train, dev)[0] != key  # split
@@ -535,7 +572,7 @@ def test_train_step_waits_for_the_device_once_however_many_micro_batches(tmp_pat
     for accum in (1, 8):
         micro = [focalpo.collate(train[2 * i:2 * i + 2], tok.pad_token_id) for i in range(accum)]
         calls, m = count_host_syncs(lambda: focalpo.train_step(model, opt, micro, ref, cfg, "dpo", dev))
-        assert "nonfinite_rows" not in m
+        assert "nonfinite_pairs" not in m
         counts[accum] = calls
     assert counts[1] == counts[8] == ["item"]  # the non-finite guard, and nothing else
     # and the metrics reach the host in one copy
@@ -567,6 +604,22 @@ def test_train_step_syncs_on_cuda(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         counts[accum] = sum("synchroniz" in str(w.message) for w in caught)
     assert counts[1] == counts[8] <= 1, counts
+
+
+def test_a_short_last_step_gives_the_other_processes_a_stand_in(tmp_path, monkeypatch):
+    """Several processes: an epoch's last step may have fewer micro-batches than processes. The one left without
+    runs a stand-in (every FSDP forward is collective) that counts for nothing. Rank 1 of 2, simulated."""
+    cfg, tok, model, train, _ = demo_setup(tmp_path, n_train=10, batch_size=2, grad_accum=4)  # 5 batches: 4 + 1
+    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, torch.device("cpu"))
+    monkeypatch.setattr(focalpo, "world", lambda: 2)
+    monkeypatch.setattr(focalpo, "rank", lambda: 1)
+    steps = focalpo.step_stream(train, cfg, skip=0)
+    first, n_first, _ = focalpo.next_step(steps, tok.pad_token_id)
+    short, n_short, _ = focalpo.next_step(steps, tok.pad_token_id)
+    assert len(first) == 2 and not any(b.get("stand_in") for b in first) and n_first + n_short == 10
+    assert len(short) == 1 and short[0]["stand_in"]
+    losses, metrics = focalpo.forward_pairs(model, short[0], ref, cfg, "dpo", torch.device("cpu"))
+    assert torch.all(losses == 0) and all(float(v) == 0 for v in metrics.values())
 
 
 def test_lr_schedule():
@@ -616,6 +669,37 @@ def test_demo_learns_and_writes_its_outputs(tmp_path):
     # the ranking-accuracy split covers every eval pair exactly once
     s = out["dpo"]
     assert s["eval_pairs_ref_correct"] + s["eval_pairs_ref_incorrect"] == 200
+    # a finished run keeps its model and summary; its checkpoints (optimizer state) are gone
+    assert not (tmp_path / "out" / "dpo" / "checkpoints").exists()
+
+
+def test_epochs_never_mix_and_throughput_counts_training_steps_only(tmp_path, monkeypatch):
+    """19 training pairs in micro-batches of 2 make 10 batches per epoch: 3 steps of up to 4 batches, the last one
+    short (2 batches). Each epoch's steps hold each pair once. Tokens/s counts every non-pad token of the training steps over
+    their time alone: evaluation (made slow here) does not count."""
+    real_step, real_eval, seen = focalpo.train_step, focalpo.evaluate, []
+    def recording_step(model, opt, micro, *a, **kw):
+        seen.append([i for b in micro for i in b["idx"].tolist()])
+        return real_step(model, opt, micro, *a, **kw)
+    def slow_eval(*a, **kw):
+        time.sleep(0.5)
+        return real_eval(*a, **kw)
+    monkeypatch.setattr(focalpo, "train_step", recording_step)
+    monkeypatch.setattr(focalpo, "evaluate", slow_eval)
+    data = write_jsonl(tmp_path / "d.jsonl", PLAIN)
+    tok = make_bpe_tokenizer()
+    tok.save_pretrained(tmp_path / "m")
+    tiny_model(len(tok)).save_pretrained(tmp_path / "m")
+    cfg = cfg_for(tmp_path, model=str(tmp_path / "m"), dataset=data, loss="dpo", epochs=2, batch_size=2,
+                  grad_accum=4, eval_every=1, lr=1e-3)
+    s = focalpo.run(cfg, log=lambda *_: None)["dpo"]
+    train, _ = focalpo.prepare_data(cfg, focalpo.load_tokenizer(cfg), lambda *_: None)
+    assert s["steps"] == 6 and len(seen) == 6 and len(train) == 19
+    for epoch in (seen[:3], seen[3:]):
+        assert sorted(i for step in epoch for i in step) == list(range(19))
+    tokens = 2 * sum(len(p.chosen) + len(p.rejected) for p in train)
+    assert s["train_tokens_per_second"] == pytest.approx(tokens / s["train_seconds"])
+    assert s["train_seconds"] < s["runtime_seconds"] - 2  # the evaluations after steps 1-5 (0.5 s each) are not
 
 
 # -----------------------------------------------------------------------------
@@ -649,7 +733,7 @@ def test_sft_gives_a_reference_with_partial_skill(tmp_path):
     tok, dev = focalpo.make_demo_tokenizer(), torch.device("cpu")
     _, eval_pairs = focalpo.prepare_data(dataclasses.replace(cfg, max_eval_pairs=200), tok, lambda *_: None)
     before = focalpo.generation_accuracy(focalpo.make_demo_model(tok, cfg.seed), eval_pairs, tok, dev)
-    after = focalpo.generation_accuracy(focalpo.load_model(cfg, tok, dev, lambda *_: None), eval_pairs, tok, dev)
+    after = focalpo.generation_accuracy(sft_model(cfg, tok, lambda *_: None), eval_pairs, tok, dev)
     assert before == 0 and 0.2 < after < 0.9, (before, after)
 
 
@@ -657,14 +741,13 @@ def test_sft_is_cached_and_the_reference_key_covers_it(tmp_path):
     tok, dev = focalpo.make_demo_tokenizer(), torch.device("cpu")
     cfg = cfg_for(tmp_path, sft_steps=20)
     logs = []
-    a = focalpo.load_model(cfg, tok, dev, logs.append)
-    b = focalpo.load_model(cfg, tok, dev, logs.append)
+    a = sft_model(cfg, tok, logs.append)
+    b = sft_model(cfg, tok, logs.append)
     assert logs[0].startswith("sft: 20 steps") and logs[1].startswith("sft: loaded cached values")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     # the stage changes the weights, so the reference cache's key (a fingerprint of them) changes with it
-    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg, {})
-    keys = {steps: focalpo.cache_key(cfg, focalpo.load_model(dataclasses.replace(cfg, sft_steps=steps), tok, dev,
-                                                             lambda *_: None), pairs, pairs, dev)[0]
+    pairs = tokenize(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg)
+    keys = {steps: focalpo.cache_key(cfg, sft_model(dataclasses.replace(cfg, sft_steps=steps), tok, lambda *_: None), pairs, pairs, dev)[0]
             for steps in (0, 10, 20)}
     assert len(set(keys.values())) == 3
     # a damaged SFT cache is reported and recomputed, to the same weights
@@ -672,7 +755,7 @@ def test_sft_is_cached_and_the_reference_key_covers_it(tmp_path):
     for f in sft_files:
         f.write_bytes(b"damaged")
     logs = []
-    c = focalpo.load_model(cfg, tok, dev, logs.append)
+    c = sft_model(cfg, tok, logs.append)
     assert "WARNING: ignoring the cache file" in logs[0] and logs[1].startswith("sft: 20 steps")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
 
@@ -680,7 +763,7 @@ def test_sft_is_cached_and_the_reference_key_covers_it(tmp_path):
 def test_generation_metric_is_exact_match_on_decoded_text(monkeypatch):
     tok = focalpo.make_demo_tokenizer()
     rows = [{"prompt": "sort: q d m a =", "chosen": " a d q m", "rejected": " a d x q"}] * 5  # chosen has a mistake
-    pairs = focalpo.tokenize_pairs(rows, "plain", tok, Config(), {})
+    pairs = tokenize(rows, "plain", tok, Config())
     outputs = [("a d m q", True),     # right: the sorted letters (not the chosen answer), then EOS
                ("a d m q", False),    # no EOS: it did not stop
                ("a d m q x", True),   # one letter too many
@@ -695,9 +778,9 @@ def test_greedy_completions_match_a_naive_greedy_loop(tmp_path):
     """The batched, cached, mask-free generation against the obvious loop: the whole sequence through the model at
     every step, argmax, stop at EOS."""
     tok, dev = focalpo.make_demo_tokenizer(), torch.device("cpu")
-    model = focalpo.load_model(cfg_for(tmp_path, sft_steps=30), tok, dev, lambda *_: None)
+    model = sft_model(cfg_for(tmp_path, sft_steps=30), tok, lambda *_: None)
     assert model.config._attn_implementation == "causal_sdpa"
-    pairs = focalpo.tokenize_pairs(focalpo.make_demo_pairs(24, 3), "plain", tok, Config(), {})
+    pairs = tokenize(focalpo.make_demo_pairs(24, 3), "plain", tok, Config())
     prompts = [p.chosen[:p.chosen_start] for p in pairs]  # 4 to 8 letters: several lengths, several batches
     got = focalpo.greedy_completions(model, prompts, tok, dev, max_new_tokens=10, batch_size=4)
     model.eval()
@@ -812,15 +895,15 @@ def test_implicit_prompt_format_hh_style(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ([{"question": "q", "good": "a", "bad": "b"}], "expected columns 'chosen' and 'rejected'.*found: bad, good, question"),
     ([PLAIN[0], {"prompt": "p", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}],
-     "row 1: 'chosen' should be a string like the first row"),
-    ([CHAT[0], dict(CHAT[1], chosen="plain text")], "row 1: 'chosen' should be a list of"),
+     "train.jsonl line 2: 'chosen' should be a string like the first row"),
+    ([CHAT[0], dict(CHAT[1], chosen="plain text")], "train.jsonl line 2: 'chosen' should be a list of"),
     ([dict(CHAT[0], rejected=[{"role": "robot", "content": "x"}])], "unknown message role 'robot'"),
     ([{"prompt": "p", "chosen": "a", "rejected": "a"}] * 3, "no usable train pairs are left"),
-    ([{"prompt": "p", "chosen": 3, "rejected": "a"}], "row 0: 'chosen' should be a string"),
-    ([PLAIN[0], {"prompt": None, "chosen": "a", "rejected": "b"}], "row 1: 'prompt' should be a string.*NoneType"),
-    ([PLAIN[0], {"prompt": "p", "chosen": [["a"]], "rejected": "b"}], "row 1: 'chosen' should be a string.*list"),
-    ([CHAT[0], dict(CHAT[1], chosen=[{"role": "assistant"}])], "row 1 'chosen': each message needs a 'role' and a string 'content'"),
-    ([PLAIN[0], "just a string"], "row 1: expected an object"),
+    ([{"prompt": "p", "chosen": 3, "rejected": "a"}], "train.jsonl line 1: 'chosen' should be a string"),
+    ([PLAIN[0], {"prompt": None, "chosen": "a", "rejected": "b"}], "train.jsonl line 2: 'prompt' should be a string.*NoneType"),
+    ([PLAIN[0], {"prompt": "p", "chosen": [["a"]], "rejected": "b"}], "train.jsonl line 2: 'chosen' should be a string.*list"),
+    ([CHAT[0], dict(CHAT[1], chosen=[{"role": "assistant"}])], "train.jsonl line 2 'chosen': each message needs a 'role' and a string 'content'"),
+    ([PLAIN[0], "just a string"], "train.jsonl line 2: expected an object"),
 ])
 def test_bad_data_is_one_clear_error(tmp_path, rows, message):
     with pytest.raises(FocalpoError, match=message):
@@ -899,9 +982,8 @@ def test_memory_plan_arithmetic():
     assert shared == n * 8 / 8 + 28 * 2 ** 25 + acts
     fp32, _ = focalpo.memory_plan(MistralConfig(), dataclasses.replace(cfg, weights="fp32"), world_size=8)
     assert fp32 == n * 16 / 8 + acts + (4 - 2) * H * tokens * L  # fp32 master, no full bf16 copy; fp32 layer inputs
-    # nothing to plan for the demo, or off the GPU
-    focalpo.check_memory(Config(), torch.device("cuda"), log=lambda m: pytest.fail(m))
-    focalpo.check_memory(Config(model="x"), torch.device("cpu"), log=lambda m: pytest.fail(m))
+    # nothing to plan off the GPU
+    focalpo.check_memory(Config(model="x"), MistralConfig(), torch.device("cpu"), log=lambda m: pytest.fail(m))
 
 
 def test_local_model_path_trains(tmp_path):
@@ -930,12 +1012,198 @@ def test_command_line_errors():
     assert r.returncode == 2 and r.stderr.strip() == "error: data file nowhere.jsonl does not exist"
     # an unreachable hub (HF_HUB_OFFLINE=1 stands in for no network: same failure, no minute of retries)
     r = cli("--dataset=someone/no-such-dataset")
-    assert r.returncode == 2 and r.stderr.startswith("error: could not load dataset 'someone/no-such-dataset' from the")
+    assert r.returncode == 2 and r.stderr.startswith("error: could not load dataset 'someone/no-such-dataset' (")
     assert len(r.stderr.strip().splitlines()) == 1
     r = cli("--model=someone/no-such-model")
-    assert r.returncode == 2 and r.stderr.startswith("error: could not load the tokenizer of 'someone/no-such-model'")
+    assert r.returncode == 2 and r.stderr.startswith("error: could not load the config of 'someone/no-such-model'")
     r = cli("--help")
     assert r.returncode == 0 and all(f"--{f.name}" in r.stdout for f in dataclasses.fields(Config))
+
+
+def test_a_new_run_never_takes_over_another_runs_folder(tmp_path, monkeypatch):
+    """A finished dpo run, then minordpo (or dpo with another beta) into the same folder: refused in one sentence
+    before any work, fresh or resumed. The same options with --resume=true show the finished run."""
+    first = focalpo.run(short_cfg(tmp_path, max_steps=4), log=lambda *_: None)["dpo"]
+    assert first["config"]["loss"] == "dpo"
+    def not_reached(*a, **kw):
+        raise AssertionError("the check should have stopped the run first")
+    monkeypatch.setattr(focalpo, "prepare_data", not_reached)
+    out = tmp_path / "out"
+    with pytest.raises(FocalpoError, match=f"^{out} already holds a run's results \\(summary.json, metrics.jsonl\\): "
+                                           "continue or show that run with --resume=true, or pass a new --out_dir$"):
+        focalpo.run(short_cfg(tmp_path, loss="minordpo", max_steps=4), log=lambda *_: None)
+    with pytest.raises(FocalpoError, match="the loss was 'dpo', now 'minordpo'.*summary.json"):
+        focalpo.run(short_cfg(tmp_path, loss="minordpo", max_steps=4, resume=True), log=lambda *_: None)
+    with pytest.raises(FocalpoError, match="--beta was 0.1, now 0.5"):
+        focalpo.run(short_cfg(tmp_path, max_steps=4, beta=0.5, resume=True), log=lambda *_: None)
+    monkeypatch.undo()
+    logs = []
+    again = focalpo.run(short_cfg(tmp_path, max_steps=4, resume=True), log=logs.append)["dpo"]
+    assert again == first and any("already finished" in l for l in logs)
+
+
+def test_checkpoint_rotation_touches_only_its_own_run(tmp_path):
+    model = tiny_model(50)
+    opt = torch.optim.AdamW(model.parameters())
+    foreign = focalpo.save_checkpoint(str(tmp_path), model, opt, {"step": 9, "run_id": "another"}, keep=1)
+    for step in (1, 2, 3):
+        focalpo.save_checkpoint(str(tmp_path), model, opt, {"step": step, "run_id": "mine"}, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ["step_0000003.json", "step_0000003.pt", "step_0000009.json", "step_0000009.pt"]
+    assert focalpo.checkpoints_of_run(str(tmp_path), "another") == [foreign]
+
+
+@pytest.mark.parametrize("option, message", [
+    ("lr=nan", "--lr=nan: must be a finite number"),
+    ("beta=inf", "--beta=inf: must be a finite number"),
+    ("max_steps=-1", "--max_steps=-1: must be at least 0"),
+    ("warmup_ratio=1.5", "--warmup_ratio=1.5: the first must be between 0 and 1, the second at least 0 and below 1"),
+    ("generate=-2", "--generate=-2: must be -1 \\(automatic\\), 0 \\(none\\) or more"),
+    ("weights=fp16", "--weights='fp16': expected one of fp32, bf16"),
+    ("bta=0.2", "^unrecognized arguments: --bta=0.2; did you mean --beta\\? \\(python focalpo.py --help lists every"),
+    ("max_stepz=3", "did you mean --max_steps\\?"),
+    ("beta=abc", "argument --beta: invalid float value: 'abc'"),
+])
+def test_bad_options_are_one_sentence(option, message):
+    with pytest.raises(FocalpoError, match=message):
+        focalpo.parse_args([f"--{option}"])
+
+
+def test_paths_and_the_models_context_are_checked_before_any_work(tmp_path, monkeypatch):
+    def not_reached(*a, **kw):
+        raise AssertionError("the check should have stopped the run first")
+    monkeypatch.setattr(focalpo, "prepare_data", not_reached)
+    monkeypatch.setattr(focalpo, "load_tokenizer", not_reached)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FocalpoError, match="^--out_dir=.*a_file is a file, not a folder: choose another path$"):
+        focalpo.run(cfg_for(tmp_path, out_dir=str(tmp_path / "a_file")))
+    with pytest.raises(FocalpoError, match="^--cache_dir=.*a_file/sub cannot be written \\(Not a directory\\)"):
+        focalpo.run(cfg_for(tmp_path, cache_dir=str(tmp_path / "a_file" / "sub")))
+    with pytest.raises(FocalpoError, match="^data file .*nowhere.jsonl does not exist$"):
+        focalpo.run(cfg_for(tmp_path, dataset=str(tmp_path / "nowhere.jsonl")))
+    tok = make_bpe_tokenizer()
+    tok.save_pretrained(tmp_path / "m")
+    tiny_model(len(tok), max_positions=256).save_pretrained(tmp_path / "m")
+    with pytest.raises(FocalpoError, match="--max_length=1024 is longer than the 256 positions .* was built for: "
+                                           "lower --max_length \\(and --max_prompt_length\\) to at most 256"):
+        focalpo.run(cfg_for(tmp_path, model=str(tmp_path / "m")))
+
+
+def file_error(tmp_path, name, content, **kw):
+    """The one-sentence error (or the rows) of training on a data file with this content."""
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    try:
+        return run_on_files_at(tmp_path, str(path), **kw)
+    except FocalpoError as e:
+        return str(e)
+
+
+def run_on_files_at(tmp_path, spec, **kw):
+    return focalpo.prepare_data(cfg_for(tmp_path, dataset=spec, **kw), make_bpe_tokenizer(), lambda *_: None)
+
+
+def test_data_errors_name_the_file_and_its_line_whatever_the_seed(tmp_path):
+    lines = [json.dumps(r) for r in PLAIN[:12]]
+    lines[7] = json.dumps(dict(PLAIN[7], chosen=None))  # line 8
+    for seed in (0, 1, 2):
+        assert file_error(tmp_path, "d.jsonl", "\n".join(lines), seed=seed).startswith(
+            f"{tmp_path / 'd.jsonl'} line 8: 'chosen' should be a string like the first row, found NoneType")
+    mixed = [json.dumps(r) for r in PLAIN[:12]] + [json.dumps(CHAT[0])]  # a file that mixes formats: line 13
+    assert file_error(tmp_path, "m.jsonl", "\n".join(mixed)).startswith(f"{tmp_path / 'm.jsonl'} line 13: 'chosen'")
+    bad_utf8 = ("\n".join(lines[:4]) + '\n{"prompt": "ab\xff"}\n').encode("latin-1")
+    assert file_error(tmp_path, "u.jsonl", bad_utf8) == (f"{tmp_path / 'u.jsonl'} line 5 is not valid UTF-8 (byte "
+                                                         f"15 of that line): re-encode the file as UTF-8")
+    assert file_error(tmp_path, "t.parquet", "not parquet").startswith(f"{tmp_path / 't.parquet'} is not a Parquet file")
+    assert file_error(tmp_path, "n.jsonl", "1\n2\n") == f"{tmp_path / 'n.jsonl'} line 1: expected an object with " \
+                                                        f"prompt/chosen/rejected fields, found int 1"
+    assert file_error(tmp_path, "x.txt", "hello").startswith(f"{tmp_path / 'x.txt'}: not a data file this reads")
+
+
+def test_data_files_as_datasets_reads_them(tmp_path):
+    """CSV, compressed JSON Lines, any case of extension, a byte-order mark, JSON Lines named .json."""
+    import csv
+    import gzip
+    jsonl = "\n".join(json.dumps(r) for r in PLAIN)
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerows(PLAIN)
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(jsonl.encode()))
+    (tmp_path / "P.JSONL").write_text(jsonl)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl.encode())
+    (tmp_path / "lines.json").write_text(jsonl)
+    expected = None
+    for name in ("p.csv", "p.jsonl.gz", "P.JSONL", "bom.jsonl", "lines.json"):
+        train, eval_ = run_on_files_at(tmp_path, str(tmp_path / name))
+        got = [(p.chosen.tolist(), p.rejected.tolist()) for p in train + eval_]
+        assert len(got) == 20 and got == (expected or got), name
+        expected = got
+    csv_rows = focalpo.read_local_rows(str(tmp_path / "p.csv"))
+    assert csv_rows[0] == (PLAIN[0], f"{tmp_path / 'p.csv'} line 2")  # line 1 is the header
+
+
+def test_eval_dataset_works_with_a_hub_dataset(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: {"train": PLAIN[:16], "test": PLAIN[16:18]})
+    held = write_jsonl(tmp_path / "held.jsonl", PLAIN[18:])
+    cfg = cfg_for(tmp_path, dataset="someone/pairs", eval_dataset=held)
+    train_rows, eval_rows, fmt = focalpo.load_rows(cfg)
+    assert [r for r, _ in eval_rows] == PLAIN[18:] and eval_rows[0][1] == f"{held} line 1"
+    assert len(train_rows) == 16 and train_rows[0][1] == "dataset 'someone/pairs' split 'train' row 1"
+    assert [r for r, _ in focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs"))[1]] == PLAIN[16:18]
+
+
+def test_load_errors_give_the_real_cause(tmp_path, monkeypatch):
+    tiny_model(50).save_pretrained(tmp_path / "no_tokenizer")  # a model folder without a tokenizer
+    with pytest.raises(FocalpoError) as err:
+        focalpo.load_tokenizer(cfg_for(tmp_path, model=str(tmp_path / "no_tokenizer")))
+    msg = str(err.value)
+    assert msg.startswith(f"could not load the tokenizer of '{tmp_path / 'no_tokenizer'}' (") and len(msg) > 120
+    assert f"check that {tmp_path / 'no_tokenizer'} holds what save_pretrained writes" in msg
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = focalpo.load_error("model", "./models/missing", OSError("no such thing"))
+    assert str(missing) == "could not load model './models/missing': there is no such folder; check the path"
+    offline = str(focalpo.load_error("model", "someone/model", OSError("not cached")))
+    assert "HF_HUB_OFFLINE is set" in offline and "set HF_HUB_OFFLINE=1" not in offline
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert "set HF_HUB_OFFLINE=1 to fail at once" in str(focalpo.load_error("model", "someone/model", OSError("x")))
+
+
+def test_help_teaches_and_bare_flags_mean_true(capsys):
+    with pytest.raises(SystemExit) as done:
+        focalpo.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for f in dataclasses.fields(Config):  # every option with its explanation from the Config comments
+        assert focalpo.option_help()[f.name] and f"--{f.name}" in out
+    flat = " ".join(out.split())
+    assert "inverse temperature of the implicit reward" in flat and "0 = all" in flat and '"cosine" or "linear"' in flat
+    assert focalpo.parse_args(["--resume", "--focal_detach", "--progress=false"]) == Config(
+        resume=True, focal_detach=True, progress=False)
+
+
+def test_resume_repairs_a_torn_metrics_line_and_a_missing_file(tmp_path, monkeypatch):
+    real_step, calls = focalpo.train_step, {"n": 0}
+    def crashing_step(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kw)
+    monkeypatch.setattr(focalpo, "train_step", crashing_step)
+    for case in ("torn", "missing"):
+        calls["n"] = 0
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            focalpo.run(short_cfg(tmp_path / case, max_steps=10), log=lambda *_: None)
+        metrics = tmp_path / case / "out" / "metrics.jsonl"
+        if case == "torn":
+            metrics.write_text(metrics.read_text() + '{"step": 7, "spl')
+        else:
+            metrics.unlink()
+        logs = []
+        s = focalpo.run(short_cfg(tmp_path / case, max_steps=10, resume=True), log=logs.append)["dpo"]
+        assert s["steps"] == 10 and any(("cut short" if case == "torn" else "is missing") in l for l in logs)
+        rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+        assert rows[-1]["step"] == 10 and all(r["step"] > 5 for r in rows) == (case == "missing")
 
 
 def test_import_has_no_side_effects():
@@ -1196,7 +1464,7 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
     resumed = focalpo.run(short_cfg(tmp_path / "b", resume=True), log=logs.append)["dpo"]
     assert any("resumed from" in l and "at step 10 of 20" in l for l in logs)
     for k, v in whole.items():
-        if k not in ("train_tokens_per_second", "runtime_seconds"):
+        if k not in ("train_tokens_per_second", "train_seconds", "runtime_seconds", "config"):
             assert resumed[k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-6, abs=1e-9)), k
     rows_b, rows_a = comparable(tmp_path / "b" / "out" / "metrics.jsonl"), comparable(tmp_path / "a" / "out" / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in rows_b] == [(r["step"], r["split"]) for r in rows_a]
@@ -1212,7 +1480,7 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "no_json"])
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
-    focalpo.run(short_cfg(tmp_path), log=lambda *_: None)
+    focalpo.run(short_cfg(tmp_path, keep_final_checkpoint=True), log=lambda *_: None)
     ckpts = tmp_path / "out" / "checkpoints"
     last = ckpts / "step_0000020.pt"
     if damage == "truncate":
@@ -1277,11 +1545,11 @@ def test_nonfinite_step_is_skipped_and_named(tmp_path):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     m = focalpo.train_step(model, opt, [focalpo.collate(train[:8], tok.pad_token_id)], ref, cfg, "dpo", dev)
-    assert m == {"nonfinite_rows": [train[3].row]}
+    assert m == {"nonfinite_pairs": [train[3].idx]}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update applied
     assert all(p.grad is None for p in model.parameters())
     m = focalpo.train_step(model, opt, [focalpo.collate(train[8:16], tok.pad_token_id)], ref, cfg, "dpo", dev)
-    assert "nonfinite_rows" not in m and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert "nonfinite_pairs" not in m and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
@@ -1321,7 +1589,7 @@ def test_out_of_memory_names_the_knobs_and_saves(tmp_path, monkeypatch):
 
 
 DIST = dict(loss="dpo", max_steps=6, batch_size=4, grad_accum=2, eval_every=3, log_every=3, save_every=3, lr=1e-3,
-            max_eval_pairs=32, max_train_pairs=200, sft_steps=10, progress=False, generate=0)
+            max_eval_pairs=32, max_train_pairs=200, sft_steps=10, progress=False, generate=0, keep_final_checkpoint=True)
 
 
 def cli_args(**kw):
@@ -1352,7 +1620,7 @@ def assert_same_run(a, b, rel=1e-5):
             assert rb[k] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=rel, abs=1e-7)), (ra["step"], k)
     sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
     for k, v in sa.items():
-        if k not in ("train_tokens_per_second", "runtime_seconds"):
+        if k not in ("train_tokens_per_second", "train_seconds", "runtime_seconds", "config"):
             assert sb[k] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=rel, abs=1e-7)), k
 
 
