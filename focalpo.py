@@ -820,17 +820,18 @@ def evaluate(model, batches, ref, cfg, loss_type, device):
 
 
 class HeldOut:
-    """The held-out pairs, batched once, with their reference log-probs. Calling it gives evaluate()'s metrics and,
-    for the demo (whose answers can be checked), the generation accuracy of greedy decoding beside them."""
+    """The held-out pairs, batched once, with their reference log-probs. Calling it gives evaluate()'s metrics (for
+    the loss and options of the run's cfg) and, for the demo (whose answers can be checked), the generation accuracy
+    of greedy decoding beside them."""
 
     def __init__(self, pairs, ref, tokenizer, cfg):
-        self.pairs, self.ref, self.tokenizer, self.cfg = pairs, ref, tokenizer, cfg
+        self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
         self.batches = [collate(b, tokenizer.pad_token_id)
                         for b in length_grouped_batches(pairs, cfg.batch_size, 0, shuffle=False)]
 
-    def __call__(self, model, loss_type, device):
-        out = evaluate(model, self.batches, self.ref, self.cfg, loss_type, device)
-        if self.cfg.dataset == "demo":
+    def __call__(self, model, cfg, loss_type, device):
+        out = evaluate(model, self.batches, self.ref, cfg, loss_type, device)
+        if cfg.dataset == "demo":
             out["generation_accuracy"] = generation_accuracy(model, self.pairs, self.tokenizer, device)
         return out
 
@@ -910,14 +911,14 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     if state["first_eval"] is None:
         if rank() == 0:
             open(metrics_path, "w").close()  # a new run: a new metrics file
-        state["first_eval"] = state["last_eval"] = ev = held_out(model, loss_type, device)
+        state["first_eval"] = state["last_eval"] = ev = held_out(model, cfg, loss_type, device)
         append_row(metrics_path, {"step": 0, "split": "eval", **ev})
         log(eval_line(label, 0, ev))
     steps = step_stream(train_pairs, cfg, skip=state["step"])
     bar = progress_bar(cfg, total_steps, state["step"], loss_type)
     say = bar.write if bar is not None else log
     t_start, elapsed_before = time.time(), state["elapsed"]
-    with StopSignals() as stop, bar or contextlib.nullcontext():
+    with StopSignals() as stop, bar if bar is not None else contextlib.nullcontext():
         while state["step"] < total_steps:
             lr = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -944,7 +945,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
                                     tok_s=f"{row['tokens_per_second']:.0f}")
             if step % cfg.eval_every == 0 or step == total_steps:
-                state["last_eval"] = ev = held_out(model, loss_type, device)
+                state["last_eval"] = ev = held_out(model, cfg, loss_type, device)
                 append_row(metrics_path, {"step": step, "split": "eval", **ev})
                 say(eval_line(label, step, ev))
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
@@ -1412,12 +1413,11 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
     point, as the SFT model is in the papers. The loss is the answer tokens' mean negative log-prob, computed with
     sequence_logps. Cached like the reference: the key covers the initial weights, the examples' token ids, the
     steps, the learning rate, the batch and the device and dtype."""
-    seqs, starts = [], []
-    for prompt, answer in make_sft_rows(cfg):  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
-        p = tokenizer(prompt)["input_ids"]
-        seqs.append(torch.tensor(p + tokenizer(answer, add_special_tokens=False)["input_ids"]
-                                 + [tokenizer.eos_token_id], dtype=torch.int32))
-        starts.append(len(p))
+    rows = make_sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
+    prompts = tokenizer([p for p, _ in rows])["input_ids"]
+    answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
+    seqs = [torch.tensor(p + a + [tokenizer.eos_token_id], dtype=torch.int32) for p, a in zip(prompts, answers)]
+    starts = [len(p) for p in prompts]
     data = hashlib.sha256(b"".join(s.numpy().tobytes() + bytes([n]) for s, n in zip(seqs, starts)))
     model = model.to(device)
     fields = {"stage": "sft", "init": weights_fingerprint(model), "data": data.hexdigest()[:16], "steps": cfg.sft_steps,
@@ -1951,6 +1951,7 @@ def resume(cfg, saver, metrics_path, total_steps, log):
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     state, saver.last = ckpt["state"], path
+    state.setdefault("train_seconds", state["elapsed"])  # written before training time was counted apart
     if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
         state["window"] = {}
     if rank() == 0:
