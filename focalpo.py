@@ -1143,7 +1143,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     """--key=value for every Config field (a bare --flag for true/false ones). An unknown option, with the nearest
     real one, a value of the wrong type or out of range: one sentence (FocalpoError)."""
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,  # the run commands
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = option_help()
     for f in dataclasses.fields(Config):
         kind = {"type": _parse_bool, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
@@ -1196,9 +1197,11 @@ def check_config(cfg):
 
 
 def check_before_work(cfg, device, log):
-    """Everything that can be checked before the data, the SFT stage and the reference pass: the folders can be
-    written, no other run's results are in the way, the data files exist, the model's config loads and its
-    context holds --max_length, and (on a GPU) the memory plan fits."""
+    """Everything that can be checked before the data, the SFT stage and the reference pass: the options' values
+    (check_config, also for a Config made in code), the folders can be written, no other run's results are in the
+    way, the data files exist, the model's config loads and its context holds --max_length, and (on a GPU) the
+    memory plan fits."""
+    check_config(cfg)
     for name in ("out_dir", "cache_dir"):
         check_writable_folder(name, getattr(cfg, name))
     for loss_type in loss_types(cfg):

@@ -1068,6 +1068,11 @@ def test_bad_options_are_one_sentence(option, message):
         focalpo.parse_args([f"--{option}"])
 
 
+def test_a_config_made_in_code_is_checked_too(tmp_path):
+    with pytest.raises(FocalpoError, match="^--lr=nan: must be a finite number$"):
+        focalpo.run(cfg_for(tmp_path, lr=float("nan")))
+
+
 def test_paths_and_the_models_context_are_checked_before_any_work(tmp_path, monkeypatch):
     def not_reached(*a, **kw):
         raise AssertionError("the check should have stopped the run first")
