@@ -1244,6 +1244,12 @@ def check_earlier_run(cfg, loss_type):
     if cfg.resume:
         if os.path.exists(summary):
             check_same_options(read_summary(out_dir), cfg, loss_type, summary)
+        newest = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.json")))[-1:]
+        for meta in newest:  # its options are beside it, so a resume that would be refused stops here, not later
+            with open(meta) as f:
+                recorded = json.load(f)
+            if "config" in recorded:
+                check_same_options(recorded, cfg, loss_type, meta[:-5] + ".pt")
         return
     found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(os.path.join(out_dir, f))]
     if found:
@@ -1835,7 +1841,7 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep, cfg=None, loss_type
     os.replace(path + ".tmp", path)
     with open(path + ".json.tmp", "w") as f:
         json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": out.sha.hexdigest(),
-                   "run": state.get("run_id")}, f)
+                   "run": state.get("run_id"), "loss_type": loss_type, "config": blob["config"]}, f)
     os.replace(path + ".json.tmp", path[:-3] + ".json")
     for old in checkpoints_of_run(ckpt_dir, state.get("run_id"))[:-keep]:
         for f in (old, old[:-3] + ".json"):

@@ -1040,6 +1040,13 @@ def test_a_new_run_never_takes_over_another_runs_folder(tmp_path, monkeypatch):
     logs = []
     again = focalpo.run(short_cfg(tmp_path, max_steps=4, resume=True), log=logs.append)["dpo"]
     assert again == first and any("already finished" in l for l in logs)
+    # an unfinished run's newest checkpoint: the same refusal, before any work
+    crash_at_step(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        focalpo.run(short_cfg(tmp_path / "b", max_steps=6, save_every=2), log=lambda *_: None)
+    monkeypatch.setattr(focalpo, "prepare_data", not_reached)
+    with pytest.raises(FocalpoError, match="--lr was 0.0, now 0.1\\) would not continue .*step_0000002.pt"):
+        focalpo.run(short_cfg(tmp_path / "b", max_steps=6, save_every=2, lr=0.1, resume=True), log=lambda *_: None)
 
 
 def test_checkpoint_rotation_touches_only_its_own_run(tmp_path):
@@ -1673,12 +1680,12 @@ def test_resume_refuses_options_that_change_the_result(dist_runs, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(root / "one", out)
     crash_after_step_3(out)
-    changed = dict(DIST, lr=2e-3, batch_size=8, max_length=512)
+    changed = dict(DIST, lr=2e-3, batch_size=8, max_length=768)
     with pytest.raises(FocalpoError) as err:
         focalpo.run(Config(**changed, out_dir=str(out), cache_dir=str(root / "cache1"), resume=True), log=lambda *_: None)
     msg = str(err.value)
     assert msg.startswith("--resume=true with options that change the result (") and len(msg.splitlines()) == 1
-    assert "--lr was 0.001, now 0.002" in msg and "--batch_size was 4, now 8" in msg and "--max_length was 1024, now 512" in msg
+    assert "--lr was 0.001, now 0.002" in msg and "--batch_size was 4, now 8" in msg and "--max_length was 1024, now 768" in msg
     with pytest.raises(FocalpoError, match="the loss was 'dpo', now 'minordpo'"):
         focalpo.run(Config(**dict(DIST, loss="minordpo"), out_dir=str(out), cache_dir=str(root / "cache1"), resume=True),
                     log=lambda *_: None)
