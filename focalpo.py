@@ -1208,9 +1208,7 @@ def check_before_work(cfg, device, log):
         check_earlier_run(cfg, loss_type)
     for spec in (cfg.dataset, cfg.eval_dataset):
         if spec != "demo" and is_local_data(spec):
-            for path in [p for p in spec.split(",") if p]:
-                if not os.path.isfile(path):
-                    raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
+            data_paths(spec)
     if cfg.model == "demo":
         return
     from transformers import AutoConfig
@@ -1291,13 +1289,20 @@ def is_local_data(spec):
     return any(data_file_kind(p) or os.path.exists(p) for p in spec.split(",") if p)
 
 
+def data_paths(spec):
+    """The files named by a comma-separated --dataset or --eval_dataset, each checked to be there."""
+    paths = [p for p in spec.split(",") if p]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
+    return paths
+
+
 def read_local_rows(spec):
     """[(row, where)] from comma-separated files: where names the file and the row's 1-based line (JSON Lines,
     CSV), item (a JSON list) or row (Parquet)."""
     rows = []
-    for path in [p for p in spec.split(",") if p]:
-        if not os.path.isfile(path):
-            raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
+    for path in data_paths(spec):
         kind = data_file_kind(path)
         if kind is None:
             raise FocalpoError(f"{path}: not a data file this reads; use .jsonl, .json or .csv (each may be .gz, "

@@ -110,11 +110,12 @@ def naive_logps(model, ids, start):
 
 
 # -----------------------------------------------------------------------------
-# losses: the checks at the end of MATH.md
+# losses: each one against its closed-form gradient weight (derived in tutorial.ipynb, sections 2-4), at step 0,
+# at extreme margins, and against each other where they must agree
 
 
 def closed_form_weight(loss_type, h, beta, gamma, detach=False):
-    """w in dL/dh = -beta * w (MATH.md table), float64. detach: FocalPO with p^γ a constant, w = p^γ (1 - p)."""
+    """w in dL/dh = -beta * w (the README's table), float64. detach: FocalPO with p^γ a constant, w = p^γ (1 - p)."""
     if loss_type == "dpo":
         return torch.sigmoid(-beta * h)  # 1 - p, written as σ(-βh) so it keeps its precision where p ≈ 1
     log_p = F.logsigmoid(beta * h)
@@ -227,7 +228,7 @@ def test_losses_finite_at_extreme_margins(dtype, loss_type):
 
 
 # -----------------------------------------------------------------------------
-# tokenization: PITFALLS.md 1-4 and 11
+# tokenization: pitfalls 1-4 and 11 (the README's "Pitfalls it guards against")
 
 
 def test_boundary_merge_is_detected_and_mask_follows_the_real_tokens():
@@ -305,7 +306,7 @@ def test_truncation_keeps_prompt_end_and_drops_emptied_pairs():
 
 
 # -----------------------------------------------------------------------------
-# log-probs: PITFALLS.md 5-7
+# log-probs: pitfalls 5-7
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "causal_sdpa"])
@@ -393,7 +394,7 @@ def test_collate_pads_on_the_right():
 
 
 # -----------------------------------------------------------------------------
-# model, reference cache, step 0: PITFALLS.md 8-9
+# model, reference cache, step 0: pitfalls 8-9
 
 
 def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_path, monkeypatch):
@@ -482,7 +483,7 @@ def test_eval_reference_is_the_initial_model_not_the_trained_one(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# training: PITFALLS.md 10, schedule, overfitting, the demo
+# training: pitfall 10, schedule, overfitting, the demo
 
 
 class RecordingOptimizer:
@@ -1232,7 +1233,7 @@ def test_import_has_no_side_effects():
 
 
 # -----------------------------------------------------------------------------
-# bf16 weights: stochastic rounding (PITFALLS.md 12)
+# bf16 weights: stochastic rounding (pitfall 12)
 
 
 def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
@@ -1366,7 +1367,7 @@ def test_adamw_sr_state_survives_a_state_dict_round_trip():
 def test_training_with_bf16_weights(tmp_path):
     cfg = cfg_for(tmp_path, loss="focalpo", weights="bf16", max_steps=40, eval_every=40, max_eval_pairs=64, lr=1e-3)
     s = focalpo.run(cfg, log=lambda *_: None)["focalpo"]
-    # the reference ran in bf16 too, so step 0 is still a tie everywhere (PITFALLS.md 8)
+    # the reference ran in bf16 too, so step 0 is still a tie everywhere (pitfall 8)
     assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(2 ** -0.05 * math.log(2), abs=1e-6)
     assert s["eval_loss"] < s["eval_loss_start"] and s["eval_rewards/margin"] > 0  # it trains
 
