@@ -1725,11 +1725,12 @@ def free_port():
 
 
 def wait_for_training(out):
+    """Until the training loop runs (its first train row is written after 5 steps; FSDP keeps the processes in
+    step), so that a signal finds the handlers installed. Waiting for the file alone raced the first evaluation."""
     import time
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "out" / "metrics.jsonl").exists():
+    deadline, metrics = time.time() + 120, out / "out" / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and '"split": "train"' in metrics.read_text()):
         time.sleep(0.2)
-    time.sleep(1.0)  # a few steps
 
 
 def test_sigterm_stops_every_process_at_the_same_step_with_one_checkpoint(tmp_path):
