@@ -1244,8 +1244,11 @@ def check_earlier_run(cfg, loss_type):
             check_same_options(read_summary(out_dir), cfg, loss_type, summary)
         newest = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.json")))[-1:]
         for meta in newest:  # its options are beside it, so a resume that would be refused stops here, not later
-            with open(meta) as f:
-                recorded = json.load(f)
+            try:
+                with open(meta) as f:
+                    recorded = json.load(f)
+            except (OSError, ValueError):  # unreadable: resume() reports it and falls back to the one before
+                recorded = {}
             if "config" in recorded:
                 check_same_options(recorded, cfg, loss_type, meta[:-5] + ".pt")
         return
