@@ -5,7 +5,6 @@ Benchmark focalpo's real training step on random-init models of named shapes (no
     python bench.py --shape=mistral-7b --weights=bf16 --gradient_checkpointing=true --batch_size=8 --grad_accum=2
     python bench.py --trl --shape=qwen2.5-0.5b --batch_size=8 --grad_accum=2   # the same pairs through TRL
     python bench.py --suite --out=bench_suite.json                      # the README's table, one process per row
-    python bench.py --optimizer --shape=50m                             # AdamWSR against the loop it replaced
 
 One row: pairs are seeded random token ids of variable length (prompts 64-512 tokens, responses 32-512, cut to
 --max_length the way focalpo cuts real data). It times the reference pass, then --warmup untimed and --steps timed
@@ -60,41 +59,6 @@ SUITE = [
     ("focalpo", ["--shape=llama-3-8b", "--weights=bf16", "--gradient_checkpointing=true", "--steps=4"]),
 ]
 SUITE_COMMON = ["--batch_size=8", "--grad_accum=2", "--max_length=1024", "--max_prompt_length=512"]
-
-
-class PerParameterAdamWSR(torch.optim.Optimizer):
-    """focalpo.AdamWSR as it was before it was bucketed: a Python loop over parameters, a dozen small ops and one
-    .item() each, one torch.randint per rounding. Kept as the baseline that --optimizer times the new one against,
-    and as the reference the tests compare it with. noise(x, k) gives the 16-bit rounding noise of rounding k
-    (0: weight, 1: first moment, 2: second moment); a test can replace it to feed both versions the same bits."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    def noise(self, p, x, k):
-        return torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"].item()
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                w = p.float().mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
-                denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
-                for k, (dst, x) in enumerate(((p, w), (state["exp_avg"], m), (state["exp_avg_sq"], v))):
-                    dst.copy_(focalpo.stochastic_round_bf16(x, self.noise(p, x, k)) if dst.dtype == torch.bfloat16 else x)
 
 
 def random_pairs(n, vocab_size, max_length, max_prompt_length, seed):
@@ -187,6 +151,7 @@ def measure(args, cfg, device):
             "gradient_checkpointing": cfg.gradient_checkpointing, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "steps": args.steps,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "tokens": tokens, "fast_logps": model.fast_logps,
             "tokens_per_second": tok_s, "step_seconds": seconds / args.steps, "padding": 1 - tokens / padded,
             "mfu": 6 * n_params * tok_s / flops if flops else None, "peak_gib": peak,
             "planned_gib": focalpo.memory_plan(config, cfg)[0] / focalpo.GiB,
@@ -288,33 +253,6 @@ def dataclasses_replace(cfg, **kw):
 
 
 # -----------------------------------------------------------------------------
-# --optimizer: the bucketed AdamWSR against the per-parameter loop it replaced, on the same bf16 model
-
-
-def measure_optimizer(args, cfg, device):
-    config, model = build(args.shape, dataclasses_replace(cfg, weights="bf16"), device)
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {"per-parameter loop": [], "bucketed": []}
-    opts = {"per-parameter loop": PerParameterAdamWSR(params, lr=1e-4), "bucketed": focalpo.AdamWSR(params, lr=1e-4)}
-    for opt in opts.values():
-        opt.step()  # first step: state and buffers
-    for _ in range(args.steps):  # interleaved, so both see the same machine
-        for name, opt in opts.items():
-            sync()
-            t = time.perf_counter()
-            opt.step()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"shape": args.shape, "params": sum(p.numel() for p in params), "tensors": len(params),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-            "steps": args.steps, "seconds_per_step": median, "speedup": median["per-parameter loop"] / median["bucketed"]}
-
-
-# -----------------------------------------------------------------------------
 # --suite: every row of the README's table, each in its own process (an out-of-memory row does not stop the rest)
 
 
@@ -385,38 +323,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES) + ["suite"], default=None,
                         help="model shape (default: tiny; with --suite: each row's own shape)")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 2)")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="the GPU's dense bf16 peak for MFU; 0 = 989 on an H100/H200, none elsewhere")
-    parser.add_argument("--save", type=focalpo._parse_bool, default=True, help="time saving one checkpoint")
+    parser.add_argument("--save", type=focalpo._parse_bool, default=None, help="time saving one checkpoint (default true)")
     parser.add_argument("--save_dir", default="", help="where the timed checkpoint is written (and deleted)")
     parser.add_argument("--json", default="", help="also write the row as JSON here")
     parser.add_argument("--trl", action="store_true", help="time TRL's DPOTrainer instead of focalpo")
-    parser.add_argument("--optimizer", action="store_true", help="time AdamWSR against the per-parameter loop")
     parser.add_argument("--suite", action="store_true", help="run every row of the README's table")
     parser.add_argument("--row_timeout", type=int, default=240, help="seconds per suite row")
     parser.add_argument("--out", default="", help="with --suite: write all rows as JSON here")
     args, rest = parser.parse_known_args(argv)
-    if args.suite:
+    if args.suite:  # the rows get these options only where given, after their own (so these win)
         args.shape = args.shape or "suite"
-        return run_suite(args, rest)
+        given = [f"--{k}={v}" for k, v in (("steps", args.steps), ("warmup", args.warmup), ("save", args.save))
+                 if v is not None]
+        return run_suite(args, rest + given)
+    args.steps, args.warmup = args.steps or 5, 2 if args.warmup is None else args.warmup
+    args.save = True if args.save is None else args.save
     args.shape = args.shape or "tiny"
     cfg = focalpo.parse_args(["--loss=focalpo", "--progress=false", "--lr=1e-6"] + rest)
-    device = focalpo.pick_device(cfg)
-    if args.optimizer:
-        row = measure_optimizer(args, cfg, device)
-        print(f"AdamWSR on {args.shape} ({row['params'] / 1e6:.1f}M parameters in {row['tensors']} tensors, bf16), "
-              f"{row['device']}, median of {args.steps} steps each, interleaved:")
-        for name, s in row["seconds_per_step"].items():
-            print(f"  {name:20s} {s:.3f} s per step")
-        print(f"  speed-up {row['speedup']:.2f}x")
-    else:
-        row = (measure_trl if args.trl else measure)(args, cfg, device)
-        if "error" in row:
-            print(f"{row['impl']}: {row['error']}")
-        else:
-            print(json.dumps(row, indent=1))
+    device = focalpo.pick_device()
+    row = (measure_trl if args.trl else measure)(args, cfg, device)
+    print(f"{row['impl']}: {row['error']}" if "error" in row else json.dumps(row, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f)

@@ -6,7 +6,7 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-    python focalpo.py        # the demo: offline, a tiny model built from a config, about a minute on 2 CPU cores
+    python focalpo.py        # the demo: offline, a tiny model built from a config, one to two minutes on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
@@ -17,37 +17,19 @@ Reading guide: the core, in reading order
     Losses           preference_loss: DPO, FocalPO, MinorDPO on per-pair log-probs (derived in tutorial.ipynb)
     Log-probs        sequence_logps: summed response-token log-probs (fp32 log-softmax, float64 sums)
     Reference cache  one no-grad pass with the initial weights, cached under a hash of everything that changes it
-    Data             the demo task, the row formats, tokenization with an explicit response mask, batches
-    Model            loading, dropout off, attention without a mask
-    One step         metrics, train_step (gradient accumulation), evaluate
-    Training         train(): schedule, step, log, evaluate, save
-    The whole job    run(): data, model, reference, then each loss from the same weights; main()
-    Processes        the few helpers the core calls for several processes: with one, each is a no-op
-A first reading can stop at the line "# Appendix: optional machinery". After it: the command line and the options
-check, data files and the hub, the demo's SFT stage and generation accuracy, the memory plan, AdamW for bf16
-weights, checkpoints and resume, fault handling, several processes (FSDP2).
+    Data             rows and their formats, tokenization with an explicit response mask, batches
+    Model            loading, dropout off
+    One step         metrics, train_step (gradient accumulation), evaluation
+    Training         train(): schedule, step, log, evaluate, save; run(): each loss from the same weights
+A first reading can stop at "# Appendix: optional machinery": the checks before any work, data files, the demo,
+the fast log-prob path, the memory plan, AdamW for bf16 weights, checkpoints, faults, several processes.
 
-Conventions (the reference implementations disagree on all three, so we say it here):
+Conventions (the reference implementations disagree on all three):
   - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
-  - rewards are β·(log πθ − log π_ref), i.e. they include β, and are detached (for logging only).
+  - rewards are β·(log πθ − log π_ref): they include β, and are detached (for logging only).
   - reward accuracy counts a tie (r_w == r_l) as half right, so it reads exactly 0.5 at step 0, where the policy
-    equals the reference and every pair is a tie. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
-
-Pitfalls of DPO implementations guarded against here, cited below as "pitfall N" (the README's "Pitfalls" section
-names the public bug reports behind each and the tests that check it):
-   1. A token merging across the prompt/response boundary: tokenize prompt+response as one string, check the prefix.
-   2. A doubled or missing BOS: decided once per tokenizer, never by a chat template and add_special_tokens both.
-   3. A doubled EOS on chat data: chat templates close the turn; EOS is appended to plain-text responses only.
-   4. pad == EOS masking out the real EOS: an explicit response mask, never `ids != pad`.
-   5. A log-prob mask off by one: the logits at position t predict token t+1.
-   6. Left padding in training: right padding, so positions are right without position ids.
-   7. A low-precision log-softmax: fp32 (bf16 weights are fine, a bf16 softmax is not).
-   8. Policy != reference at step 0: dropout off; the reference with the same weights, dtype and code path.
-   9. A wrong reference cache: keyed on everything that changes it; held-out pairs scored by the initial model.
-  10. Gradient accumulation that averages means: each micro-batch adds its summed loss / the pairs of the step.
-  11. Truncation that empties a response: the prompt is cut first (keeping its end); emptied pairs are dropped.
-  12. bf16 weights at DPO learning rates: round-to-nearest loses the update; stochastic rounding keeps it.
-  13. Misread metrics: chosen rewards may fall (the margin is what grows); ties are counted as said above.
+    is the reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
+"Pitfall N" is the README's list of 13 ways DPO implementations have gone wrong, each guarded against here.
 """
 
 import argparse
@@ -57,12 +39,12 @@ import dataclasses
 import datetime
 import glob
 import hashlib
-import io
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -75,20 +57,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+
 # -----------------------------------------------------------------------------
 # Config: every default on one line; override any of them as --key=value
-
 
 @dataclass
 class Config:
     # model and data
-    model: str = "demo"  # "demo" (tiny model built from a config, offline), a hub name, or a local path
-    revision: str = "main"  # hub revision (branch, tag or commit) of --model
-    dataset: str = "demo"  # "demo" (sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet file(s), comma-separated
-    split: str = ""  # hub split to train on; "" = "train", else "train_prefs"
-    eval_dataset: str = ""  # held-out file(s), whatever --dataset is; "" = its test split if it has one, else a seeded fraction
-    eval_split: str = ""  # hub split to evaluate on; "" = "test", else "test_prefs", else a seeded fraction
-    eval_fraction: float = 0.05  # fraction of pairs held out when there is no test split
+    model: str = "demo"  # "demo" (a tiny model built from a config, offline), a hub name, or a local folder
+    dataset: str = "demo"  # "demo" (a sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet files
+    eval_dataset: str = ""  # held-out files; "" = the dataset's test split if it has one, else a seeded 5% of it
     max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
     max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
@@ -100,54 +78,42 @@ class Config:
     gamma: float = 0.05  # FocalPO's γ (γ = 0 is DPO). 0.05 is THIS PROJECT's default, not a value from the paper
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
     # optimisation
-    lr: float = 0.0  # peak learning rate; 0 = auto: 3e-4 for the demo, 5e-7 for any other model (the DPO reference code's default; the paper used 1e-6 with RMSprop)
+    lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, 5e-7 for other models (the DPO reference code's)
     batch_size: int = 8  # pairs per micro-batch (each pair is two sequences, so 2x this many rows per forward)
     grad_accum: int = 2  # micro-batches per optimizer step: effective batch = batch_size * grad_accum pairs
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
-    warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0
-    schedule: str = "cosine"  # learning-rate decay after warm-up: "cosine" or "linear" (both end at 0)
-    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0, then a cosine decay to 0
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
-    weights: str = "fp32"  # "fp32" (bf16 autocast on CUDA), or "bf16": half the memory, AdamW with stochastic rounding
+    weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, AdamW with stochastic rounding
     # run
     seed: int = 1337  # seeds model init (demo), data split, shuffling
-    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu" or "cuda"
     eval_every: int = 25  # evaluate every this many optimizer steps (and at the start and the end)
     log_every: int = 5  # write a line to metrics.jsonl every this many optimizer steps
-    out_dir: str = "out"  # metrics, summary and the trained model go here (out_dir/<loss>/ when several losses)
+    out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ when several losses)
     cache_dir: str = "ref_cache"  # reference log-prob caches, one file per (model, weights, data, lengths, dtype)
     save_model: bool = True  # save the trained model and tokenizer with save_pretrained at the end
     save_every: int = 100  # write a checkpoint every this many optimizer steps (and at the end); 0 = only at the end
-    keep_checkpoints: int = 2  # keep the last this many checkpoints of the run (older ones are deleted)
-    keep_final_checkpoint: bool = False  # keep the checkpoints of a finished run (by default only model and summary stay)
-    resume: bool = False  # continue the run in out_dir from its newest good checkpoint (finished losses: shown, not rerun)
-    max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient
+    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (by default only model and summary)
+    resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses: shown, not rerun)
     dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops with an error
     progress: bool = True  # show a tqdm progress bar
     generate: int = -1  # at the end, print this many held-out prompts with greedy completions (-1: 5 demo, 0 other)
-    max_new_tokens: int = 128  # --generate: at most this many new tokens per completion
-
 
 LOSSES = ("dpo", "focalpo", "minordpo")
-
 
 class FocalpoError(Exception):
     """A problem the user can fix: main() prints it as one sentence, without a traceback."""
 
-
 class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM during training: a checkpoint was saved and the run can be resumed."""
-
 
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
 
-
 def peak_lr(cfg):
     return cfg.lr or (3e-4 if cfg.model == "demo" else 5e-7)
-
 
 def weights_dtype(cfg):
     return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
@@ -155,7 +121,6 @@ def weights_dtype(cfg):
 
 # -----------------------------------------------------------------------------
 # Losses: pure functions of per-pair summed log-probs, each (B,). Derived and checked in tutorial.ipynb, sections 1-4
-
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
@@ -188,107 +153,89 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 # -----------------------------------------------------------------------------
 # Log-probs: summed over response tokens, computed only where the response mask is on (pitfalls 5, 7)
 
-
-def _token_logps(lm_head, hidden, targets):
-    """log π(target | prefix) for N positions: lm_head on (N, H) hidden states, log-softmax in fp32."""
-    logits = lm_head(hidden).float()  # (N, V)
-    return -F.cross_entropy(logits, targets, reduction="none")  # (N,)
-
+def _token_logps(head, x, targets):
+    """log π(target | prefix) at N positions: the output layer (or none, for logits), an fp32 log-softmax."""
+    return -F.cross_entropy(head(x).float(), targets, reduction="none")  # (N,)
 
 def sequence_logps(model, batch, chunk_size=2048):
-    """Summed response-token log-probs per row, (2B,) float64, and the number of response tokens per row, (2B,).
+    """Summed response-token log-probs per row, (2B,) float64, and the response tokens per row, (2B,).
 
-    Logits at position t predict token t+1, so position t counts when token t+1 is a response token (collate lists
-    those positions). Only they reach the output layer, in chunks of `chunk_size`, each recomputed in backward
-    (checkpoint) so that no (N, vocab) fp32 tensor outlives its chunk. Each token's log-prob is fp32; their sum per
-    row is float64: an fp32 sum over thousands of tokens drifts by many of its units in the last place, and DPO
-    subtracts such sums from each other.
-    """
-    # No attention mask, on purpose: with right padding every real token comes before every pad, so causal attention
-    # alone keeps scored positions from seeing pads (pads' own outputs are never scored), and position ids are
-    # 0..T-1 either way. Passing the mask would make transformers test it on the host every forward (a GPU wait)
-    # and keep SDPA off its fastest causal kernels (use_causal_sdpa). test_sequence_logps_match_naive_loop... checks
-    # the values. A model with a sliding window shorter than --max_length keeps the mask.
-    mask = None if model.config._attn_implementation == "causal_sdpa" else batch["attention_mask"]
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=mask)
-    hidden = out.last_hidden_state  # (2B, T, H)
-    positions = batch["positions"]  # (N,) flat indices into (2B * T)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
-    targets = batch["input_ids"].view(-1).index_select(0, positions + 1)  # (N,) the token each position predicts
-    lm_head = model.get_output_embeddings()
+    Logits at position t predict token t+1, so t counts when token t+1 is a response token (collate lists them). Each
+    token's log-prob is fp32, in chunks recomputed in backward; each row's sum is float64 (DPO subtracts such sums).
+    By default this is the model's own forward (its attention, with the mask, and its logits however it makes them);
+    where prepare_model found the same numbers, the fast path: causal attention without a mask (right padding: no
+    scored position sees a pad), and the output layer at the scored positions only."""
+    ids, positions = batch["input_ids"], batch["positions"]  # (2B, T), (N,) flat indices into (2B * T)
+    if getattr(model, "fast_logps", False):
+        out, head = model.base_model(input_ids=ids).last_hidden_state, model.get_output_embeddings()  # (2B, T, H)
+    else:
+        out, head = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, torch.nn.Identity()
+    x = out.reshape(-1, out.shape[-1]).index_select(0, positions)  # (N, H) hidden states or (N, V) logits
+    targets = ids.view(-1).index_select(0, positions + 1)  # (N,) the token each position predicts
     pieces = []
-    for i in range(0, h.shape[0], chunk_size):
-        args = (lm_head, h[i:i + chunk_size], targets[i:i + chunk_size])
+    for i in range(0, x.shape[0], chunk_size):
+        args = (head, x[i:i + chunk_size], targets[i:i + chunk_size])
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _token_logps(*args))
-    token_logps = torch.cat(pieces)  # (N,)
-    logps = torch.zeros(hidden.shape[0], device=h.device, dtype=torch.float64)
-    return logps.index_add(0, batch["position_seq"], token_logps.double()), batch["n_tokens"]  # (2B,), (2B,)
-
+    logps = torch.zeros(ids.shape[0], device=x.device, dtype=torch.float64)
+    return logps.index_add(0, batch["position_seq"], torch.cat(pieces).double()), batch["n_tokens"]  # (2B,), (2B,)
 
 def to_device(batch, device):
-    """Host batch -> device (its tensors; a flag passes as it is). On CUDA through pinned memory, so the copy is
-    queued without making the CPU wait."""
+    """Host batch -> device, on CUDA through pinned memory (the CPU does not wait for the copy)."""
     cuda = device.type == "cuda"
-    move = lambda v: v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
-    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+@torch.no_grad()
+def score(model, batches, n_pairs, device):
+    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the pairs in `batches` (collated), by
+    index. With several processes each scores its share."""
+    model.eval()
+    logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
+    for batch in my_share(batches):
+        with autocast(device):
+            lp, _ = model_logps(model, to_device(batch, device))
+        logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
+    reshard(model)
+    return all_reduce(logps, "max").cpu()  # a pair scored by two processes has the same value from both
 
 
 # -----------------------------------------------------------------------------
 # Reference log-prob cache: one no-grad pass with the initial weights; the reference model is never kept (pitfall 9)
 
-
 def weights_fingerprint(model):
-    """A cheap digest of the weights: two sums per tensor. Enough to tell one checkpoint from another."""
+    """A cheap digest of the weights (two sums per tensor): enough to tell one checkpoint from another."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            x = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP: gather the shards
-            x = x.float()
+            x = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()  # FSDP: gather the shards
             h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
     return h.hexdigest()[:16]
 
-
 def fields_key(fields):
-    """A cache file's key: a hash of everything that changes what it holds."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
-
 def cache_key(cfg, model, train_pairs, eval_pairs, device):
-    """Everything that changes the cached values: model, its weights, the exact token ids and masks of every pair
-    (so dataset, split, tokenizer, chat template and max lengths), and the dtype / device kind of the forward."""
+    """A hash of all that changes the cached values: the model, its weights, every pair's tokens and masks (so
+    data, tokenizer, template and lengths), and the forward's device, dtype and path."""
     data = hashlib.sha256()
     for pairs in (train_pairs, eval_pairs):
         for p in pairs:
             data.update(p.chosen.numpy().tobytes() + p.rejected.numpy().tobytes())
             data.update(f"{p.chosen_start},{p.rejected_start};".encode())
         data.update(b"|")
-    fields = {"model": cfg.model, "revision": cfg.revision, "weights": weights_fingerprint(model),
-              "data": data.hexdigest()[:16], "n_train": len(train_pairs), "n_eval": len(eval_pairs),
-              "compute": f"{device.type}/{next(model.parameters()).dtype}/{'bf16-autocast' if device.type == 'cuda' else 'no-autocast'}",
-              "version": 3}  # 3: float64 sums
+    compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else "own"]
+    fields = {"model": cfg.model, "weights": weights_fingerprint(model), "data": data.hexdigest()[:16],
+              "n_train": len(train_pairs), "n_eval": len(eval_pairs), "compute": compute, "version": 4}
     return fields_key(fields), fields
 
-
-@torch.no_grad()
 def compute_reference(model, pairs, cfg, pad_id, device):
-    """(N, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) per pair, with the same code path as the policy's forward."""
-    ref = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
-    model.eval()
-    batches = length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)
-    for chunk in my_share(batches):  # all the batches with one process; with several, each its share
-        batch = collate(chunk or batches[0], pad_id)  # None: a stand-in forward, so every process runs as many
-        with autocast(device):
-            logps, _ = model_logps(model, to_device(batch, device))
-        if chunk:
-            ref[batch["idx"].to(device)] = logps.view(2, -1).T  # (B, 2): chosen, rejected
-    reshard(model)
-    return all_reduce(ref).cpu()  # each pair's row was filled by one process; one copy to the host at the end
-
+    """(N, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) per pair, by the policy's own code path."""
+    batches = [collate(b, pad_id) for b in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)]
+    return score(model, batches, len(pairs), device)
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """Reference log-probs for train and eval pairs: loaded from cache_dir when the key matches, else computed
-    and saved."""
+    """The reference log-probs of the train and eval pairs: cached under cache_key, or computed and saved."""
     key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
     cached = read_cache(path, key, "reference", log)
@@ -305,166 +252,72 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 
 
 # -----------------------------------------------------------------------------
-# Data, the demo task: sort letters. Pairs are right vs wrong, or less wrong vs more wrong; the answers can be checked
-
-
-DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-DEMO_PAIRS = 4400  # 4000 to train on, 400 held out
-
-
-def demo_mistake(answer, letters, rng):
-    """One plausible mistake in an answer: two neighbours swapped (spotted from the answer alone), or a letter
-    replaced by one that is not in the prompt, then re-sorted (spotted only by looking back at the prompt)."""
-    answer = list(answer)
-    i = rng.randrange(len(answer) - 1)
-    if rng.random() < 0.5:
-        answer[i], answer[i + 1] = answer[i + 1], answer[i]
-    else:
-        answer[i] = rng.choice([c for c in DEMO_LETTERS if c not in letters and c not in answer])
-        answer.sort()
-    return answer
-
-
-def make_demo_pairs(n, seed):
-    """n pairs with distinct prompts, like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}.
-
-    Half are right vs wrong: the chosen answer is the sorted letters, the rejected one has one mistake. The other
-    half are less wrong vs more wrong: the chosen answer has one mistake, the rejected one two (made independently).
-    As in real preference data, the preferred response is often only the better of two imperfect ones, and a
-    model's likelihood ranks such pairs right only part of the time."""
-    rng = random.Random(seed)
-    pairs, seen = [], set()
-    while len(pairs) < n:
-        letters = rng.sample(DEMO_LETTERS, rng.randint(4, 8))
-        if tuple(letters) in seen:
-            continue
-        seen.add(tuple(letters))
-        good = sorted(letters)
-        if rng.random() < 0.5:
-            chosen, rejected = good, demo_mistake(good, letters, rng)
-        else:
-            chosen, rejected = demo_mistake(good, letters, rng), None
-            while rejected is None or rejected in (chosen, good):  # two mistakes, not undoing each other
-                rejected = demo_mistake(demo_mistake(good, letters, rng), letters, rng)
-        pairs.append({"prompt": "sort: " + " ".join(letters) + " =",
-                      "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
-    return pairs
-
-
-def demo_answer(prompt):
-    """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q"), from its letters."""
-    return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in DEMO_LETTERS))
-
-
-# -----------------------------------------------------------------------------
 # Data: rows, their format, and each row as (prompt text, prompt+chosen text, prompt+rejected text)
 
-
 def load_rows(cfg):
-    """(train rows, held-out rows, their format), each row a (dict, where it came from) tuple. Held out: the files
-    of --eval_dataset, else the dataset's own test split, else a seeded fraction of the training rows. The format
-    is the first row's, in the order the data was read (before any shuffle)."""
+    """(train rows, held-out rows, format); a row is (dict, where it came from). Held out: --eval_dataset, else
+    the dataset's test split, else a seeded 5%. Each row is checked against the first row's format, in file order."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(make_demo_pairs(DEMO_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain"
-    if is_local_data(cfg.dataset):
-        train, heldout = read_local_rows(cfg.dataset), None
-    else:
-        train, heldout = load_hub_splits(cfg.dataset, cfg.split, cfg.eval_split)
+    train, heldout = (read_files(cfg.dataset), None) if is_local_data(cfg.dataset) else load_hub_rows(cfg.dataset)
     if cfg.eval_dataset:
-        heldout = read_local_rows(cfg.eval_dataset)
+        heldout = read_files(cfg.eval_dataset)
     fmt = detect_format(train)
-    if heldout and detect_format(heldout) != fmt:
-        raise FocalpoError(f"the training data is {fmt} ({train[0][1]}) but the held-out data is "
-                           f"{detect_format(heldout)} ({heldout[0][1]}): use the same format for both")
+    for row, where in train + (heldout or []):
+        check_row(row, fmt, where)
     if heldout is None:  # hold out a seeded fraction
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, round(cfg.eval_fraction * len(train))) if len(train) > 1 else 0
+        n_eval = max(1, round(0.05 * len(train))) if len(train) > 1 else 0
         heldout, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
     return train, heldout, fmt
 
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def _is_messages(x):
+def is_messages(x):
     return isinstance(x, list) and all(isinstance(m, dict) for m in x)
 
-
-def _check_messages(msgs, where):
-    for m in msgs:
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise FocalpoError(f"{where}: each message needs a 'role' and a string 'content', found {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise FocalpoError(f"{where}: unknown message role {m['role']!r} (expected one of {', '.join(ROLES)})")
-
-
 def detect_format(rows):
-    """'plain', 'chat' or 'implicit' (no prompt column: the prompt is the common start of chosen and rejected),
-    from the first of the (row, where) tuples; render_plain and render_chat check that every row agrees."""
+    """'plain', 'chat' (message lists) or 'implicit' (no prompt: chosen and rejected begin with it): the first row's."""
     if not rows:
         raise FocalpoError("the dataset is empty")
     first, where = rows[0]
     if not {"chosen", "rejected"} <= set(first):
         raise FocalpoError(f"{where}: expected columns 'chosen' and 'rejected' (and optionally 'prompt'), "
                            f"found: {', '.join(sorted(first)) or 'none'}")
-    if _is_messages(first["chosen"]) or _is_messages(first.get("prompt")):
+    if any(is_messages(first.get(k)) for k in ("prompt", "chosen", "rejected")):
         return "chat"
-    return "plain" if "prompt" in first else "implicit"
+    return "plain" if first.get("prompt") is not None else "implicit"
 
-
-def _common_prefix_len(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
+def common_prefix_len(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 def implicit_prompt(chosen, rejected):
-    """Anthropic/hh-rlhf style: the prompt is the longest common prefix, cut back to the end of the last
-    "Assistant:" turn marker in it (or, with no marker, to the last whitespace, so no word is split)."""
-    prefix = chosen[:_common_prefix_len(chosen, rejected)]
+    """hh-rlhf style: the common prefix, cut back to its last "Assistant:" (or its last whitespace)."""
+    prefix = chosen[:common_prefix_len(chosen, rejected)]
     cut = prefix.rfind("Assistant:")
     if cut >= 0:
         return prefix[:cut + len("Assistant:")]
     cut = max(prefix.rfind(" "), prefix.rfind("\n"))
     return prefix[:cut + 1] if cut >= 0 else ""
 
-
-def render_plain(row, fmt, where):
-    """A plain-text row -> (prompt, prompt+chosen, prompt+rejected), or a str: the reason to skip it."""
-    for name in ("chosen", "rejected") + (("prompt",) if fmt == "plain" else ()):
-        if not isinstance(row.get(name), str):
-            raise FocalpoError(f"{where}: {name!r} should be a string like the first row, found "
-                               f"{type(row.get(name)).__name__} (mixed formats are not supported)")
+def render_plain(row, fmt):
+    """A plain row -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip it."""
     chosen, rejected = row["chosen"], row["rejected"]
+    prompt = implicit_prompt(chosen, rejected) if fmt == "implicit" else row["prompt"]
     if fmt == "implicit":
-        prompt = implicit_prompt(chosen, rejected)
         chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
-    else:
-        prompt = row["prompt"]
     if not chosen.strip() or not rejected.strip():
         return "empty response"
-    if chosen == rejected:
-        return "chosen == rejected"
-    return prompt, prompt + chosen, prompt + rejected
+    return "chosen == rejected" if chosen == rejected else (prompt, prompt + chosen, prompt + rejected)
 
-
-def render_chat(row, tokenizer, where):
-    """A conversational row -> the same three texts through the chat template, or a str: the reason to skip it."""
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    for name, x in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
-        if not _is_messages(x):
-            raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages like the "
-                               f"first row, found {type(x).__name__} (mixed formats are not supported)")
-        _check_messages(x, f"{where} {name!r}")
-    if prompt is None:  # prompt = the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
-        prompt = chosen[:_common_prefix_len(chosen, rejected)]
+def render_chat(row, tokenizer):
+    """A chat row -> the same three texts through the chat template, or the reason to skip it. A string prompt is
+    the user's turn, a string response the assistant's."""
+    turn = lambda x, role: [{"role": role, "content": x}] if isinstance(x, str) else x
+    prompt = turn(row.get("prompt"), "user")
+    chosen, rejected = turn(row["chosen"], "assistant"), turn(row["rejected"], "assistant")
+    if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
+        prompt = chosen[:common_prefix_len(chosen, rejected)]
     if chosen[:len(prompt)] == prompt:  # chosen/rejected may repeat the prompt turns: keep only what follows
         chosen = chosen[len(prompt):]
     if rejected[:len(prompt)] == prompt:
@@ -482,7 +335,6 @@ def render_chat(row, tokenizer, where):
 # -----------------------------------------------------------------------------
 # Tokenization (pitfalls 1-4, 6, 11): prompt+response tokenized as one string, prefix-checked, explicit mask
 
-
 @dataclass
 class Pair:
     idx: int  # position in its split; indexes the reference cache
@@ -490,17 +342,15 @@ class Pair:
     chosen_start: int  # first response token of chosen
     rejected: torch.Tensor  # (Tr,)
     rejected_start: int
-    where: str = ""  # the file (or split) and the line (or row) it came from, to name it in messages
-
+    where: str = ""  # the file (or split) and row it came from, to name it in messages
 
 def uses_bos(tokenizer):
-    """Does this tokenizer put a BOS token in front when asked to add special tokens? (Llama, Mistral: yes; Qwen: no)"""
+    """Does the tokenizer put a BOS token first? (Llama, Mistral: yes; Qwen: no)"""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
-
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
-    """(row, where) tuples -> list of Pair. Unusable rows are dropped and counted in `stats`, a Counter of reasons."""
+    """(row, where) tuples -> Pairs; unusable rows are dropped and counted in `stats`, a Counter of reasons."""
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
@@ -509,15 +359,13 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
     rendered = []
     for row, where in rows:
-        r = render_chat(row, tokenizer, where) if fmt == "chat" else render_plain(row, fmt, where)
+        r = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
         if isinstance(r, str):
             stats[r] += 1
         else:
             rendered.append((where, r))
-    texts = [t for _, r in rendered for t in r]
-    # add_special_tokens=False everywhere: BOS is decided once below, and a chat template that writes "<s>" in its
-    # text already has it (pitfall 2)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # add_special_tokens=False: BOS is decided once below; a chat template that writes "<s>" has it (pitfall 2)
+    ids = tokenizer([t for _, r in rendered for t in r], add_special_tokens=False)["input_ids"] if rendered else []
     pairs = []
     for k, (where, _) in enumerate(rendered):
         prompt, seqs = ids[3 * k], ids[3 * k + 1: 3 * k + 3]
@@ -525,7 +373,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
             prompt, seqs = [bos] + prompt, [[bos] + s for s in seqs]
         out, reason = [], None
         for full in seqs:
-            n = _common_prefix_len(prompt, full)
+            n = common_prefix_len(prompt, full)
             if n < len(prompt):  # a token merged across the prompt/response boundary (pitfall 1): the response
                 stats["boundary token merged"] += 1  # starts where they part
             p, resp = full[:n], full[n:]
@@ -550,17 +398,12 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1], where))
     return pairs
 
-
 def prepare_data(cfg, tokenizer, log=print):
-    """(train pairs, eval pairs) ready for training, with the reasons rows were dropped or cut in the log."""
+    """(train pairs, eval pairs); the log says why rows were dropped or cut."""
     train_rows, eval_rows, fmt = load_rows(cfg)
-    if cfg.max_train_pairs:
-        train_rows = train_rows[:cfg.max_train_pairs]
-    if cfg.max_eval_pairs:
-        eval_rows = eval_rows[:cfg.max_eval_pairs]
     out = []
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        stats = collections.Counter()
+    for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
+        rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
         notes = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()))
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format){'; ' + notes if notes else ''}")
@@ -568,13 +411,14 @@ def prepare_data(cfg, tokenizer, log=print):
             raise FocalpoError(f"no usable {name} pairs are left after filtering ({notes or 'no rows'}): "
                                f"check the data, or raise --max_length / --max_prompt_length")
         out.append(pairs)
+    if steps_per_epoch(cfg, len(out[0])) == 0:
+        raise FocalpoError(f"{len(out[0])} training pairs do not fill one step of --grad_accum={cfg.grad_accum} "
+                           f"micro-batches of --batch_size={cfg.batch_size}: lower them")
     return out[0], out[1]
 
-
 def collate_sequences(seqs, starts, pad_id):
-    """Right-padded rows (pitfall 6), the explicit response mask (never from ids != pad: pitfall 4) and
-    the positions whose logits are scored: position t predicts token t+1, so t counts when token t+1 is a response
-    token. They are found here, on the host, so that the forward pass needs no nonzero() (a GPU -> CPU wait)."""
+    """Right-padded rows (pitfall 6), an explicit response mask (pitfall 4) and the scored positions (t scores
+    token t+1), found on the host so that the forward pass needs no nonzero() (a GPU -> CPU wait)."""
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
@@ -589,17 +433,15 @@ def collate_sequences(seqs, starts, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
             "positions": positions, "position_seq": positions // T, "n_tokens": scored.sum(1)}  # (N,), (N,), (R,)
 
-
 def collate(pairs, pad_id):
-    """B pairs -> one batch of 2B rows: the B chosen, then the B rejected, with each pair's index in its split."""
+    """B pairs -> 2B rows (the chosen, then the rejected) and each pair's index in its split."""
     batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
                               [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs], pad_id)
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]))
 
-
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length so padding stays small: shuffle, sort within windows of 64 batches by length,
-    then shuffle the batches. With shuffle=False: sorted by length, fixed order (for eval and the reference pass)."""
+    """Batches of similar length (little padding): shuffle, sort by length within windows of 64 batches,
+    shuffle the batches. Unshuffled: sorted by length (scoring)."""
     length = lambda p: max(len(p.chosen), len(p.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
@@ -617,24 +459,19 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
 # -----------------------------------------------------------------------------
 # Model and tokenizer
 
-
-def pick_device(cfg):
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise FocalpoError("--device=cuda but no CUDA GPU is visible: use --device=cpu or --device=auto")
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-
+def pick_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
 
 def autocast(device):
     """bf16 autocast on CUDA (weights stay fp32); nothing elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
 
 def load_tokenizer(cfg):
     if cfg.model == "demo":
         return make_demo_tokenizer()
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+        tok = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
         raise load_error("the tokenizer of", cfg.model, e) from None
     if tok.pad_token_id is None:  # padding is masked explicitly, so any id will do; EOS is the usual choice
@@ -643,43 +480,38 @@ def load_tokenizer(cfg):
         tok.pad_token = tok.eos_token
     return tok
 
-
 def load_model(cfg, tokenizer):
-    """The weights, as they come: the demo model freshly initialised, or a pretrained model in the weights' dtype.
-    prepare_model then readies it for training."""
+    """The weights as they come, in the weights' dtype, with the attention the model picks (SDPA if it has it)."""
     if cfg.model == "demo":
         return make_demo_model(tokenizer, cfg.seed)
     from transformers import AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=weights_dtype(cfg),
-                                                    attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights_dtype(cfg))
     except Exception as e:
         raise load_error("model", cfg.model, e) from None
 
-
 def prepare_model(model, cfg, device):
-    """Dropout off (pitfall 8), the weights' dtype, attention without masks, optional gradient checkpointing,
-    then onto the device."""
+    """Dropout off (pitfall 8), the weights' dtype, optional gradient checkpointing, the device; then the fast
+    log-prob path, where it gives the model's own numbers."""
     for m in model.modules():  # dropout makes the policy differ from the reference at step 0
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
-    model = model.to(weights_dtype(cfg))  # the reference pass then runs in the same dtype (pitfall 8)
-    use_causal_sdpa(model, cfg.max_length)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model.to(device)
+    model = model.to(device, weights_dtype(cfg))
+    use_fast_logps(model, cfg.max_length, device)  # in the appendix: it proves itself, or steps aside
+    return model
 
 
 # -----------------------------------------------------------------------------
-# Metrics: summed over pairs, averaged at the end, so a mean over micro-batches or eval batches is exact
-
+# Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref):
-    """Per-batch SUMS of per-pair metrics, as 0-dim tensors left on the device: reading each one here would make the
-    CPU wait for the GPU ~15 times per micro-batch. logps/n_tokens: (2B,) policy, chosen first; ref: (B, 2)."""
+    """Per-batch SUMS of per-pair metrics, left on the device (reading each would make the CPU wait for the GPU
+    ~15 times). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = losses.shape[0]
     pc, pr = logps[:B].detach(), logps[B:].detach()
     nc, nr = n_tokens[:B], n_tokens[B:]
@@ -699,16 +531,13 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref)
         "tokens": count(n_tokens),
     }
 
-
 def add_metrics(total, m):
     for k, v in m.items():
         total[k] = total.get(k, 0.0) + v
     return total
 
-
 def metrics_to_host(total):
-    """The sums as Python floats, in one device -> host copy (one wait, however many metrics), summed over the
-    processes when there are several."""
+    """The sums as floats, in one device -> host copy (one wait), summed over the processes."""
     keys = sorted(total)
     if not keys:
         return {}
@@ -718,9 +547,8 @@ def metrics_to_host(total):
     values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
     return dict(zip(keys, all_reduce(values).tolist()))
 
-
 def finish_metrics(total):
-    """Sums -> means. The ref-split accuracies are means within their group (None when the group is empty)."""
+    """Sums -> means; the ref-split accuracies within their group (None when it is empty)."""
     out, n = {}, total["pairs"]
     for k, v in total.items():
         if k in ("pairs", "tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
@@ -736,30 +564,23 @@ def finish_metrics(total):
 # -----------------------------------------------------------------------------
 # One optimizer step, and evaluation
 
-
 def lr_at(step, total_steps, cfg, peak):
-    """Linear warm-up from 0 over warmup_ratio of the steps, then cosine or linear decay to 0."""
+    """Linear warm-up from 0, then cosine decay to 0."""
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
-
+    return peak * (0.5 * (1 + math.cos(math.pi * progress)))
 
 def make_optimizer(model, cfg, lr, device):
-    """AdamW, no weight decay on norms and biases; for bf16 weights the stochastic-rounding AdamWSR below, because
-    plain AdamW on bf16 weights loses DPO-sized updates to rounding (pitfall 12)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    """AdamW; for bf16 weights AdamWSR (appendix): plain AdamW loses DPO-sized updates to bf16 rounding (pitfall 12)."""
     if cfg.weights == "bf16":
-        return AdamWSR(groups, lr=lr, betas=(0.9, 0.95))
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
+        return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
+                             fused=device.type == "cuda")
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
-    """One micro-batch of pairs through the policy: per-pair losses (B,) and the batch's summed metrics. A stand-in
-    batch (several processes: see next_step) runs like any other but counts for nothing."""
+    """One micro-batch through the policy: per-pair losses (B,) and the batch's summed metrics."""
     r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
     batch = to_device(dict(batch, ref=r), device)
     with autocast(device):
@@ -768,18 +589,13 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     losses, chosen_rewards, rejected_rewards = preference_loss(
         logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
-    metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
-    if batch.get("stand_in"):
-        return 0 * losses, {k: 0 * v for k, v in metrics.items()}
-    return losses, metrics
-
+    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
     """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
-    tensors: see metrics_to_host), or {"nonfinite_pairs": [...]} (indices into the split) when a loss or the
-    gradient is NaN/inf, in which case no update is applied. The CPU waits for the GPU once per step, to learn
-    whether to apply the update. n_pairs: the pairs of the whole step (with several processes, each runs only its
-    share of the micro-batches)."""
+    tensors, see metrics_to_host), or {"nonfinite_pairs": [...]} (indices into the split) when a loss or the
+    gradient is NaN/inf: then no update is applied. The CPU waits for the GPU once, to learn which. n_pairs: the
+    pairs of the whole step (with several processes, each runs its share of the micro-batches)."""
     n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
     total, all_losses = {}, []
     for i, batch in enumerate(micro_batches):
@@ -804,25 +620,9 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     optimizer.zero_grad(set_to_none=True)
     return total
 
-
-@torch.no_grad()
-def evaluate(model, batches, ref, cfg, loss_type, device):
-    """Held-out metrics, averaged over the pairs of `batches`."""
-    model.eval()
-    total = {}
-    for batch in my_share(batches):  # all of them with one process; with several, each its share
-        if batch is None:  # a stand-in forward, so every process runs as many (see my_share)
-            batch = dict(batches[0], stand_in=True)
-        add_metrics(total, forward_pairs(model, batch, ref, cfg, loss_type, device)[1])
-    reshard(model)
-    model.train()
-    return finish_metrics(metrics_to_host(total))
-
-
 class HeldOut:
-    """The held-out pairs, batched once, with their reference log-probs. Calling it gives evaluate()'s metrics (for
-    the loss and options of the run's cfg) and, for the demo (whose answers can be checked), the generation accuracy
-    of greedy decoding beside them."""
+    """The held-out pairs, batched once, with their reference. Calling it evaluates a model for the run's loss:
+    one scoring pass, and for the demo the accuracy of greedy generation."""
 
     def __init__(self, pairs, ref, tokenizer, cfg):
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
@@ -830,59 +630,56 @@ class HeldOut:
                         for b in length_grouped_batches(pairs, cfg.batch_size, 0, shuffle=False)]
 
     def __call__(self, model, cfg, loss_type, device):
-        out = evaluate(model, self.batches, self.ref, cfg, loss_type, device)
+        logps, ref, pairs = score(model, self.batches, len(self.pairs), device), self.ref, self.pairs  # (N, 2)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
+            focal_detach=cfg.focal_detach)
+        n_tokens = torch.tensor([len(p.chosen) - p.chosen_start for p in pairs] +
+                                [len(p.rejected) - p.rejected_start for p in pairs])
+        m = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.T.reshape(-1), n_tokens, ref)
+        out = finish_metrics({k: float(v) for k, v in m.items()})
         if cfg.dataset == "demo":
-            out["generation_accuracy"] = generation_accuracy(model, self.pairs, self.tokenizer, device)
+            out["generation_accuracy"] = generation_accuracy(model, pairs, self.tokenizer, device)
+        model.train()
         return out
 
 
 # -----------------------------------------------------------------------------
 # Training: the loop, and the small helpers it leans on
 
-
 def steps_per_epoch(cfg, n_pairs):
-    return math.ceil(math.ceil(n_pairs / cfg.batch_size) / cfg.grad_accum)
-
+    return math.ceil(n_pairs / cfg.batch_size) // cfg.grad_accum
 
 def step_stream(train_pairs, cfg, skip):
-    """An endless, seeded stream of optimizer steps, each a list of up to --grad_accum micro-batches (lists of
-    pairs), reshuffled every epoch. An epoch's last step may be short: a step never takes batches of two epochs.
-    A resumed run skips the steps it has trained on, so it sees exactly the batches an uninterrupted run would."""
+    """Endless seeded optimizer steps of --grad_accum micro-batches, reshuffled each epoch. An epoch's last
+    batches, too few for a step, are left out (as nanoGPT does): steps never mix epochs, and each process always has
+    its share. A resumed run skips the steps it trained on."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
-        for i in range(0, len(batches), cfg.grad_accum):
+        for i in range(0, steps_per_epoch(cfg, len(train_pairs)) * cfg.grad_accum, cfg.grad_accum):
             if n >= skip:
                 yield batches[i:i + cfg.grad_accum]
             n += 1
         epoch += 1
 
-
 def next_step(steps, pad_id):
-    """The next optimizer step: (this process's micro-batches, collated; the pairs in the whole step; their tokens,
-    prompt and response, chosen and rejected, without padding). Every process draws the same stream; with N of
-    them, each takes micro-batches rank, rank + N, ..., and a stand-in where an epoch's short last step has none."""
+    """This process's share of the next step's micro-batches (collated), the step's pairs and tokens (no pads)."""
     step = next(steps)
     pairs = [p for b in step for p in b]
     tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
-    mine = [collate(b, pad_id) if b else dict(collate(step[0], pad_id), stand_in=True) for b in my_share(step)]
-    return mine, len(pairs), tokens
-
+    return [collate(b, pad_id) for b in my_share(step)], len(pairs), tokens
 
 def append_row(path, row):
-    """A line of metrics.jsonl, written at once (a crash loses nothing already logged). By rank 0 only: the
-    metrics it gets are already summed over the processes."""
+    """One line of metrics.jsonl, written at once, by rank 0."""
     if rank() == 0:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-
 def new_state():
-    """Everything needed to continue exactly where we stopped, besides weights, optimizer and RNG. train_seconds
-    counts the training steps alone (no evaluation, generation or checkpoint); elapsed counts everything."""
+    """What a resumed run needs besides weights, optimizer and RNG. train_seconds: the training steps alone."""
     return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
-            "first_eval": None, "last_eval": None, "run_id": os.urandom(8).hex()}  # run_id: see save_checkpoint
-
+            "first_eval": None, "last_eval": None}
 
 def train_row(state, step, lr):
     """The metrics.jsonl row of the steps since the last one (the metrics' one wait per log step)."""
@@ -890,12 +687,10 @@ def train_row(state, step, lr):
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
 
-
 def eval_line(label, step, ev):
     return (f"{label} step {step}: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
             + (f", margin {ev['rewards/margin']:.3f}" if step else "")
             + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
-
 
 def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
     """Train one loss from the model's current weights (or, with --resume, from the newest checkpoint in out_dir).
@@ -906,7 +701,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     saver = Checkpoints(os.path.join(out_dir, "checkpoints"), model, optimizer, cfg, loss_type)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    state = resume(cfg, saver, metrics_path, total_steps, log) if cfg.resume else new_state()
+    state = resume(saver, metrics_path, total_steps, log) if cfg.resume else new_state()
     model.train()
     if state["first_eval"] is None:
         if rank() == 0:
@@ -916,9 +711,9 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         log(eval_line(label, 0, ev))
     steps = step_stream(train_pairs, cfg, skip=state["step"])
     bar = progress_bar(cfg, total_steps, state["step"], loss_type)
-    say = bar.write if bar is not None else log
+    say = log if bar.disable else bar.write  # log lines above the bar, not through it
     t_start, elapsed_before = time.time(), state["elapsed"]
-    with StopSignals() as stop, bar if bar is not None else contextlib.nullcontext():
+    with StopSignals() as stop, bar:
         while state["step"] < total_steps:
             lr = lr_at(state["step"], total_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -931,19 +726,17 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             state["step"] = step = state["step"] + 1
             state["elapsed"] = elapsed_before + time.time() - t_start
             if "nonfinite_pairs" in m:  # no update was made; too many such steps in a row stop the run
-                skip_nonfinite_step(state, [train_pairs[i].where for i in m["nonfinite_pairs"]], cfg, saver,
+                skip_nonfinite_step(state, [train_pairs[i].where for i in m["nonfinite_pairs"]], saver,
                                     lambda msg: say(f"{label} {msg}"))
             else:
                 state["bad_steps"], state["tokens_seen"] = 0, state["tokens_seen"] + n_tokens
                 add_metrics(state["window"], m)  # still on the device
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if (step % cfg.log_every == 0 or step == total_steps) and state["window"]:
                 row = train_row(state, step, lr)
                 append_row(metrics_path, row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
-                                    tok_s=f"{row['tokens_per_second']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
+                                tok_s=f"{row['tokens_per_second']:.0f}")
             if step % cfg.eval_every == 0 or step == total_steps:
                 state["last_eval"] = ev = held_out(model, cfg, loss_type, device)
                 append_row(metrics_path, {"step": step, "split": "eval", **ev})
@@ -953,442 +746,363 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             stop.stop_here_if_asked(step, total_steps, device, saver, state)
     return state
 
-
-def save_model(model, tokenizer, out_dir):
-    """The trained model and its tokenizer, with save_pretrained. With several processes the full weights are
-    gathered on rank 0, which writes them."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
-    if rank() == 0:
-        model.save_pretrained(out_dir, state_dict=weights)
-        tokenizer.save_pretrained(out_dir)
-
-
-def write_summary(cfg, state, loss_type, n_pairs, out_dir):
-    """summary.json: the first and last evaluation, the throughput and the options. Written last: its presence
-    means "this loss is done". train_tokens_per_second counts the tokens of the training steps alone (prompt and
-    response, chosen and rejected, no padding) over their time alone (no evaluation, generation or checkpoint)."""
-    first, last = state["first_eval"], state["last_eval"]
-    summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
-               "beta": cfg.beta, "gamma": cfg.gamma, "focal_detach": cfg.focal_detach, "lr": peak_lr(cfg),
-               "effective_batch": cfg.batch_size * cfg.grad_accum,
-               "eval_loss_start": first["loss"], "eval_reward_accuracy_start": first["reward_accuracy"],
-               "eval_generation_accuracy_start": first.get("generation_accuracy"),
-               **{f"eval_{k}": v for k, v in last.items()},
-               "train_tokens_per_second": state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else None,
-               "train_seconds": state["train_seconds"], "runtime_seconds": state["elapsed"],
-               "config": dataclasses.asdict(cfg)}
-    if rank() == 0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
-
-
-# -----------------------------------------------------------------------------
-# The whole job: data, reference cache, then each loss from the same initial weights
-
-
 def loss_dir(cfg, loss_type):
-    """Where a loss writes: --out_dir itself for one loss, --out_dir/<loss> for several."""
+    """--out_dir for one loss, --out_dir/<loss> for several."""
     return cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
 
-
 def run(cfg, log=print):
-    """Returns {loss_type: summary}. Under torchrun every process runs this; rank 0 logs and writes the files."""
-    t0 = time.time()
-    device = setup_processes(cfg)
+    """The whole job: data, reference, then each loss from the same initial weights. Returns {loss_type: summary}.
+    Under torchrun every process runs this; rank 0 logs and writes the files."""
+    t0, device = time.time(), setup_processes(cfg)
     log = log if rank() == 0 else (lambda msg: None)
-    check_before_work(cfg, device, log)  # every mistake a user can make that costs one sentence, before any work
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
-    summaries, refs = {}, None
-    for loss_type in loss_types(cfg):
-        out_dir = loss_dir(cfg, loss_type)
-        if cfg.resume and os.path.exists(os.path.join(out_dir, "summary.json")):  # same options: checked before
-            log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
-            summaries[loss_type] = read_summary(out_dir)
-            continue
-        model = load_model(cfg, tokenizer)  # per loss: each from the same weights
-        if cfg.model == "demo" and cfg.sft_steps:  # the demo's SFT stage: as a real model would come SFT'd
-            with rank0_first():  # with several processes rank 0 trains and caches it, the others load the cache
-                model = sft_demo(model, tokenizer, cfg, device, log)
-        model = shard_model(prepare_model(model, cfg, device), device)
-        if refs is None:
-            log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
-                f"{device.type}" + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
-        # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
-        # from the weights the reference was computed with; the second and later losses load the cache
-        first, refs = refs is None, load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
-                                                              tokenizer.pad_token_id, device, log)
-        if first:
-            right = int((refs[1][:, 0] >= refs[1][:, 1]).sum())
-            log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= π_ref(y_l|x)) "
-                f"and {len(eval_pairs) - right} wrong")
-        held_out = HeldOut(eval_pairs, refs[1], tokenizer, cfg)
-        state = train(cfg, model, tokenizer, train_pairs, held_out, refs[0], loss_type, device, out_dir, log)
-        if cfg.save_model:
-            save_model(model, tokenizer, out_dir)
-        summaries[loss_type] = write_summary(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
-        remove_checkpoints(cfg, out_dir, log)  # the run is done: its optimizer state goes, unless kept
-        show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
-        del model
+    with check_before_work(cfg, device, log) as finished:  # mistakes cost one sentence; out_dir is ours until done
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(cfg)
+        train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
+        summaries, refs = {}, None
+        for loss_type in loss_types(cfg):
+            out_dir = loss_dir(cfg, loss_type)
+            if loss_type in finished:  # --resume of a finished run, with the same options (checked)
+                log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
+                summaries[loss_type] = finished[loss_type]
+                continue
+            model = prepare_model(load_model(cfg, tokenizer), cfg, device)  # per loss: each from the same weights
+            if cfg.model == "demo" and cfg.sft_steps:  # the demo's SFT stage: as a real model would come SFT'd
+                with rank0_first():  # with several processes rank 0 trains and caches it, the others load the cache
+                    model = sft_demo(model, tokenizer, cfg, device, log)
+            model = shard_model(model, device)
+            if refs is None:
+                log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+                    f"{device.type}" + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
+            # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
+            # from the weights the reference was computed with; the second and later losses load the cache
+            first, refs = refs is None, load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
+                                                                  tokenizer.pad_token_id, device, log)
+            if first:
+                right = int((refs[1][:, 0] >= refs[1][:, 1]).sum())
+                log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= "
+                    f"π_ref(y_l|x)) and {len(eval_pairs) - right} wrong")
+            held_out = HeldOut(eval_pairs, refs[1], tokenizer, cfg)
+            state = train(cfg, model, tokenizer, train_pairs, held_out, refs[0], loss_type, device, out_dir, log)
+            if cfg.save_model:
+                save_model(model, tokenizer, out_dir)
+            summaries[loss_type] = write_summary(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
+            if not cfg.keep_final_checkpoint and rank() == 0:  # done: the optimizer state (~3x the model) goes
+                shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+            show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
     log(comparison_table(summaries))
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
 
-
 def main(argv=None):
-    """The command line. An error the user can fix ends in one sentence and exit code 2 (exit_code prints it)."""
+    """The command line: an error the user can fix ends in one sentence and exit code 2."""
     try:
         run(parse_args(argv))
         code = 0
     except BaseException as e:
-        code = exit_code(e)  # in the appendix, with the other fault handling
+        code = exit_code(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     sys.exit(code)
 
 
-# -----------------------------------------------------------------------------
-# Several processes, the helpers the core calls: with one process each is a no-op or gives the plain answer
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-@contextlib.contextmanager
-def rank0_first():
-    """Rank 0 runs the block (and caches what it makes) before the other processes run it (and load the cache)."""
-    if rank() != 0:
-        dist.barrier()
-    yield
-    if rank() == 0 and world() > 1:
-        dist.barrier()
-
-
-def my_share(items):
-    """This process's items of a list split over the processes (process r takes items r, r+N, ...), padded with
-    None so that every process gets as many: under FSDP every forward pass is collective, so all must run one."""
-    n = math.ceil(len(items) / world())
-    return [items[i] if i < len(items) else None for i in range(rank(), n * world(), world())]
-
-
-def all_reduce(t, op="sum"):
-    """t summed (or max'ed, min'ed) over the processes, in place; t itself with one process."""
-    if world() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t
-
-
-def agree(flag, device, op):
-    """A bool that every process holds the same value of: any ("max") or all ("min") of the processes' values."""
-    if world() == 1:
-        return bool(flag.item() if torch.is_tensor(flag) else flag)
-    return bool(all_reduce(torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1), op).item())
-
-
-def reshard(model):
-    """After a forward pass with no backward (the reference, evaluation, generation): FSDP keeps the root module's
-    parameters gathered after a forward, expecting a backward, and meanwhile the module holds the gathered tensors
-    instead of its sharded parameters (which the optimizer and checkpoints know). Put the shards back."""
-    if hasattr(model, "reshard"):
-        model.reshard()
-
-
-def model_logps(model, batch):
-    """sequence_logps, through FSDP's hooks when the model is sharded."""
-    return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
-
-
 # =============================================================================
 # Appendix: optional machinery
 # =============================================================================
-# A first reading can stop here. What follows: the command line and its checks, reading data files and the hub,
-# the demo's SFT stage and generation accuracy, the memory plan, AdamW for bf16 weights, checkpoints and resume,
+# A first reading can stop here. What follows: the command line and the checks before any work, data files and the
+# hub, the demo, the fast log-prob path, the memory plan, AdamW for bf16 weights, caches and checkpoints, output,
 # fault handling, several processes (FSDP2).
 
 
 # -----------------------------------------------------------------------------
-# The command line and the options check
-
+# The command line
 
 def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
+    if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true", "yes", "on")
 
 def option_help():
-    """{option: its explanation}: the comment after each field of Config, read from this file's source, so the
-    explanation is written once."""
+    """{option: explanation} from the comments of Config, so that each is written once."""
     import inspect
-    found = re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), flags=re.M)
-    return {name: text.replace("%", "%%") for name, text in found}
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), flags=re.M))
 
+# What TRL's DPOConfig and transformers' TrainingArguments call some options: a user who types them is told ours
+FAMILIAR = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
+            "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out_dir",
+            "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
+            "resume_from_checkpoint": "resume", "model_name_or_path": "model", "dataset_name": "dataset",
+            "loss_type": "loss", "disable_tqdm": "progress"}
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence, not the usage of 40 options
+    def error(self, message):  # one sentence, not the usage of every option
         raise FocalpoError(f"{message} (python focalpo.py --help lists every option)")
 
-
 def parse_args(argv=None):
-    """--key=value for every Config field (a bare --flag for true/false ones). An unknown option, with the nearest
-    real one, a value of the wrong type or out of range: one sentence (FocalpoError)."""
+    """--key=value for every Config field (a bare --flag means true). A mistake is one sentence: an unknown option
+    (naming ours for a name from TRL or the HF Trainer, else the nearest), a wrong type, a value out of range."""
     parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,  # the run commands
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = option_help()
     for f in dataclasses.fields(Config):
         kind = {"type": _parse_bool, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
         parser.add_argument(f"--{f.name}", default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"{helps.get(f.name, '')} (default: {f.default!r})", **kind)
+                            help=helps[f.name].replace("%", "%%") + f" (default: {f.default!r})", **kind)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         import difflib
-        name = unknown[0].split("=")[0]
-        near = difflib.get_close_matches(name.lstrip("-"), [f.name for f in dataclasses.fields(Config)], n=1)
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean --{near[0]}?" if near else ""))
+        name = unknown[0].split("=")[0].lstrip("-")
+        near = FAMILIAR.get(name) or next(iter(difflib.get_close_matches(name, helps, n=1)), None)
+        hint = (f"; that is TRL's and the HF Trainer's name, here it is --{near}" if name in FAMILIAR else
+                f"; did you mean --{near}?" if near else "")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     cfg = Config(**vars(args))
     check_config(cfg)
     return cfg
 
-
-CHOICES = {"schedule": ("cosine", "linear"), "weights": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
 AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
-              "keep_checkpoints", "max_bad_steps", "max_new_tokens", "dist_timeout")
-AT_LEAST_0 = ("max_steps", "max_train_pairs", "max_eval_pairs", "sft_steps", "save_every", "lr", "gamma",
-              "weight_decay", "grad_clip", "seed")
-
+              "dist_timeout")
 
 def check_config(cfg):
-    """Every option's value on its own, in one place (paths, the model and earlier runs: check_before_work)."""
+    """Each option's value on its own."""
     losses = loss_types(cfg)
-    if not losses or any(l not in LOSSES for l in losses):
-        raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise FocalpoError(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
+    if "sigmoid" in losses:
+        raise FocalpoError("--loss=sigmoid is TRL's name for DPO: here it is --loss=dpo")
+    if not losses or not set(losses) <= set(LOSSES):
+        raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)} (the README shows how "
+                           f"to add your own)")
+    if cfg.weights not in ("fp32", "bf16"):
+        raise FocalpoError(f"--weights={cfg.weights!r}: expected fp32 or bf16")
     for f in dataclasses.fields(Config):
-        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
-            raise FocalpoError(f"--{f.name}={getattr(cfg, f.name)}: must be a finite number")
-    for name in AT_LEAST_1 + AT_LEAST_0:
-        if getattr(cfg, name) < (1 if name in AT_LEAST_1 else 0):
-            raise FocalpoError(f"--{name}={getattr(cfg, name)}: must be at least {1 if name in AT_LEAST_1 else 0}")
-    if cfg.beta <= 0:
-        raise FocalpoError(f"--beta={cfg.beta}: must be greater than 0")
-    if not 0 < cfg.eval_fraction < 1 or not 0 <= cfg.warmup_ratio < 1:
-        raise FocalpoError(f"--eval_fraction={cfg.eval_fraction} and --warmup_ratio={cfg.warmup_ratio}: the first "
-                           f"must be between 0 and 1, the second at least 0 and below 1")
-    if cfg.generate < -1:
-        raise FocalpoError(f"--generate={cfg.generate}: must be -1 (automatic), 0 (none) or more")
+        value, least = getattr(cfg, f.name), -1 if f.name == "generate" else int(f.name in AT_LEAST_1)
+        if f.type in (int, float) and not (math.isfinite(value) and value >= least):
+            raise FocalpoError(f"--{f.name}={value}: must be a finite number, at least {least}")
+    if cfg.beta <= 0 or cfg.warmup_ratio >= 1:
+        raise FocalpoError(f"--beta={cfg.beta} must be above 0 and --warmup_ratio={cfg.warmup_ratio} below 1")
     if cfg.max_prompt_length >= cfg.max_length:
         raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
                            f"--max_length={cfg.max_length}: make it smaller")
-    if cfg.eval_dataset and cfg.eval_split:
-        raise FocalpoError("--eval_dataset and --eval_split both name the held-out data: give one of them")
 
 
+# -----------------------------------------------------------------------------
+# Before any work: the folders, one run per folder, earlier runs, the data files, the model's config and memory
+
+@contextlib.contextmanager
 def check_before_work(cfg, device, log):
-    """Everything that can be checked before the data, the SFT stage and the reference pass: the options' values
-    (check_config, also for a Config made in code), the folders can be written, no other run's results are in the
-    way, the data files exist, the model's config loads and its context holds --max_length, and (on a GPU) the
-    memory plan fits."""
+    """Every check that can come before the data, the SFT stage and the reference pass: options, folders,
+    earlier runs, data files, the model's config and (on a GPU) memory. out_dir stays locked while the block runs;
+    yields the summaries of the losses --resume finds finished."""
     check_config(cfg)
     for name in ("out_dir", "cache_dir"):
-        check_writable_folder(name, getattr(cfg, name))
-    for loss_type in loss_types(cfg):
-        check_earlier_run(cfg, loss_type)
-    for spec in (cfg.dataset, cfg.eval_dataset):
-        if spec != "demo" and is_local_data(spec):
-            data_paths(spec)
-    if cfg.model == "demo":
-        return
+        try:
+            os.makedirs(getattr(cfg, name), exist_ok=True)
+            tempfile.TemporaryFile(dir=getattr(cfg, name)).close()
+        except OSError as e:
+            raise FocalpoError(f"--{name}={getattr(cfg, name)} is not a folder that can be written ({e.strerror}): "
+                               f"choose another") from None
+    with lock_folder(cfg.out_dir, device):
+        finished = {lt: s for lt in loss_types(cfg) if (s := check_earlier_run(cfg, lt)) is not None}
+        for spec in (cfg.dataset, cfg.eval_dataset):
+            if spec != "demo" and is_local_data(spec):
+                data_paths(spec)
+        if cfg.model != "demo":
+            check_model(cfg, device, log)
+        yield finished
+
+@contextlib.contextmanager
+def lock_folder(folder, device):
+    """One run per folder, also when two start at once: rank 0 holds an exclusive lock, which the system drops
+    when the process ends, however it ends."""
+    import fcntl
+    with open(os.path.join(folder, ".lock"), "a") as f:
+        try:
+            if rank() == 0:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
+            free = True
+        except BlockingIOError:
+            free = False
+        if not agree(free, device, "min"):
+            raise FocalpoError(f"another run is using {folder} now: wait for it to end, or pass another --out_dir")
+        yield
+
+def check_earlier_run(cfg, loss_type):
+    """A new run needs a folder without results; --resume continues a run, finished or not, only with the
+    options that made it. Returns a finished run's summary."""
+    out_dir = loss_dir(cfg, loss_type)
+    if not cfg.resume:
+        found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
+        if found:
+            raise FocalpoError(f"{out_dir} already holds a run's results ({', '.join(found)}): continue or show that "
+                               f"run with --resume=true, or pass a new --out_dir")
+        return None
+    path = os.path.join(out_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+        check_same_options(summary, cfg, loss_type, path)
+        return summary
+    ckpt, path = latest_checkpoint(os.path.join(out_dir, "checkpoints"))
+    if ckpt is not None:
+        check_same_options(ckpt, cfg, loss_type, path)
+
+# What a resumed run shares with the run it resumes; the rest (logging, evaluating and saving, the progress bar,
+# the number of processes) may change
+RESULT_OPTIONS = ("beta", "gamma", "focal_detach", "lr", "batch_size", "grad_accum", "epochs", "max_steps",
+                  "warmup_ratio", "grad_clip", "seed", "model", "dataset", "eval_dataset", "max_train_pairs",
+                  "max_eval_pairs", "max_length", "max_prompt_length", "weights", "sft_steps")
+
+def check_same_options(recorded, cfg, loss_type, path):
+    """One sentence naming each option that differs from those recorded in a checkpoint or summary."""
+    was = recorded.get("config") or {}
+    diffs = [f"--{k} was {was.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_OPTIONS
+             if was.get(k) != getattr(cfg, k)]
+    if recorded["loss_type"] != loss_type:
+        diffs.insert(0, f"the loss was {recorded['loss_type']!r}, now {loss_type!r}")
+    if diffs:
+        raise FocalpoError(f"--resume=true with options that change the result ({'; '.join(diffs)}) would not "
+                           f"continue {path}: run with the original values, or start a new --out_dir")
+
+def check_model(cfg, device, log):
+    """The model's config loads, its context holds --max_length, and (on a GPU) the memory plan fits."""
     from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+        config = AutoConfig.from_pretrained(cfg.model)
     except Exception as e:
         raise load_error("the config of", cfg.model, e) from None
-    context = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context and context < cfg.max_length:
         raise FocalpoError(f"--max_length={cfg.max_length} is longer than the {context} positions {cfg.model} was "
                            f"built for: lower --max_length (and --max_prompt_length) to at most {context}")
     check_memory(cfg, config, device, log, world())
 
+def first_line(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else type(e).__name__
 
-def check_writable_folder(name, path):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FocalpoError(f"--{name}={path} is a file, not a folder: choose another path")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise FocalpoError(f"--{name}={path} cannot be written ({e.strerror}): choose another folder") from None
-
-
-def check_earlier_run(cfg, loss_type):
-    """A run never shows another run's results as its own. A new run needs a folder without results; --resume=true
-    continues a run (finished or not) only with the options that made it (check_same_options)."""
-    out_dir = loss_dir(cfg, loss_type)
-    summary = os.path.join(out_dir, "summary.json")
-    if cfg.resume:
-        if os.path.exists(summary):
-            check_same_options(read_summary(out_dir), cfg, loss_type, summary)
-        newest = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.json")))[-1:]
-        for meta in newest:  # its options are beside it, so a resume that would be refused stops here, not later
-            try:
-                with open(meta) as f:
-                    recorded = json.load(f)
-            except (OSError, ValueError):  # unreadable: resume() reports it and falls back to the one before
-                recorded = {}
-            if "config" in recorded:
-                check_same_options(recorded, cfg, loss_type, meta[:-5] + ".pt")
-        return
-    found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(os.path.join(out_dir, f))]
-    if found:
-        raise FocalpoError(f"{out_dir} already holds a run's results ({', '.join(found)}): continue or show that run "
-                           f"with --resume=true, or pass a new --out_dir")
-
-
-def load_error(what, name, e, alternative="pass a local path"):
-    """One sentence for a model, tokenizer, config or dataset that could not be loaded: the cause, and what to do."""
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.exists(name):
+def load_error(what, name, e):
+    """One sentence for what could not be loaded: the cause, and what to do."""
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         return FocalpoError(f"could not load {what} {name!r}: there is no such folder; check the path")
-    if os.path.exists(name):
-        hint = f"check that {name} holds what save_pretrained writes"
-    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        hint = f"check the name; HF_HUB_OFFLINE is set, so only what is in the local cache loads; or {alternative}"
-    else:
-        hint = f"check the name and your network (set HF_HUB_OFFLINE=1 to fail at once), or {alternative}"
-    return FocalpoError(f"could not load {what} {name!r} ({cause}): {hint}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    hint = (f"check that {name} holds what save_pretrained writes" if os.path.exists(name) else
+            "check the name; HF_HUB_OFFLINE is set, so only the local cache is read; or pass a local path" if offline
+            else "check the name and your network (set HF_HUB_OFFLINE=1 to fail at once), or pass a local path")
+    return FocalpoError(f"could not load {what} {name!r} ({first_line(e)}): {hint}")
 
 
 # -----------------------------------------------------------------------------
-# Reading data files and the hub: each row with where it came from (file and 1-based line, before any shuffle)
+# Data files and the hub, read by the datasets library; each row with where it came from (file or split, row)
 
-
-DATA_FILES = (".jsonl", ".json", ".csv", ".parquet")  # any case; all but .parquet may also end in .gz, .bz2 or .xz
-
-
-def data_file_kind(path):
-    """('.jsonl', '.gz') for "pairs.JSONL.gz"; None when the name is not that of a data file."""
-    name = path.lower()
-    packed = next((z for z in (".gz", ".bz2", ".xz") if name.endswith(z)), "")
-    ext = next((e for e in DATA_FILES if name[:len(name) - len(packed)].endswith(e)), None)
-    return (ext, packed) if ext and not (ext == ".parquet" and packed) else None
-
+def data_kind(path):
+    """The datasets loader for a data file's name ("x.JSONL.gz": 'json'), or None."""
+    name = re.sub(r"\.(gz|bz2|xz)$", "", path.lower())
+    return {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
 
 def is_local_data(spec):
-    return any(data_file_kind(p) or os.path.exists(p) for p in spec.split(",") if p)
-
+    return any(data_kind(p) or os.path.exists(p) for p in spec.split(",") if p)
 
 def data_paths(spec):
-    """The files named by a comma-separated --dataset or --eval_dataset, each checked to be there."""
+    """The comma-separated files, each checked to exist."""
     paths = [p for p in spec.split(",") if p]
     for path in paths:
         if not os.path.isfile(path):
             raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
     return paths
 
-
-def read_local_rows(spec):
-    """[(row, where)] from comma-separated files: where names the file and the row's 1-based line (JSON Lines,
-    CSV), item (a JSON list) or row (Parquet)."""
+def read_files(spec):
+    """[(row, where)] from .jsonl, .json, .csv (maybe .gz, .bz2, .xz) or .parquet files, read by datasets."""
+    import datasets
     rows = []
     for path in data_paths(spec):
-        kind = data_file_kind(path)
-        if kind is None:
+        if data_kind(path) is None:
             raise FocalpoError(f"{path}: not a data file this reads; use .jsonl, .json or .csv (each may be .gz, "
                                f".bz2 or .xz compressed), or .parquet")
-        rows += read_parquet(path) if kind[0] == ".parquet" else read_text_rows(path, *kind)
-    for row, where in rows:
-        if not isinstance(row, dict):
-            raise FocalpoError(f"{where}: expected an object with prompt/chosen/rejected fields, found "
-                               f"{type(row).__name__} {row!r:.40}")
-    return rows
-
-
-def read_parquet(path):
-    try:
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-    except Exception as e:
-        raise FocalpoError(f"{path} is not a Parquet file this can read ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return [(r, f"{path} row {i}") for i, r in enumerate(table.to_pylist(), 1)]
-
-
-def read_text_rows(path, ext, packed):
-    """JSON Lines, a JSON list (told apart by the first character, whatever the extension) or CSV with a header."""
-    import bz2, gzip, lzma
-    try:
-        with {"": open, ".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[packed](path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise FocalpoError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is fine
-    except UnicodeDecodeError as e:
-        line_start, line = data.rfind(b"\n", 0, e.start) + 1, data.count(b"\n", 0, e.start) + 1
-        raise FocalpoError(f"{path} line {line} is not valid UTF-8 (byte "
-                           f"{e.start - line_start + 1} of that line): re-encode the file as UTF-8") from None
-    if ext == ".csv":
-        import csv
-        reader = csv.DictReader(io.StringIO(text))
-        return [(row, f"{path} line {reader.line_num}") for row in reader]
-    if text.lstrip().startswith("["):
         try:
-            return [(r, f"{path} item {i}") for i, r in enumerate(json.loads(text), 1)]
-        except json.JSONDecodeError as e:
-            raise FocalpoError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): fix that line") from None
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                rows.append((json.loads(line), f"{path} line {lineno}"))
-            except json.JSONDecodeError as e:
-                raise FocalpoError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line; "
-                                   f"the file should be a JSON list, or one JSON object per line") from None
+            table = datasets.load_dataset(data_kind(path), data_files=path, split="train").to_list()
+        except Exception as e:  # the library's own words, from the error under its error
+            raise FocalpoError(f"could not read {path} ({first_line(e.__cause__ or e)}): fix the file, or give it "
+                               f"the name of what it holds") from None
+        rows += [(row, f"{path} row {i}") for i, row in enumerate(table, 1)]
     return rows
 
-
-def load_hub_splits(name, split, eval_split):
-    """(train rows, eval rows or None) from the Hugging Face Hub (or its local cache), as (row, where) tuples."""
+def load_hub_rows(name):
+    """(train rows, held-out rows or None) of a hub dataset: its 'train' or 'train_prefs' split, and its
+    'test', 'test_prefs' or 'validation' split if it has one."""
+    import datasets
     try:
-        import datasets
         ds = datasets.load_dataset(name)
     except Exception as e:  # network errors, unknown names, gated datasets: all end up here
-        raise load_error("dataset", name, e, "pass local .jsonl/.json/.csv/.parquet files") from None
-    def pick(wanted, fallbacks):
-        if wanted:
-            if wanted not in ds:
-                raise FocalpoError(f"dataset {name!r} has no split {wanted!r}; it has: {', '.join(ds)}")
-            return wanted
-        return next((s for s in fallbacks if s in ds), None)
-    train_split = pick(split, ("train", "train_prefs"))
-    if train_split is None:
-        raise FocalpoError(f"dataset {name!r} has no 'train' or 'train_prefs' split; pass --split (it has: {', '.join(ds)})")
-    test_split = pick(eval_split, ("test", "test_prefs", "validation"))
-    rows = lambda s: [(r, f"dataset {name!r} split {s!r} row {i}") for i, r in enumerate(ds[s], 1)]
-    return rows(train_split), (rows(test_split) if test_split else None)
+        raise load_error("dataset", name, e) from None
+    train, test = (next((s for s in names if s in ds), None)
+                   for names in (("train", "train_prefs"), ("test", "test_prefs", "validation")))
+    if train is None:
+        raise FocalpoError(f"dataset {name!r} has no 'train' or 'train_prefs' split (it has: {', '.join(ds)}): save "
+                           f"the split you want with to_json() and pass the file")
+    rows = lambda split: [(r, f"dataset {name!r} split {split!r} row {i}") for i, r in enumerate(ds[split], 1)]
+    return rows(train), rows(test) if test else None
+
+def check_row(row, fmt, where):
+    """The first row's format, or one sentence naming the row. Chat rows may mix strings and message lists."""
+    for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
+        x = row.get(name)
+        if fmt != "chat" and not isinstance(x, str):
+            raise FocalpoError(f"{where}: {name!r} should be a string, as in the first row ({fmt} format), found "
+                               f"{type(x).__name__}; a file holds one format: plain (prompt, chosen, rejected "
+                               f"strings), chat (message lists) or implicit (chosen, rejected strings only)")
+        if fmt == "chat" and not (isinstance(x, str) or is_messages(x) or (name == "prompt" and x is None)):
+            raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages or a string, "
+                               f"found {type(x).__name__}")
+        for m in x if is_messages(x) else []:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise FocalpoError(f"{where} {name!r}: each message needs a 'role' and a string 'content', "
+                                   f"found {m!r:.80}")
 
 
 # -----------------------------------------------------------------------------
-# The demo as the papers' setting: an SFT model first, and a task metric (greedy generation, exact match)
+# The demo: a letter-sorting task whose answers can be checked, an SFT stage first, generation accuracy
 
+DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DEMO_PAIRS = 4400  # 4000 to train on, 400 held out
+
+def demo_mistake(answer, letters, rng):
+    """One plausible mistake: two neighbours swapped, or a letter not in the prompt put in (then re-sorted)."""
+    answer = list(answer)
+    i = rng.randrange(len(answer) - 1)
+    if rng.random() < 0.5:
+        answer[i], answer[i + 1] = answer[i + 1], answer[i]
+    else:
+        answer[i] = rng.choice([c for c in DEMO_LETTERS if c not in letters and c not in answer])
+        answer.sort()
+    return answer
+
+def make_demo_pairs(n, seed):
+    """n pairs with distinct prompts, like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}:
+    half right vs wrong, half less wrong (one mistake) vs more wrong (two). As in real data, the preferred response
+    is often only the better of two imperfect ones."""
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    while len(pairs) < n:
+        letters = rng.sample(DEMO_LETTERS, rng.randint(4, 8))
+        if tuple(letters) in seen:
+            continue
+        seen.add(tuple(letters))
+        good = sorted(letters)
+        if rng.random() < 0.5:
+            chosen, rejected = good, demo_mistake(good, letters, rng)
+        else:
+            chosen, rejected = demo_mistake(good, letters, rng), None
+            while rejected is None or rejected in (chosen, good):  # two mistakes, not undoing each other
+                rejected = demo_mistake(demo_mistake(good, letters, rng), letters, rng)
+        pairs.append({"prompt": "sort: " + " ".join(letters) + " =",
+                      "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
+    return pairs
+
+def demo_answer(prompt):
+    """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q")."""
+    return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in DEMO_LETTERS))
 
 def make_demo_tokenizer():
-    """A word-level tokenizer (one token per letter or word), built offline with the `tokenizers` library."""
+    """A word-level tokenizer (one token per letter or word), built offline with `tokenizers`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -1400,7 +1114,6 @@ def make_demo_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
 
-
 def make_demo_model(tokenizer, seed):
     """A 4-layer Llama-shaped model (0.45M parameters), randomly initialised from `seed`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -1411,32 +1124,25 @@ def make_demo_model(tokenizer, seed):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
-
 SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
-
 def make_sft_rows(cfg):
-    """Correct sortings (prompt, answer) whose letter SETS appear in no preference pair, so that SFT teaches the
-    task without showing the model any prompt it will be asked about later (not even reordered)."""
+    """Correct sortings whose letter sets no preference pair uses (not even reordered)."""
     letters = lambda row: frozenset(row["prompt"].split()[1:-1])
     taken = {letters(r) for r in make_demo_pairs(DEMO_PAIRS, cfg.seed)}
     rows = [r for r in make_demo_pairs(SFT_EXAMPLES + 500, cfg.seed + 1) if letters(r) not in taken]
     return [(r["prompt"], " " + demo_answer(r["prompt"])) for r in rows[:SFT_EXAMPLES]]
 
-
 def sft_demo(model, tokenizer, cfg, device, log=print):
-    """Demo only: --sft_steps of next-token training on correct sortings, stopped early on purpose, so that the
-    model sorts some held-out prompts right and many wrong. It is then the reference and every loss's starting
-    point, as the SFT model is in the papers. The loss is the answer tokens' mean negative log-prob, computed with
-    sequence_logps. Cached like the reference: the key covers the initial weights, the examples' token ids, the
-    steps, the learning rate, the batch and the device and dtype."""
+    """--sft_steps of next-token training on correct sortings, stopped early: the model sorts some held-out
+    prompts right and many wrong, and is the reference and every loss's start, as in the papers. Cached like the
+    reference, under the initial weights, the examples, the steps, lr, batch, device and dtype."""
     rows = make_sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
     prompts = tokenizer([p for p, _ in rows])["input_ids"]
     answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
     seqs = [torch.tensor(p + a + [tokenizer.eos_token_id], dtype=torch.int32) for p, a in zip(prompts, answers)]
     starts = [len(p) for p in prompts]
     data = hashlib.sha256(b"".join(s.numpy().tobytes() + bytes([n]) for s, n in zip(seqs, starts)))
-    model = model.to(device)
     fields = {"stage": "sft", "init": weights_fingerprint(model), "data": data.hexdigest()[:16], "steps": cfg.sft_steps,
               "lr": SFT_LR, "batch": SFT_BATCH, "compute": f"{device.type}/{next(model.parameters()).dtype}",
               "version": 1}
@@ -1463,25 +1169,23 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
         f"preference pair) in {time.time() - t0:.1f}s, final loss {loss.item():.3f}; saved to {path}")
     return model
 
-
 @torch.no_grad()
 def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-    """Greedy completions of prompts given as token ids: (text up to the first EOS, whether an EOS came) each.
-    Prompts of equal length are batched together, so no padding (and no attention mask) is needed."""
+    """(text up to the first EOS, whether one came) per prompt (token ids). Prompts of equal length go in one
+    batch: no padding, no mask."""
     was_training, eos = model.training, tokenizer.eos_token_id
     model.eval()
     out, by_length = [None] * len(prompts), {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
+    room = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     for group in by_length.values():
         for k in range(0, len(group), batch_size):
             idx = group[k:k + batch_size]
             ids = torch.stack([torch.as_tensor(prompts[i]) for i in idx]).long().to(device)
-            room = getattr(model.config, "max_position_embeddings", None)
-            new_tokens = min(max_new_tokens, room - ids.shape[1]) if room else max_new_tokens
             with autocast(device):
-                new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     do_sample=False, use_cache=True, eos_token_id=eos,
+                new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                                     max_new_tokens=min(max_new_tokens, room - ids.shape[1]), eos_token_id=eos,
                                      pad_token_id=tokenizer.pad_token_id,
                                      synced_gpus=world() > 1)[:, ids.shape[1]:]  # FSDP: every process, every step
             for i, row in zip(idx, new.tolist()):
@@ -1491,388 +1195,238 @@ def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_
     model.train(was_training)
     return out
 
-
 def expected_answer(pair, tokenizer):
-    """Demo: the right answer to the pair's prompt (not its chosen answer, which may have a mistake)."""
+    """The right answer to the pair's prompt (its chosen answer may have a mistake)."""
     return demo_answer(tokenizer.decode(pair.chosen[:pair.chosen_start], skip_special_tokens=True))
 
-
 def is_right(pair, completion, tokenizer):
-    """Demo: a greedy completion (text, whether it ended with EOS) is the right answer, exactly, and then stops."""
-    text, ended = completion
-    return ended and text.strip() == expected_answer(pair, tokenizer)
-
+    """A greedy completion (text, ended with EOS) is exactly the right answer, then stops."""
+    return completion[1] and completion[0].strip() == expected_answer(pair, tokenizer)
 
 def generation_accuracy(model, pairs, tokenizer, device):
-    """Demo: the fraction of prompts whose greedy completion is exactly the right answer, compared as decoded text,
-    and then ends (EOS)."""
-    longest = max(len(p.chosen) - p.chosen_start for p in pairs)  # the longest answer with its EOS, in tokens
-    # one token more: a completion that runs past the right answer shows as one, rather than being cut off there
+    """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the
+    longest answer is allowed: a completion that runs on shows as one."""
+    longest = max(len(p.chosen) - p.chosen_start for p in pairs)
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
     return sum(is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
 
-
-def show_generations(model, pairs, tokenizer, cfg, device, label, log):
-    """--generate=N: the first N held-out prompts with the policy's greedy completions (and, for the demo, the
-    correct answer)."""
-    n = cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)
-    if n <= 0:
-        return
-    pairs = pairs[:n]
-    got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, cfg.max_new_tokens)
+def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_tokens=128):
+    """--generate=N: the first N held-out prompts with greedy completions (for the demo: right or not)."""
+    pairs = pairs[:cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)]
+    got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, max_new_tokens)
     for p, (text, ended) in zip(pairs, got):
         prompt = tokenizer.decode(p.chosen[:p.chosen_start], skip_special_tokens=True)
         line = f"{label} {prompt[-200:]!r} -> {text!r}{'' if ended else ' (no EOS)'}"
         if cfg.dataset == "demo":
-            line += "   right" if is_right(p, (text, ended), tokenizer) else f"   wrong: expected {expected_answer(p, tokenizer)!r}"
+            right = is_right(p, (text, ended), tokenizer)
+            line += "   right" if right else f"   wrong: expected {expected_answer(p, tokenizer)!r}"
         log(line)
 
 
 # -----------------------------------------------------------------------------
-# Attention without a mask: faster, and no GPU wait (see sequence_logps for why right padding needs no mask)
-
+# The fast log-prob path of sequence_logps, used only where it gives the model's own numbers
 
 def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, given no mask: causal when several queries come at once (training, scoring,
-    a prompt), full for a single decoded token. See sequence_logps for why right-padded batches need no mask."""
+    """transformers' SDPA attention, given no mask: causal for several queries, full for one."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
-
-def use_causal_sdpa(model, max_length):
-    """Switch the model to _causal_sdpa, unless it has a sliding window shorter than max_length (then the mask
-    matters). With it transformers builds no mask and checks none on the host (a GPU wait every forward), and
-    SDPA can take its fastest causal kernels."""
+def use_fast_logps(model, max_length, device):
+    """The fast path departs from the model's forward twice: no attention mask (wrong under a sliding window shorter
+    than max_length, or for attention other than SDPA's, such as eager soft-capping), and logits straight from the
+    output layer (wrong where a model scales or soft-caps them). So it is tried only on SDPA models without a short
+    window, and kept only if a probe, two random right-padded sequences, gets the model's own log-probs from it,
+    with the output layer scaled for it so that the logits are as large as a trained model's (a soft cap shows)."""
     from transformers import AttentionInterface
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and window < max_length:
+    window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
+    model.fast_logps = False
+    if model.config._attn_implementation != "sdpa" or head is None or (window is not None and window < max_length):
         return False
+    length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
+    vocab, seeded = model.get_input_embeddings().num_embeddings, torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (length,), generator=seeded)  # its own generator: the global RNG is left as it was
+    probe = to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
+    was_training, weight = model.training, head.weight.detach().clone()
+    tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
+    model.eval()
     AttentionInterface.register("causal_sdpa", _causal_sdpa)
-    model.set_attn_implementation("causal_sdpa")
-    return True
+    with torch.no_grad(), autocast(device):
+        head.weight.mul_(max(1.0, 10 / float(model(probe["input_ids"]).logits.float().std())))  # logits' std: 10
+        own, n = sequence_logps(model, probe)
+        try:
+            model.set_attn_implementation("causal_sdpa")
+            model.fast_logps = True
+            agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
+        except Exception:  # parts that do not fit the fast path (a base_model that is the model itself, say)
+            agrees = False
+        head.weight.copy_(weight)
+    if not agrees:
+        model.set_attn_implementation("sdpa")
+        model.fast_logps = False
+    model.train(was_training)
+    return model.fast_logps
 
 
 # -----------------------------------------------------------------------------
 # Memory plan (GPU only): will training fit? An estimate, stated, not a measurement
 
-
 GiB = 2 ** 30
 
-
-def bytes_per_parameter(cfg, world_size=1):
-    """Training state per parameter: fp32 weights + gradients + AdamW's two moments (4+4+4+4), plus the bf16 copy
-    autocast makes of each weight during the step (2); or, with --weights=bf16, 2+2+2+2. Sharded over several
-    processes (FSDP2) the bf16 copies exist only for the layers being gathered, so fp32 is 16 (not counted here)."""
-    return 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
-
-
-def activation_bytes(config, cfg):
-    """An allowance for activations at --batch_size pairs (2x as many sequences) of --max_length tokens each.
-
-    Without checkpointing, a decoder layer keeps about 30*H + 8*I bytes per token for backward (bf16: the inputs of
-    its six projections, q/k/v after RoPE, the attention output, the SwiGLU products, the norms' fp32 copies).
-    With checkpointing it keeps only its input (H values, in the weights' dtype), and one layer at a time is
-    recomputed with its full activations. Plus the log-prob chunk: 2048 positions x vocabulary x 10 bytes (bf16
-    logits, their fp32 copy and its gradient)."""
+def memory_plan(config, cfg, world_size=1):
+    """(bytes needed per GPU, a one-line account). Per parameter: fp32 weights, gradients, AdamW moments and
+    autocast's bf16 copy (18 bytes; 16 under FSDP), or 8 with --weights=bf16. Activations: a layer keeps ~30*H + 8*I
+    bytes per token for backward; with checkpointing its input, one layer recomputed at a time. Plus a logits chunk."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):  # parameters counted without memory
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    per = 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
+    state, buffers = n * per / world_size, 28 * min(AdamWSR.chunk, n) if cfg.weights == "bf16" else 0
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = 2 * cfg.batch_size * cfg.max_length
-    full_layer = (30 * H + 8 * I) * tokens
-    if cfg.gradient_checkpointing:
-        layers = (2 if cfg.weights == "bf16" else 4) * H * tokens * L + full_layer
-    else:
-        layers = full_layer * L
-    return layers + 2048 * config.vocab_size * 10
-
-
-def memory_plan(config, cfg, world_size=1):
-    """(bytes needed per GPU, a one-line account of them). Parameters are counted on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    state = n * bytes_per_parameter(cfg, world_size) / world_size  # sharded over the processes (FSDP) with several
-    buffers = 28 * min(AdamWSR.bucket_numel, n) if cfg.weights == "bf16" else 0
-    acts = activation_bytes(config, cfg)
-    what = "bf16 weights, gradients, AdamW moments" if cfg.weights == "bf16" else \
-           "fp32 weights, gradients, AdamW moments, bf16 autocast copies"
-    line = (f"memory plan: {n / 1e9:.2f}B parameters x {bytes_per_parameter(cfg, world_size)} bytes ({what})"
+    layer = (30 * H + 8 * I) * tokens  # what one layer keeps for backward
+    inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L  # with checkpointing: each layer's input only
+    acts = (inputs + layer if cfg.gradient_checkpointing else layer * L) + 2048 * config.vocab_size * 10
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes ({cfg.weights} training state)"
             + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
             + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
             + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
-            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
+            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'})"
+            + f" = ~{(state + buffers + acts) / GiB:.1f} GiB")
     return state + buffers + acts, line
 
-
 def check_memory(cfg, config, device, log=print, world_size=1):
-    """On a GPU, before loading a real model (its config is enough): print the plan beside the free memory, and
-    stop at once when it cannot fit, rather than after the reference pass."""
+    """On a GPU, before loading the model: print the plan beside the free memory; stop if it cannot fit."""
     if device.type != "cuda":
         return
     needed, line = memory_plan(config, cfg, world_size)
     free = torch.cuda.mem_get_info(device)[0]
     log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
+    savers = ([] if cfg.weights == "bf16" else ["--weights=bf16"]) + \
+             ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
     if needed > free:
-        savers = ([] if cfg.weights == "bf16" else
-                  [f"--weights=bf16 (8 bytes per parameter instead of {bytes_per_parameter(cfg, world_size)})"]) + \
-                 ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
         raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
                            f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
-                           + "lower --batch_size (raising --grad_accum) or --max_length, or spread the model over "
-                           "more GPUs with torchrun")
+                           + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs (torchrun)")
 
 
 # -----------------------------------------------------------------------------
 # --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
 
-
-def stochastic_round_bf16(x, noise=None):
-    """fp32 -> bf16, rounding up or down at random so that the result equals x in expectation.
-
+def stochastic_round_bf16_(x, noise):
+    """A flat fp32 tensor -> bf16, rounded up or down at random so that the result is x in expectation; in place,
+    the bf16 numbers are a view of x's top halves. noise: int32 values in [0, 2^16), shaped like x.
     bf16 is the top 16 bits of an fp32. Adding 16 random bits to the low half of the bit pattern carries into the
     top half with probability (x's distance from the bf16 value below it) / (bf16 spacing); then drop the low half.
-    Works for both signs: the pattern is sign + magnitude, and the addition only ever grows the magnitude.
-    noise: int32 values in [0, 2^16), shaped like x (drawn here when not given)."""
-    if noise is None:
-        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-    return stochastic_round_bf16_(x.float().clone().reshape(-1), noise.reshape(-1)).reshape(x.shape).clone()
-
-
-def stochastic_round_bf16_(x, noise):
-    """stochastic_round_bf16 in place on a flat fp32 tensor, for AdamWSR's buffers: adds the noise to x's bit
-    patterns and returns the bf16 numbers as a view of x's top halves (little-endian: int16 number 1 of each fp32)."""
+    Both signs work: the pattern is sign + magnitude, and the addition only ever grows the magnitude."""
     x.view(torch.int32).add_(noise)
-    return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)
-
-
-def _local(t):
-    """This process's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
+    return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
 class AdamWSR(torch.optim.Optimizer):
-    """AdamW whose state lives in the parameters' dtype (bf16: 2+2+2 bytes per weight instead of 4+4+4) but whose
-    arithmetic is fp32. Weights and both moments are written back with stochastic rounding. With round-to-nearest,
-    a step of lr = 5e-7 on a bf16 weight of 0.02 (spacing 1.2e-4) is rounded away every time. With stochastic
-    rounding the weight moves by the right amount on average.
+    """AdamW (no weight decay) keeping its state in the parameters' dtype (bf16: 6 bytes per weight, not 12), with
+    fp32 arithmetic and stochastic rounding back: round-to-nearest loses a step of lr = 5e-7 on a bf16 weight of
+    0.02 (spacing 1.2e-4) every time, stochastic rounding moves it the right amount on average. Parameters go in
+    pieces of `chunk` elements through reusable buffers (28 bytes each: 0.94 GiB), and one int64 of random bits per
+    element serves three roundings (bits 0-15 the weight, 16-31 and 32-47 the moments). Under FSDP2: the local shard."""
 
-    Speed: the parameters are updated in flat fp32 buckets of at most `bucket_numel` elements (a large tensor is
-    split across buckets), so each operation below runs once per bucket, not once per parameter, and the fp32
-    temporaries are bounded: 4 fp32 buffers, 1 int64 and 1 int32 = 28 bytes x bucket_numel (0.94 GB at the default
-    2^25, whatever the model's size), allocated once and reused every step. The step count is a Python int (no
-    host sync per parameter), and one int64 of random bits per element serves all three roundings (its bits 0-15
-    for the weight, 16-31 for the first moment, 32-47 for the second), a third of the random-number work of one draw each.
-    """
+    chunk = 1 << 25
 
-    bucket_numel = 1 << 25
-
-    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self._work = None  # the reusable fp32/int buffers, made on the first step
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.work = {}  # the reusable buffers, made on the first step
 
     def random_bits(self, n, device):
-        """n int64 values with (at least) 48 random low bits; a method so that tests can supply fixed bits."""
-        return self._buffer("bits", n, torch.int64, device).random_()
+        """n int64s with (at least) 48 random low bits; a method, so that tests can supply fixed bits."""
+        return self.buffer("bits", n, torch.int64, device).random_()
+
+    def buffer(self, name, n, dtype, device):
+        if name not in self.work or self.work[name].numel() < n or self.work[name].device != device:
+            self.work[name] = torch.empty(n, dtype=dtype, device=device)
+        return self.work[name][:n]
 
     @torch.no_grad()
     def step(self, closure=None):  # closure: unused, accepted because torch.distributed.checkpoint passes it
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            by_step = {}  # parameters that missed a step (no gradient) keep their own count: bucket by count
-            for p in params:
+            for p in [p for p in group["params"] if p.grad is not None]:
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] = int(state["step"]) + 1
-                by_step.setdefault(state["step"], []).append(p)
-            for t, ps in by_step.items():
-                for pieces in self._buckets(ps):
-                    self._update(pieces, group, t)
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] = int(state["step"]) + 1  # a Python int: no host sync per parameter
+                tensors = [t.to_local() if hasattr(t, "to_local") else t for t in
+                           (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                for pieces in zip(*(t.view(-1).split(self.chunk) for t in tensors)):
+                    self.update(*pieces, group, state["step"])
 
-    def _buckets(self, params):
-        """Lists of (param, start, end) slices of the flattened parameters, at most bucket_numel elements each.
-        With several processes (FSDP2) a parameter is a DTensor: its local shard is what this process updates."""
-        bucket, room = [], self.bucket_numel
-        for p in params:
-            if not _local(p).is_contiguous():
-                raise ValueError("AdamWSR needs contiguous parameters")
-            start, numel = 0, _local(p).numel()
-            while start < numel:
-                end = min(numel, start + room)
-                bucket.append((p, start, end))
-                room -= end - start
-                start = end
-                if room == 0:
-                    yield bucket
-                    bucket, room = [], self.bucket_numel
-        if bucket:
-            yield bucket
-
-    def _buffer(self, name, n, dtype, device):
-        """The first n elements of a reusable buffer (no allocation, so no page faults, after the first step)."""
-        if self._work is None:
-            self._work = {}
-        buf = self._work.get(name)
-        if buf is None or buf.numel() < n or buf.device != device:
-            buf = self._work[name] = torch.empty(min(self.bucket_numel, max(n, 1)), dtype=dtype, device=device)
-        return buf[:n]
-
-    def _update(self, pieces, group, t):
-        beta1, beta2 = group["betas"]
-        lr, device = group["lr"], pieces[0][0].device
-        sizes = [e - s for _, s, e in pieces]
-        n = sum(sizes)
-        def views(get):  # the bucket's slices of a tensor per parameter (the parameter, its gradient or a moment)
-            return [_local(get(p)).view(-1)[s:e] for p, s, e in pieces]
-        ws, gs, ms, vs = (views(f) for f in (lambda p: p, lambda p: p.grad, lambda p: self.state[p]["exp_avg"],
-                                              lambda p: self.state[p]["exp_avg_sq"]))
-        w, g, m, v = (self._buffer(name, n, torch.float32, device) for name in ("w", "g", "m", "v"))
-        for flat, src in ((w, ws), (g, gs), (m, ms), (v, vs)):
-            torch._foreach_copy_(list(flat.split(sizes)), src)  # gather and upcast to fp32 in one pass
+    def update(self, w_, g_, m_, v_, group, t):
+        """One piece: weight, gradient and moments (flat, in their dtype) -> fp32, AdamW, rounded back."""
+        (beta1, beta2), n, device = group["betas"], w_.numel(), w_.device
+        w, g, m, v = (self.buffer(k, n, torch.float32, device).copy_(x) for k, x in zip("wgmv", (w_, g_, m_, v_)))
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if group["weight_decay"]:
-            w.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
         denom = torch.div(v, 1 - beta2 ** t, out=g).sqrt_().add_(group["eps"])  # g is no longer needed: reuse it
-        w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
         words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # each int64 as two 32-bit words
-        noise = self._buffer("noise", n, torch.int32, device)
-        for k, (flat, dst) in enumerate(((w, ws), (m, ms), (v, vs))):
-            if dst[0].dtype != torch.bfloat16:
-                torch._foreach_copy_(dst, list(flat.split(sizes)))
+        noise = self.buffer("noise", n, torch.int32, device)
+        for k, (x, dst) in enumerate(((w, w_), (m, m_), (v, v_))):
+            if dst.dtype != torch.bfloat16:
+                dst.copy_(x)
                 continue
-            # the noise is bits 0-15 of the int64 for the weight, 16-31 for m, 32-47 for v
-            word = words[:, 1] if k == 2 else words[:, 0]
-            if k == 1:
-                word = torch.bitwise_right_shift(word, 16, out=noise)
-            rounded = stochastic_round_bf16_(flat, torch.bitwise_and(word, 0xFFFF, out=noise))  # (n,) bf16
-            torch._foreach_copy_(dst, list(rounded.split(sizes)))
+            word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
+            dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)))
 
 
 # -----------------------------------------------------------------------------
-# Cache files and checkpoints: written atomically, verified when read back
-
-
-def _digest(tensors):
-    """SHA-256 of a dict of tensors (any dtype), in key order."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode() + tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
+# Caches and checkpoints, each written under a temporary name and then renamed: a file with its final name is whole
 
 def read_cache(path, key, what, log):
-    """The tensors cached at path under `key`, or None when there is no such file. A file that cannot be read, or
-    whose key or checksum does not match (edited, or written by another version), is reported and ignored."""
+    """The tensors cached under `key`, or None; an unreadable file, or another key, is reported and ignored."""
     if not os.path.exists(path):
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] == key and blob["checksum"] == _digest(blob["tensors"]):
+        if blob["key"] == key:
             log(f"{what}: loaded cached values from {path}")
             return blob["tensors"]
-        problem = "its contents do not match its key or checksum (edited, or written by another version)"
+        problem = "it holds another key (written by another version)"
     except Exception as e:
         problem = f"it cannot be read ({type(e).__name__})"
     log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
-    return None
-
 
 def write_cache(path, key, fields, tensors):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"key": key, "fields": fields, "tensors": tensors, "checksum": _digest(tensors)}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half-written cache behind
+    torch.save({"key": key, "fields": fields, "tensors": tensors}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
-
-class HashingFile:
-    """A file opened for writing that computes the SHA-256 of what is written to it as it is written, so a
-    checkpoint is never read back to be hashed. Each large block is hashed in a second thread while it is written
-    (hashlib and file writes both release the GIL), so where writing waits on the disk the hash runs meanwhile (on
-    a 2-core machine writing to the page cache it did not hide: see the README); both finish before write()
-    returns, because torch may reuse the block afterwards. close() stops the thread and closes the file."""
-
-    def __init__(self, path):
-        from concurrent.futures import ThreadPoolExecutor
-        self.f, self.sha, self.pool = open(path, "wb"), hashlib.sha256(), ThreadPoolExecutor(1)
-
-    def write(self, block):
-        if len(block) < 1 << 20:
-            self.sha.update(block)
-            return self.f.write(block)
-        hashed = self.pool.submit(self.sha.update, block)
-        n = self.f.write(block)
-        hashed.result()
-        return n
-
-    def flush(self):
-        self.f.flush()
-
-    def close(self):
-        self.pool.shutdown()
-        self.f.close()
-
-
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# What a resumed run must share with the run it resumes; anything else (logging, evaluation, checkpoint frequency,
-# progress bar, device, number of processes) may change
-RESULT_OPTIONS = ("beta", "gamma", "focal_detach", "lr", "batch_size", "grad_accum", "epochs", "max_steps",
-                  "warmup_ratio", "schedule", "weight_decay", "grad_clip", "seed", "model", "revision", "dataset",
-                  "split", "eval_dataset", "eval_split", "eval_fraction", "max_train_pairs", "max_eval_pairs",
-                  "max_length", "max_prompt_length", "weights", "sft_steps")
-
-
-def save_checkpoint(ckpt_dir, model, optimizer, state, keep, cfg=None, loss_type=None):
-    """step_NNNNNNN.pt (model, optimizer, RNG, training state, the options and the loss) and, once that is complete,
-    its step_NNNNNNN.json (size, SHA-256 and the run it belongs to). Each is written under a temporary name and
-    renamed, so a file with its final name is whole. The newest `keep` checkpoints of this run are kept; files of
-    any other run are never touched. With several processes, all gather and rank 0 writes. Returns the path."""
+def save_checkpoint(folder, model, optimizer, state, cfg=None, loss_type=None, keep=2):
+    """step_NNNNNNN.pt: model, optimizer, RNG, state, options and loss, as full tensors (any number of processes
+    resumes it; with several, all gather and rank 0 writes). Keeps the newest `keep`."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
+    path = os.path.join(folder, f"step_{state['step']:07d}.pt")
     blob = {"model": get_model_state_dict(model, options=full_state_options()),
             "optimizer": get_optimizer_state_dict(model, optimizer, options=full_state_options()),
             "state": state, "config": dataclasses.asdict(cfg) if cfg else None, "loss_type": loss_type,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    if rank() != 0:
-        return path
-    os.makedirs(ckpt_dir, exist_ok=True)
-    out = HashingFile(path + ".tmp")
-    try:
-        torch.save(blob, out)
-    finally:
-        out.close()
-    os.replace(path + ".tmp", path)
-    with open(path + ".json.tmp", "w") as f:
-        json.dump({"step": state["step"], "bytes": os.path.getsize(path), "sha256": out.sha.hexdigest(),
-                   "run": state.get("run_id"), "loss_type": loss_type, "config": blob["config"]}, f)
-    os.replace(path + ".json.tmp", path[:-3] + ".json")
-    for old in checkpoints_of_run(ckpt_dir, state.get("run_id"))[:-keep]:
-        for f in (old, old[:-3] + ".json"):
-            os.remove(f)
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(blob, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a crash mid-save leaves the checkpoints before it as they were
+        for old in sorted(glob.glob(os.path.join(folder, "step_*.pt")))[:-keep]:
+            os.remove(old)
     return path
 
-
-def checkpoints_of_run(ckpt_dir, run_id):
-    """The finished checkpoint files of one run, oldest first: those whose .json names it."""
-    mine = []
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt"))):
-        try:
-            with open(path[:-3] + ".json") as f:
-                if json.load(f).get("run") == run_id:
-                    mine.append(path)
-        except (OSError, ValueError):
-            pass
-    return mine
-
+def latest_checkpoint(folder):
+    """(the newest checkpoint, its path) or (None, None), mapped (mmap), not read. A file with its final name was
+    written whole; if one does not load all the same (a damaged disk), one sentence says so."""
+    paths = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
+    if not paths:
+        return None, None
+    try:
+        return torch.load(paths[-1], map_location="cpu", weights_only=True, mmap=True), paths[-1]
+    except Exception as e:
+        raise FocalpoError(f"checkpoint {paths[-1]} does not load ({first_line(e)[:200]}): delete it to resume from "
+                           f"the one before, or start a new --out_dir") from None
 
 class Checkpoints:
-    """A run's checkpoints/ folder: save(state) writes one and remembers its path in .last, to name it if the run
-    must stop."""
+    """A run's checkpoints/ folder; .last is the newest, named when the run stops."""
 
     def __init__(self, folder, model, optimizer, cfg, loss_type):
         self.folder, self.model, self.optimizer, self.cfg, self.loss_type = folder, model, optimizer, cfg, loss_type
@@ -1880,131 +1434,75 @@ class Checkpoints:
 
     def save(self, state):
         state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
-        self.last = save_checkpoint(self.folder, self.model, self.optimizer, state, self.cfg.keep_checkpoints,
-                                    self.cfg, self.loss_type)
+        self.last = save_checkpoint(self.folder, self.model, self.optimizer, state, self.cfg, self.loss_type)
         if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
             state["window"] = {}
         return self.last
 
-
-def remove_checkpoints(cfg, out_dir, log):
-    """A finished run keeps its model and summary; its checkpoints (weights and optimizer state, each about 3x the
-    model) go, unless --keep_final_checkpoint=true."""
-    folder = os.path.join(out_dir, "checkpoints")
-    if cfg.keep_final_checkpoint or rank() != 0 or not os.path.isdir(folder):
-        return
-    for path in glob.glob(os.path.join(folder, "step_*")):
-        os.remove(path)
-    if not os.listdir(folder):
-        os.rmdir(folder)
-
-
-def find_latest_checkpoint(ckpt_dir, log=print):
-    """The newest checkpoint whose size and checksum match its .json, or None. Damaged ones are reported and
-    skipped, so a truncated or corrupted last checkpoint falls back to the one before."""
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step_*.pt")), reverse=True):
-        try:
-            with open(path[:-3] + ".json") as f:
-                meta = json.load(f)
-            if os.path.getsize(path) != meta["bytes"]:
-                raise ValueError(f"it has {os.path.getsize(path)} bytes, {meta['bytes']} were written")
-            if _sha256_file(path) != meta["sha256"]:
-                raise ValueError("its checksum does not match (corrupted)")
-            return path
-        except FileNotFoundError:
-            problem = "its .json is missing (the save did not finish)"
-        except Exception as e:
-            problem = str(e) or type(e).__name__
-        log(f"checkpoint: WARNING: skipping {path}: {problem}")
-    return None
-
-
-def load_latest_checkpoint(ckpt_dir, log=print):
-    """(the newest good checkpoint, its path), or (None, None). With several processes rank 0 checks the files
-    and the others take its answer; every process then maps the file (mmap: no copy in memory)."""
-    path = find_latest_checkpoint(ckpt_dir, log) if rank() == 0 else None
-    if world() > 1:
-        shared = [path]
-        dist.broadcast_object_list(shared, src=0)
-        path = shared[0]
-    if path is None:
-        return None, None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
-
-
-def check_same_options(recorded, cfg, loss_type, path):
-    """--resume continues a run (a checkpoint, or a finished run's summary.json) only with the options that
-    produced it: one sentence naming each that differs."""
-    if not recorded.get("config"):
-        raise FocalpoError(f"{path} records no options (written by an older focalpo): start a new --out_dir")
-    was = recorded["config"]
-    diffs = [f"--{k} was {was.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_OPTIONS if was.get(k) != getattr(cfg, k)]
-    if recorded["loss_type"] != loss_type:
-        diffs.insert(0, f"the loss was {recorded['loss_type']!r}, now {loss_type!r}")
-    if diffs:
-        raise FocalpoError(f"--resume=true with options that change the result ({'; '.join(diffs)}) would not "
-                           f"continue {path}: run with the original values, or start a new --out_dir")
-
-
-def read_summary(out_dir):
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        return json.load(f)
-
-
-def resume(cfg, saver, metrics_path, total_steps, log):
-    """With --resume: weights, optimizer, RNG and state from the newest good checkpoint (written with any number of
-    processes), after checking that the options that change the result are the same; metrics.jsonl is cut back to
-    it. Returns the state (a new one when there is no checkpoint); saver.last is the checkpoint's path."""
+def resume(saver, metrics_path, total_steps, log):
+    """--resume: weights, optimizer, RNG and state from the newest checkpoint (its options were checked before any
+    work); metrics.jsonl cut back to it. A new state when there is no checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    ckpt, path = load_latest_checkpoint(saver.folder, log)
+    ckpt, path = latest_checkpoint(saver.folder)
     if ckpt is None:
-        log(f"[{saver.loss_type}] --resume: no usable checkpoint in {saver.folder}, starting from the beginning")
+        log(f"[{saver.loss_type}] --resume: no checkpoint in {saver.folder}, starting from the beginning")
         return new_state()
-    check_same_options(ckpt, cfg, saver.loss_type, path)
     full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
     set_model_state_dict(saver.model, ckpt["model"], options=full)
     set_optimizer_state_dict(saver.model, saver.optimizer, ckpt["optimizer"], options=full)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
     state, saver.last = ckpt["state"], path
-    state.setdefault("train_seconds", state["elapsed"])  # written before training time was counted apart
     if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
         state["window"] = {}
-    if rank() == 0:
+    else:
         cut_metrics_file(metrics_path, state["step"], log)
     log(f"[{saver.loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
     return state
 
-
 def cut_metrics_file(path, step, log):
-    """At a resume, keep the lines of metrics.jsonl up to the checkpoint's step (the later ones will be written
-    again). A torn last line (a crash mid-write) is dropped; a missing file is started anew; both are reported."""
-    if not os.path.exists(path):
-        log(f"WARNING: {path} is missing: its rows up to step {step} are lost; the rows from here on go to a new one")
-        open(path, "w").close()
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for lineno, line in enumerate(lines, 1):
+    """Keep metrics.jsonl's rows up to the checkpoint's step (later ones are written again). A line a crash cut
+    short, or a missing file, is reported."""
+    lines = open(path).readlines() if os.path.exists(path) else []
+    if not lines:
+        log(f"WARNING: {path} is missing or empty: its rows up to step {step} are lost; new rows go to a new one")
+    rows = []
+    for line in lines:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno < len(lines):
-                raise FocalpoError(f"{path} line {lineno} is not valid JSON: fix or remove that line, then resume "
-                                   f"again") from None
-            log(f"WARNING: {path}: dropped its last line, which was cut short ({line.strip()[:40]!r}...)")
-            continue
-        if row["step"] <= step:
-            kept.append(line)
+            rows.append(json.loads(line))
+        except ValueError:
+            log(f"WARNING: {path}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
     with open(path, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
 
 
 # -----------------------------------------------------------------------------
-# Output: the table that compares the losses, the progress bar
+# Output: the trained model, summary.json, the table that compares the losses, the progress bar
 
+def save_model(model, tokenizer, out_dir):
+    """The trained model and tokenizer (save_pretrained); with several processes rank 0 gathers and writes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
+    if rank() == 0:
+        model.save_pretrained(out_dir, state_dict=weights)
+        tokenizer.save_pretrained(out_dir)
+
+def write_summary(cfg, state, loss_type, n_pairs, out_dir):
+    """summary.json, written last (its presence means "done"): first and last evaluation, options, and
+    throughput: the training steps' tokens (no pads) over their time alone."""
+    first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
+    summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
+               "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
+               "eval_reward_accuracy_start": first["reward_accuracy"],
+               "eval_generation_accuracy_start": first.get("generation_accuracy"),
+               **{f"eval_{k}": v for k, v in last.items()},
+               "train_tokens_per_second": state["tokens_seen"] / seconds if seconds else None,
+               "train_seconds": seconds, "runtime_seconds": state["elapsed"], "config": dataclasses.asdict(cfg)}
+    if rank() == 0:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
 
 def comparison_table(summaries):
     cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
@@ -2014,38 +1512,33 @@ def comparison_table(summaries):
             ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
             ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
     cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     widths = [max(8, len(name) + 2) for _, name in cols]
-    name = lambda lt, s: lt + (" (detached)" if lt == "focalpo" and s.get("focal_detach") else "")
-    lines = ["", "held-out results (" + f"{next(iter(summaries.values()))['eval_pairs']} pairs)",
+    lines = ["", f"held-out results ({next(iter(summaries.values()))['eval_pairs']} pairs)",
              f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
     for lt, s in summaries.items():
-        lines.append(f"{name(lt, s):<19}" + "".join(f"{fmt(s.get(k)):>{w}}" for (k, _), w in zip(cols, widths)))
+        name = lt + (" (detached)" if lt == "focalpo" and s["config"]["focal_detach"] else "")
+        lines.append(f"{name:<19}" + "".join(f"{'-' if s.get(k) is None else format(s[k], '.3f'):>{w}}"
+                                              for (k, _), w in zip(cols, widths)))
     return "\n".join(lines)
 
-
 def progress_bar(cfg, total_steps, done, loss_type):
-    if not cfg.progress or rank() != 0:
-        return None
     from tqdm import tqdm
-    return tqdm(total=total_steps, initial=done, desc=loss_type, dynamic_ncols=True, leave=False)
+    return tqdm(total=total_steps, initial=done, desc=loss_type, dynamic_ncols=True, leave=False,
+                disable=not cfg.progress or rank() != 0)
 
 
 # -----------------------------------------------------------------------------
 # Fault handling: signals, non-finite steps, out of memory, a lost process
 
-
 class StopSignals:
-    """Ctrl-C / SIGTERM during training set .signal, so the loop can finish the step in flight, save and stop.
-    A second signal stops at once (KeyboardInterrupt). Outside the main thread no handler can be installed."""
+    """Ctrl-C / SIGTERM during training: the step in flight finishes, then a checkpoint, then the run stops.
+    A second signal stops at once (KeyboardInterrupt)."""
 
     def __enter__(self):
         self.signal, self.old = None, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):
                 self.old[sig] = signal.signal(sig, self.on_signal)
-            except ValueError:
-                pass
         return self
 
     def on_signal(self, signum, frame):
@@ -2058,58 +1551,49 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def stop_here_if_asked(self, step, total_steps, device, saver, state):
-        """At a step boundary: after a signal (to this process or, with several, to any), save and stop."""
+        """After a signal to this process or, with several, to any: save and stop, all at this step."""
         if agree(self.signal is not None, device, "max") and step < total_steps:  # every process stops here
             by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
             raise Interrupted(f"stopped by {by} at step {step} of {total_steps}; checkpoint saved to "
                               f"{saver.save(state)}. To continue, run the same command with --resume=true")
 
-
 def nonfinite_pairs(micro_batches, losses):
-    """The step's pairs (indices into the split) whose loss is not finite, from every process. Rare: waits are fine."""
-    bad = [i for b, l in zip(micro_batches, losses) if not b.get("stand_in")
-           for i in b["idx"][~torch.isfinite(l).cpu()].tolist()]
+    """The step's pairs whose loss is not finite, from every process (rare: waits are fine)."""
+    bad = [i for b, l in zip(micro_batches, losses) for i in b["idx"][~torch.isfinite(l).cpu()].tolist()]
     if world() > 1:
         gathered = [None] * world()
         dist.all_gather_object(gathered, bad)
         bad = sorted(i for share in gathered for i in share)
     return bad
 
+MAX_BAD_STEPS = 3  # consecutive steps with a non-finite loss or gradient that stop the run
 
-def skip_nonfinite_step(state, where, cfg, saver, say):
-    """A step whose loss or gradient was NaN/inf made no update: say which rows it had, and stop the run after
-    --max_bad_steps of them in a row."""
+def skip_nonfinite_step(state, where, saver, say):
+    """A NaN/inf step made no update: name its rows; MAX_BAD_STEPS in a row stop the run."""
     state["bad_steps"] += 1
     rows = ", ".join(where) or "none: the gradient only"
     say(f"step {state['step']}: WARNING: non-finite loss or gradient, update skipped (training rows: {rows})")
-    if state["bad_steps"] >= cfg.max_bad_steps:
-        raise FocalpoError(
-            f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (last at step {state['step']}, "
-            f"training rows: {rows}): stopped; check those rows or lower --lr. "
-            + (f"The last good checkpoint is {saver.last} (--resume=true)." if saver.last else
-               "No checkpoint was written yet."))
-
+    if state["bad_steps"] >= MAX_BAD_STEPS:
+        last = f"The last good checkpoint is {saver.last} (--resume=true)." if saver.last else "No checkpoint yet."
+        raise FocalpoError(f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (the last at "
+                           f"step {state['step']}, training rows: {rows}): check those rows or lower --lr. {last}")
 
 @contextlib.contextmanager
 def stop_on_out_of_memory(cfg, micro, state, saver):
-    """Out of GPU memory in a step: save the last completed step, then stop with the options that use less memory."""
+    """Out of GPU memory in a step: save the last whole step, stop naming what uses less memory."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
         saver.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        saved = saver.save(state) if state["step"] else None
-        longest = max(b["input_ids"].shape[1] for b in micro)
+        saved = f"; checkpoint saved to {saver.save(state)}, continue with --resume=true" if state["step"] else ""
         raise FocalpoError(
-            f"out of GPU memory at step {state['step'] + 1} with --batch_size={cfg.batch_size} pairs "
-            f"({2 * cfg.batch_size} sequences) of up to {longest} tokens (--max_length={cfg.max_length}): lower "
-            f"--batch_size and raise --grad_accum to keep the effective batch, or set --gradient_checkpointing=true, "
-            f"or lower --max_length" + (f"; checkpoint saved to {saved}, continue with --resume=true" if saved else "")
-        ) from None
-
+            f"out of GPU memory at step {state['step'] + 1} with --batch_size={cfg.batch_size} pairs of up to "
+            f"{max(b['input_ids'].shape[1] for b in micro)} tokens: lower --batch_size (raising --grad_accum to keep "
+            f"the batch), set --gradient_checkpointing=true, or lower --max_length{saved}") from None
 
 def exit_code(e):
-    """main(): print one line for an error a user can fix, or a stop, and return the exit code; re-raise the rest."""
+    """Print one line for an error a user can fix, or a stop, and return the exit code; re-raise the rest."""
     who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if isinstance(e, Interrupted):
         for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
@@ -2122,7 +1606,9 @@ def exit_code(e):
     if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C, or one outside training: nothing to save
         print(f"{who}interrupted", file=sys.stderr)
         return 130
-    if isinstance(e, RuntimeError) and lost_contact(e):
+    lost = isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection closed by peer", "timed out",
+                                                                      "Connection reset by peer", "Timed out", "NCCL"))
+    if world() > 1 and isinstance(e, RuntimeError) and lost:
         detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
         print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
               f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
@@ -2130,46 +1616,80 @@ def exit_code(e):
     raise e
 
 
-def lost_contact(e):
-    """A collective that failed because another process died, hung or closed its connection."""
-    return world() > 1 and (isinstance(e, dist.DistError) or any(
-        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL")))
-
-
 # -----------------------------------------------------------------------------
-# Several processes (torchrun --nproc_per_node=N focalpo.py ...): FSDP2
+# Several processes (torchrun --nproc_per_node=N focalpo.py ...), with FSDP2. With one, each helper is a no-op
 
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block (and caches what it makes) before the others (which load the cache)."""
+    if rank() != 0:
+        dist.barrier()
+    yield
+    if rank() == 0 and world() > 1:
+        dist.barrier()
+
+def my_share(items):
+    """Process r of N takes items r, r+N, ... Under FSDP every forward is collective, so all run as many: a short
+    share is padded with repeats, as DistributedSampler pads (score keeps one value of a pair scored twice)."""
+    return [items[i % len(items)] for i in range(rank(), math.ceil(len(items) / world()) * world(), world())]
+
+def all_reduce(t, op="sum"):
+    """t summed (or max'ed, min'ed) over the processes, in place."""
+    if world() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+def agree(flag, device, op):
+    """A bool all processes share: any ("max") or all ("min") of theirs."""
+    if world() == 1:
+        return bool(flag.item() if torch.is_tensor(flag) else flag)
+    return bool(all_reduce(torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1), op).item())
+
+def reshard(model):
+    """After a forward with no backward, FSDP keeps the root's weights gathered; put the shards back."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+def model_logps(model, batch):
+    """sequence_logps, through FSDP's hooks when the model is sharded."""
+    return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
 
 def setup_processes(cfg):
-    """The device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA, gloo on the CPU, with
-    a timeout on collectives, so that a process that hangs makes the others stop instead of waiting forever (one
-    that dies is noticed at once)."""
-    device, n = pick_device(cfg), int(os.environ.get("WORLD_SIZE", "1"))
+    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), with a timeout, so a
+    process that hangs stops the others."""
+    device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
     if n <= 1:
         return device
+    from torch.distributed import fsdp
+    if not hasattr(getattr(fsdp, "FSDPModule", None), "set_force_sum_reduction_for_comms"):
+        raise FocalpoError(f"several processes need torch 2.8 or newer (its FSDP2), and this is torch "
+                           f"{torch.__version__}: upgrade torch, or run one process")
+    if cfg.grad_accum % n:
+        raise FocalpoError(f"--grad_accum={cfg.grad_accum} is not a multiple of the {n} processes, which share each "
+                           f"step's micro-batches equally: use --grad_accum={n * math.ceil(cfg.grad_accum / n)}")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    if cfg.grad_accum % n:
-        raise FocalpoError(f"--grad_accum={cfg.grad_accum} is not a multiple of the {n} processes: each process takes "
-                           f"an equal share of every step's micro-batches; use --grad_accum={n * math.ceil(cfg.grad_accum / n)}")
     return device
 
-
 def shard_model(model, device):
-    """FSDP2: each decoder layer, then the whole model, sharded over the processes. fp32 weights compute in bf16 on
-    CUDA (fp32 master copies, fp32 gradient reduction), as autocast does with one process. Gradients are SUMMED
-    over the processes: each process's loss is already divided by the pairs of the whole step (train_step), so the
-    sum is the step's mean gradient. sequence_logps and generate call the model's parts directly, so they are
-    registered as forward methods: FSDP then gathers the embedding, final norm and output layer around them."""
+    """FSDP2 over each decoder layer, then the model. fp32 weights compute in bf16 on CUDA, as with autocast.
+    Gradients are SUMMED (each loss is already divided by the step's pairs). The fast sequence_logps and generate
+    call the model's parts, so FSDP gathers the root's weights around them."""
     if world() == 1:
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     bf16_compute = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else {})
     for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -2177,18 +1697,16 @@ def shard_model(model, device):
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # sum, do not average
             m.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction
-    model.sequence_logps = types.MethodType(sequence_logps, model)
-    register_fsdp_forward_method(model, "sequence_logps")
+    if model.fast_logps:  # the model's own forward goes through FSDP's hooks already
+        model.sequence_logps = types.MethodType(sequence_logps, model)
+        register_fsdp_forward_method(model, "sequence_logps")
     register_fsdp_forward_method(model, "generate")
     return model.to(device)
 
-
 def full_state_options():
-    """Checkpoints hold full (unsharded) tensors whatever the number of processes, so a run saved with 2 processes
-    resumes with 1 and the reverse. With several, rank 0 gathers them to its host memory, one tensor at a time."""
+    """Full (unsharded) tensors, gathered to rank 0's host memory one at a time: any process count resumes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=world() > 1, cpu_offload=world() > 1)
-
 
 if __name__ == "__main__":
     main()
