@@ -874,12 +874,13 @@ def check_config(cfg):
                            f"to add your own)")
     if cfg.weights not in ("fp32", "bf16"):
         raise FocalpoError(f"--weights={cfg.weights!r}: expected fp32 or bf16")
+    if cfg.beta <= 0 or cfg.warmup_ratio >= 1:
+        raise FocalpoError(f"--beta={cfg.beta}: must be above 0" if cfg.beta <= 0 else
+                           f"--warmup_ratio={cfg.warmup_ratio}: must be below 1")
     for f in dataclasses.fields(Config):
         value, least = getattr(cfg, f.name), -1 if f.name == "generate" else int(f.name in AT_LEAST_1)
         if f.type in (int, float) and not (math.isfinite(value) and value >= least):
             raise FocalpoError(f"--{f.name}={value}: must be a finite number, at least {least}")
-    if cfg.beta <= 0 or cfg.warmup_ratio >= 1:
-        raise FocalpoError(f"--beta={cfg.beta} must be above 0 and --warmup_ratio={cfg.warmup_ratio} below 1")
     if cfg.max_prompt_length >= cfg.max_length:
         raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
                            f"--max_length={cfg.max_length}: make it smaller")
