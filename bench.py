@@ -142,7 +142,7 @@ def measure(args, cfg, device):
     if args.save:
         where = tempfile.mkdtemp(dir=args.save_dir or None)
         t = time.perf_counter()
-        path = focalpo.save_checkpoint(where, model, optimizer, {"step": 1}, keep=1)
+        path = focalpo.Checkpoints(where, model, optimizer, cfg, "focalpo").save({"step": 1, "window": {}}, keep=1)
         save_seconds, save_bytes = time.perf_counter() - t, os.path.getsize(path)
         shutil.rmtree(where)
     tok_s = tokens / seconds

@@ -12,23 +12,15 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
     python focalpo.py --help # every option, explained
 
-Reading guide: the core, in reading order
-    Config           every option on one line, with what it means
-    Losses           preference_loss: DPO, FocalPO, MinorDPO on per-pair log-probs (derived in tutorial.ipynb)
-    Log-probs        sequence_logps: summed response-token log-probs (fp32 log-softmax, float64 sums)
-    Reference cache  one no-grad pass with the initial weights, cached under a hash of everything that changes it
-    Data             rows and their formats, tokenization with an explicit response mask, batches
-    Model            loading, dropout off
-    One step         metrics, train_step (gradient accumulation), evaluation
-    Training         train(): schedule, step, log, evaluate, save; run(): each loss from the same weights
-A first reading can stop at "# Appendix: optional machinery": the checks before any work, data files, the demo,
-the fast log-prob path, the memory plan, AdamW for bf16 weights, checkpoints, faults, several processes.
+Reading guide, the core in reading order: Config (every option, explained), the losses, log-probs, the reference
+cache, data and tokenization, the model, one step and evaluation, train() and run(). A first reading can stop at
+"# Appendix: optional machinery".
 
 Conventions (the reference implementations disagree on all three):
   - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
   - rewards are β·(log πθ − log π_ref): they include β, and are detached (for logging only).
-  - reward accuracy counts a tie (r_w == r_l) as half right, so it reads exactly 0.5 at step 0, where the policy
-    is the reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
+  - reward accuracy counts a tie (r_w == r_l) as half right: exactly 0.5 at step 0, where the policy is the
+    reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
 "Pitfall N" is the README's list of 13 ways DPO implementations have gone wrong, each guarded against here.
 """
 
@@ -56,10 +48,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-
-# -----------------------------------------------------------------------------
-# Config: every default on one line; override any of them as --key=value
+# --- Config: every default on one line; override any as --key=value
 
 @dataclass
 class Config:
@@ -79,7 +70,7 @@ class Config:
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, 5e-7 for other models (the DPO reference code's)
-    batch_size: int = 8  # pairs per micro-batch (each pair is two sequences, so 2x this many rows per forward)
+    batch_size: int = 8  # pairs per micro-batch (two sequences each)
     grad_accum: int = 2  # micro-batches per optimizer step: effective batch = batch_size * grad_accum pairs
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
@@ -92,12 +83,12 @@ class Config:
     eval_every: int = 25  # evaluate every this many optimizer steps (and at the start and the end)
     log_every: int = 5  # write a line to metrics.jsonl every this many optimizer steps
     out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ when several losses)
-    cache_dir: str = "ref_cache"  # reference log-prob caches, one file per (model, weights, data, lengths, dtype)
+    cache_dir: str = "ref_cache"  # cached reference log-probs (and the demo's SFT weights)
     save_model: bool = True  # save the trained model and tokenizer with save_pretrained at the end
     save_every: int = 100  # write a checkpoint every this many optimizer steps (and at the end); 0 = only at the end
     keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (by default only model and summary)
     resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses: shown, not rerun)
-    dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops with an error
+    dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops
     progress: bool = True  # show a tqdm progress bar
     generate: int = -1  # at the end, print this many held-out prompts with greedy completions (-1: 5 demo, 0 other)
 
@@ -107,7 +98,7 @@ class FocalpoError(Exception):
     """A problem the user can fix: main() prints it as one sentence, without a traceback."""
 
 class Interrupted(FocalpoError):
-    """Ctrl-C or SIGTERM during training: a checkpoint was saved and the run can be resumed."""
+    """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
 
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
@@ -118,9 +109,7 @@ def peak_lr(cfg):
 def weights_dtype(cfg):
     return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
 
-
-# -----------------------------------------------------------------------------
-# Losses: pure functions of per-pair summed log-probs, each (B,). Derived and checked in tutorial.ipynb, sections 1-4
+# --- Losses: pure functions of per-pair summed log-probs, each (B,). Derived in tutorial.ipynb, sections 1-4
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
@@ -149,9 +138,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
     return losses, beta * r_w.detach(), beta * r_l.detach()
 
-
-# -----------------------------------------------------------------------------
-# Log-probs: summed over response tokens, computed only where the response mask is on (pitfalls 5, 7)
+# --- Log-probs: summed over the response tokens only (pitfalls 5, 7)
 
 def _token_logps(head, x, targets):
     """log π(target | prefix) at N positions: the output layer (or none, for logits), an fp32 log-softmax."""
@@ -160,11 +147,10 @@ def _token_logps(head, x, targets):
 def sequence_logps(model, batch, chunk_size=2048):
     """Summed response-token log-probs per row, (2B,) float64, and the response tokens per row, (2B,).
 
-    Logits at position t predict token t+1, so t counts when token t+1 is a response token (collate lists them). Each
-    token's log-prob is fp32, in chunks recomputed in backward; each row's sum is float64 (DPO subtracts such sums).
-    By default this is the model's own forward (its attention, with the mask, and its logits however it makes them);
-    where prepare_model found the same numbers, the fast path: causal attention without a mask (right padding: no
-    scored position sees a pad), and the output layer at the scored positions only."""
+    Position t predicts token t+1, so t is scored when token t+1 is a response token (collate lists them). Token
+    log-probs are fp32, in chunks recomputed in backward; sums are float64 (DPO subtracts them). The model's own
+    forward, or where prepare_model found the same numbers the fast path: no mask (right padding: no scored position
+    sees a pad), and the output layer at the scored positions only."""
     ids, positions = batch["input_ids"], batch["positions"]  # (2B, T), (N,) flat indices into (2B * T)
     if getattr(model, "fast_logps", False):
         out, head = model.base_model(input_ids=ids).last_hidden_state, model.get_output_embeddings()  # (2B, T, H)
@@ -181,15 +167,14 @@ def sequence_logps(model, batch, chunk_size=2048):
     return logps.index_add(0, batch["position_seq"], torch.cat(pieces).double()), batch["n_tokens"]  # (2B,), (2B,)
 
 def to_device(batch, device):
-    """Host batch -> device, on CUDA through pinned memory (the CPU does not wait for the copy)."""
+    """Host batch -> device, on CUDA through pinned memory (the CPU does not wait)."""
     cuda = device.type == "cuda"
     return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
 
 @torch.no_grad()
 def score(model, batches, n_pairs, device):
-    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the pairs in `batches` (collated), by
-    index. With several processes each scores its share."""
+    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the collated pairs, by index."""
     model.eval()
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in my_share(batches):
@@ -197,27 +182,25 @@ def score(model, batches, n_pairs, device):
             lp, _ = model_logps(model, to_device(batch, device))
         logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
     reshard(model)
-    return all_reduce(logps, "max").cpu()  # a pair scored by two processes has the same value from both
+    return all_reduce(logps, "max").cpu()  # several processes: each scored its share
 
+# --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model is kept (pitfall 9)
 
-# -----------------------------------------------------------------------------
-# Reference log-prob cache: one no-grad pass with the initial weights; the reference model is never kept (pitfall 9)
-
+@torch.no_grad()
 def weights_fingerprint(model):
     """A cheap digest of the weights (two sums per tensor): enough to tell one checkpoint from another."""
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()  # FSDP: gather the shards
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
+    for name, p in model.named_parameters():
+        x = (p.full_tensor() if hasattr(p, "full_tensor") else p).float()  # FSDP: gather the shards
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
     return h.hexdigest()[:16]
 
 def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 def cache_key(cfg, model, train_pairs, eval_pairs, device):
-    """A hash of all that changes the cached values: the model, its weights, every pair's tokens and masks (so
-    data, tokenizer, template and lengths), and the forward's device, dtype and path."""
+    """A hash of what changes the values: the model, its weights, every pair's tokens and response start (data,
+    tokenizer, template, lengths), and the forward's device, dtype and path."""
     data = hashlib.sha256()
     for pairs in (train_pairs, eval_pairs):
         for p in pairs:
@@ -230,16 +213,16 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
     return fields_key(fields), fields
 
 def compute_reference(model, pairs, cfg, pad_id, device):
-    """(N, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) per pair, by the policy's own code path."""
+    """(N, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) per pair, by the policy's code path."""
     batches = [collate(b, pad_id) for b in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)]
     return score(model, batches, len(pairs), device)
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the train and eval pairs: cached under cache_key, or computed and saved."""
+    """The reference log-probs of the train and eval pairs, cached under cache_key."""
     key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
     cached = read_cache(path, key, "reference", log)
-    if agree(cached is not None, device, "min"):  # with several processes: all of them found it
+    if agree(cached is not None, device, "min"):  # every process found it
         return cached["train"], cached["eval"]
     t0 = time.time()
     train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
@@ -250,13 +233,11 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
         f"saved to {path}")
     return train_ref, eval_ref
 
-
-# -----------------------------------------------------------------------------
-# Data: rows, their format, and each row as (prompt text, prompt+chosen text, prompt+rejected text)
+# --- Data: rows, their format, and each row as (prompt, prompt+chosen, prompt+rejected) texts
 
 def load_rows(cfg):
-    """(train rows, held-out rows, format); a row is (dict, where it came from). Held out: --eval_dataset, else
-    the dataset's test split, else a seeded 5%. Each row is checked against the first row's format, in file order."""
+    """(train rows, held-out rows, format); a row is (dict, where it came from). Each row is checked against the
+    first row's format, in file order."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(make_demo_pairs(DEMO_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain"
@@ -266,7 +247,7 @@ def load_rows(cfg):
     fmt = detect_format(train)
     for row, where in train + (heldout or []):
         check_row(row, fmt, where)
-    if heldout is None:  # hold out a seeded fraction
+    if heldout is None:  # hold out a seeded 5%
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, round(0.05 * len(train))) if len(train) > 1 else 0
@@ -311,8 +292,7 @@ def render_plain(row, fmt):
     return "chosen == rejected" if chosen == rejected else (prompt, prompt + chosen, prompt + rejected)
 
 def render_chat(row, tokenizer):
-    """A chat row -> the same three texts through the chat template, or the reason to skip it. A string prompt is
-    the user's turn, a string response the assistant's."""
+    """A chat row -> the three texts through the chat template, or the reason to skip it. A string is a turn."""
     turn = lambda x, role: [{"role": role, "content": x}] if isinstance(x, str) else x
     prompt = turn(row.get("prompt"), "user")
     chosen, rejected = turn(row["chosen"], "assistant"), turn(row["rejected"], "assistant")
@@ -331,26 +311,24 @@ def render_chat(row, tokenizer):
     text = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     return text(prompt, True), text(prompt + chosen, False), text(prompt + rejected, False)
 
-
-# -----------------------------------------------------------------------------
-# Tokenization (pitfalls 1-4, 6, 11): prompt+response tokenized as one string, prefix-checked, explicit mask
+# --- Tokenization (pitfalls 1-4, 6, 11): prompt+response as one string, prefix-checked, an explicit mask
 
 @dataclass
 class Pair:
-    idx: int  # position in its split; indexes the reference cache
+    idx: int  # position in its split: indexes the reference log-probs
     chosen: torch.Tensor  # (Tc,) int32 token ids, prompt then response
     chosen_start: int  # first response token of chosen
     rejected: torch.Tensor  # (Tr,)
     rejected_start: int
-    where: str = ""  # the file (or split) and row it came from, to name it in messages
+    where: str = ""  # the file (or split) and row it came from
 
 def uses_bos(tokenizer):
-    """Does the tokenizer put a BOS token first? (Llama, Mistral: yes; Qwen: no)"""
+    """Does the tokenizer put a BOS token first? (Llama: yes; Qwen: no)"""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
-    """(row, where) tuples -> Pairs; unusable rows are dropped and counted in `stats`, a Counter of reasons."""
+    """(row, where) tuples -> Pairs; unusable rows are dropped and counted in `stats` (a Counter)."""
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
@@ -374,11 +352,11 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         out, reason = [], None
         for full in seqs:
             n = common_prefix_len(prompt, full)
-            if n < len(prompt):  # a token merged across the prompt/response boundary (pitfall 1): the response
-                stats["boundary token merged"] += 1  # starts where they part
+            if n < len(prompt):  # a token merged across the boundary (pitfall 1): the response starts where they part
+                stats["boundary token merged"] += 1
             p, resp = full[:n], full[n:]
             if fmt != "chat":
-                resp = resp + [eos]  # plain text: teach the model to stop; chat templates close the turn themselves
+                resp = resp + [eos]  # teach the model to stop; chat templates close the turn themselves
             if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS) (pitfall 11)
                 p = ([bos] if add_bos else []) + p[len(p) - cfg.max_prompt_length + add_bos:]
                 stats["prompt truncated"] += 1
@@ -418,7 +396,7 @@ def prepare_data(cfg, tokenizer, log=print):
 
 def collate_sequences(seqs, starts, pad_id):
     """Right-padded rows (pitfall 6), an explicit response mask (pitfall 4) and the scored positions (t scores
-    token t+1), found on the host so that the forward pass needs no nonzero() (a GPU -> CPU wait)."""
+    token t+1), found on the host: the forward pass needs no nonzero() (a GPU -> CPU wait)."""
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
@@ -440,8 +418,8 @@ def collate(pairs, pad_id):
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]))
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length (little padding): shuffle, sort by length within windows of 64 batches,
-    shuffle the batches. Unshuffled: sorted by length (scoring)."""
+    """Batches of similar length: shuffle, sort within windows of 64 batches, shuffle the batches. Unshuffled:
+    sorted by length (scoring)."""
     length = lambda p: max(len(p.chosen), len(p.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
@@ -455,9 +433,7 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
     rng.shuffle(batches)
     return batches
 
-
-# -----------------------------------------------------------------------------
-# Model and tokenizer
+# --- Model and tokenizer
 
 def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
@@ -474,14 +450,14 @@ def load_tokenizer(cfg):
         tok = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
         raise load_error("the tokenizer of", cfg.model, e) from None
-    if tok.pad_token_id is None:  # padding is masked explicitly, so any id will do; EOS is the usual choice
+    if tok.pad_token_id is None:  # padding is masked explicitly, so any id will do
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
 
 def load_model(cfg, tokenizer):
-    """The weights as they come, in the weights' dtype, with the attention the model picks (SDPA if it has it)."""
+    """The weights in their dtype, with the attention the model picks."""
     if cfg.model == "demo":
         return make_demo_model(tokenizer, cfg.seed)
     from transformers import AutoModelForCausalLM
@@ -491,9 +467,9 @@ def load_model(cfg, tokenizer):
         raise load_error("model", cfg.model, e) from None
 
 def prepare_model(model, cfg, device):
-    """Dropout off (pitfall 8), the weights' dtype, optional gradient checkpointing, the device; then the fast
-    log-prob path, where it gives the model's own numbers."""
-    for m in model.modules():  # dropout makes the policy differ from the reference at step 0
+    """Dropout off (pitfall 8: it makes the policy differ from the reference at step 0), optional gradient
+    checkpointing, the device; then the fast log-prob path, where it gives the model's own numbers."""
+    for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
@@ -502,24 +478,25 @@ def prepare_model(model, cfg, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = model.to(device, weights_dtype(cfg))
-    use_fast_logps(model, cfg.max_length, device)  # in the appendix: it proves itself, or steps aside
+    use_fast_logps(model, cfg.max_length, device)
     return model
 
+# --- Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
-# -----------------------------------------------------------------------------
-# Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
-
-def pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, ref):
-    """Per-batch SUMS of per-pair metrics, left on the device (reading each would make the CPU wait for the GPU
-    ~15 times). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
-    B = losses.shape[0]
-    pc, pr = logps[:B].detach(), logps[B:].detach()
-    nc, nr = n_tokens[:B], n_tokens[B:]
+def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
+    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each would make
+    the CPU wait for the GPU ~15 times). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
+    B = ref.shape[0]
+    pc, pr, nc, nr = logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
+    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type,
+                                                               beta=cfg.beta, gamma=cfg.gamma,
+                                                               focal_detach=cfg.focal_detach)
+    pc, pr = pc.detach(), pr.detach()
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
     ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
-    return {
+    return losses, {
         "pairs": float(B), "loss": losses.detach().float().sum(),
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
@@ -560,9 +537,7 @@ def finish_metrics(total):
             out[k] = v / n
     return out
 
-
-# -----------------------------------------------------------------------------
-# One optimizer step, and evaluation
+# --- One optimizer step, and evaluation
 
 def lr_at(step, total_steps, cfg, peak):
     """Linear warm-up from 0, then cosine decay to 0."""
@@ -573,7 +548,7 @@ def lr_at(step, total_steps, cfg, peak):
     return peak * (0.5 * (1 + math.cos(math.pi * progress)))
 
 def make_optimizer(model, cfg, lr, device):
-    """AdamW; for bf16 weights AdamWSR (appendix): plain AdamW loses DPO-sized updates to bf16 rounding (pitfall 12)."""
+    """AdamW; for bf16 weights AdamWSR: plain AdamW loses DPO-sized updates to bf16 rounding (pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
@@ -581,38 +556,31 @@ def make_optimizer(model, cfg, lr, device):
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
     """One micro-batch through the policy: per-pair losses (B,) and the batch's summed metrics."""
-    r = ref[batch["idx"]]  # (B, 2), indexed on the host where the cache lives, then copied with the batch
-    batch = to_device(dict(batch, ref=r), device)
+    batch = to_device(dict(batch, ref=ref[batch["idx"]]), device)  # (B, 2): indexed on the host, copied with it
     with autocast(device):
         logps, n_tokens = model_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
-    B, r = len(r), batch["ref"]
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        logps[:B], logps[B:], r[:, 0], r[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
-        focal_detach=cfg.focal_detach)
-    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps, n_tokens, r)
+    return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (0-dim device
-    tensors, see metrics_to_host), or {"nonfinite_pairs": [...]} (indices into the split) when a loss or the
-    gradient is NaN/inf: then no update is applied. The CPU waits for the GPU once, to learn which. n_pairs: the
-    pairs of the whole step (with several processes, each runs its share of the micro-batches)."""
+    """One optimizer step over a list of micro-batches (gradient accumulation). Returns summed metrics (on the
+    device), or {"nonfinite_pairs": [...]} (indices into the split) when a loss or the gradient is NaN/inf: then no
+    update is made. The CPU waits for the GPU once. n_pairs: the whole step's (several processes share a step)."""
     n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
     total, all_losses = {}, []
     for i, batch in enumerate(micro_batches):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce the gradients once, after the last one
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches, so each one contributes its SUM over pairs divided by the pairs in
-        # the whole step: the accumulated gradient is then the mean over the step's pairs, however they were split
-        # (and however unevenly: the last batch of an epoch may be smaller) (pitfall 10)
+        # gradients ADD across micro-batches: each adds its SUM over pairs over the step's pairs, so the gradient
+        # is the mean over the step's pairs however they were split (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
         all_losses.append(losses.detach())
-    # clip_grad_norm_ returns the norm before clipping; with max_norm = inf it only measures
+    # the norm before clipping; with max_norm = inf it only measures
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the global norm, as a plain tensor
     finite = torch.isfinite(torch.cat(all_losses)).all() & torch.isfinite(norm)
-    if not agree(finite, device, "min"):  # the step's one wait (with several processes: all must be finite)
+    if not agree(finite, device, "min"):  # the step's one wait
         optimizer.zero_grad(set_to_none=True)  # a NaN/inf would poison every weight it touches: no update
         return {"nonfinite_pairs": nonfinite_pairs(micro_batches, all_losses)}
     total["grad_norm"] = norm * total["pairs"]
@@ -628,32 +596,26 @@ class HeldOut:
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
         self.batches = [collate(b, tokenizer.pad_token_id)
                         for b in length_grouped_batches(pairs, cfg.batch_size, 0, shuffle=False)]
+        self.n_tokens = torch.tensor([len(p.chosen) - p.chosen_start for p in pairs] +
+                                     [len(p.rejected) - p.rejected_start for p in pairs])
 
     def __call__(self, model, cfg, loss_type, device):
-        logps, ref, pairs = score(model, self.batches, len(self.pairs), device), self.ref, self.pairs  # (N, 2)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
-            focal_detach=cfg.focal_detach)
-        n_tokens = torch.tensor([len(p.chosen) - p.chosen_start for p in pairs] +
-                                [len(p.rejected) - p.rejected_start for p in pairs])
-        m = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.T.reshape(-1), n_tokens, ref)
+        logps = score(model, self.batches, len(self.pairs), device)  # (N, 2)
+        _, m = loss_and_metrics(logps.T.reshape(-1), self.n_tokens, self.ref, cfg, loss_type)
         out = finish_metrics({k: float(v) for k, v in m.items()})
         if cfg.dataset == "demo":
-            out["generation_accuracy"] = generation_accuracy(model, pairs, self.tokenizer, device)
+            out["generation_accuracy"] = generation_accuracy(model, self.pairs, self.tokenizer, device)
         model.train()
         return out
 
-
-# -----------------------------------------------------------------------------
-# Training: the loop, and the small helpers it leans on
+# --- Training: the loop and its helpers
 
 def steps_per_epoch(cfg, n_pairs):
     return math.ceil(n_pairs / cfg.batch_size) // cfg.grad_accum
 
 def step_stream(train_pairs, cfg, skip):
-    """Endless seeded optimizer steps of --grad_accum micro-batches, reshuffled each epoch. An epoch's last
-    batches, too few for a step, are left out (as nanoGPT does): steps never mix epochs, and each process always has
-    its share. A resumed run skips the steps it trained on."""
+    """Endless seeded steps of --grad_accum micro-batches, reshuffled each epoch. An epoch's last batches, too few
+    for a step, are left out (as in nanoGPT): each process always has its share. A resumed run skips its steps."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -677,12 +639,12 @@ def append_row(path, row):
             f.write(json.dumps(row) + "\n")
 
 def new_state():
-    """What a resumed run needs besides weights, optimizer and RNG. train_seconds: the training steps alone."""
+    """What a resumed run needs besides weights, optimizer and RNG."""
     return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "elapsed": 0.0, "window": {}, "bad_steps": 0,
             "first_eval": None, "last_eval": None}
 
 def train_row(state, step, lr):
-    """The metrics.jsonl row of the steps since the last one (the metrics' one wait per log step)."""
+    """The metrics.jsonl row of the steps since the last one (their one wait)."""
     row = finish_metrics(metrics_to_host(state["window"]))
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
@@ -696,12 +658,12 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     """Train one loss from the model's current weights (or, with --resume, from the newest checkpoint in out_dir).
     Writes metrics.jsonl and checkpoints/; returns the state (first and last evaluation, tokens, times)."""
     os.makedirs(out_dir, exist_ok=True)
-    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"  # label: the prefix of every log line
+    pad_id, label = tokenizer.pad_token_id, f"[{loss_type}]"
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     saver = Checkpoints(os.path.join(out_dir, "checkpoints"), model, optimizer, cfg, loss_type)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    state = resume(saver, metrics_path, total_steps, log) if cfg.resume else new_state()
+    state = saver.resume(metrics_path, total_steps, log) if cfg.resume else new_state()
     model.train()
     if state["first_eval"] is None:
         if rank() == 0:
@@ -710,7 +672,8 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         append_row(metrics_path, {"step": 0, "split": "eval", **ev})
         log(eval_line(label, 0, ev))
     steps = step_stream(train_pairs, cfg, skip=state["step"])
-    bar = progress_bar(cfg, total_steps, state["step"], loss_type)
+    bar = tqdm(total=total_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False,
+               disable=not cfg.progress or rank() != 0)
     say = log if bar.disable else bar.write  # log lines above the bar, not through it
     t_start, elapsed_before = time.time(), state["elapsed"]
     with StopSignals() as stop, bar:
@@ -725,7 +688,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             state["train_seconds"] += time.time() - t0
             state["step"] = step = state["step"] + 1
             state["elapsed"] = elapsed_before + time.time() - t_start
-            if "nonfinite_pairs" in m:  # no update was made; too many such steps in a row stop the run
+            if "nonfinite_pairs" in m:  # no update was made
                 skip_nonfinite_step(state, [train_pairs[i].where for i in m["nonfinite_pairs"]], saver,
                                     lambda msg: say(f"{label} {msg}"))
             else:
@@ -766,16 +729,15 @@ def run(cfg, log=print):
                 log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
                 summaries[loss_type] = finished[loss_type]
                 continue
-            model = prepare_model(load_model(cfg, tokenizer), cfg, device)  # per loss: each from the same weights
-            if cfg.model == "demo" and cfg.sft_steps:  # the demo's SFT stage: as a real model would come SFT'd
-                with rank0_first():  # with several processes rank 0 trains and caches it, the others load the cache
+            model = prepare_model(load_model(cfg, tokenizer), cfg, device)  # each loss from the same weights
+            if cfg.model == "demo" and cfg.sft_steps:  # as a real model would come SFT'd
+                with rank0_first():  # several processes: rank 0 trains and caches it, the others load the cache
                     model = sft_demo(model, tokenizer, cfg, device, log)
             model = shard_model(model, device)
             if refs is None:
                 log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
                     f"{device.type}" + (f", sharded over {world()} processes (FSDP2)" if world() > 1 else ""))
-            # the key includes a fingerprint of the weights just loaded, so every loss checks that it really starts
-            # from the weights the reference was computed with; the second and later losses load the cache
+            # the key holds a fingerprint of the weights just loaded: each loss checks it starts from the reference's
             first, refs = refs is None, load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
                                                                   tokenizer.pad_token_id, device, log)
             if first:
@@ -787,7 +749,7 @@ def run(cfg, log=print):
             if cfg.save_model:
                 save_model(model, tokenizer, out_dir)
             summaries[loss_type] = write_summary(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
-            if not cfg.keep_final_checkpoint and rank() == 0:  # done: the optimizer state (~3x the model) goes
+            if not cfg.keep_final_checkpoint and rank() == 0:  # the optimizer state (~3x the model) goes
                 shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
             show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
     log(comparison_table(summaries))
@@ -806,17 +768,12 @@ def main(argv=None):
             dist.destroy_process_group()
     sys.exit(code)
 
-
 # =============================================================================
 # Appendix: optional machinery
-# =============================================================================
-# A first reading can stop here. What follows: the command line and the checks before any work, data files and the
-# hub, the demo, the fast log-prob path, the memory plan, AdamW for bf16 weights, caches and checkpoints, output,
-# fault handling, several processes (FSDP2).
+# A first reading can stop here. What follows: the command line, the checks before any work, data files, the demo,
+# the fast log-prob path, the memory plan, bf16 AdamW, checkpoints, output, faults, several processes.
 
-
-# -----------------------------------------------------------------------------
-# The command line
+# --- The command line
 
 def _parse_bool(s):
     if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -824,7 +781,7 @@ def _parse_bool(s):
     return s.lower() in ("1", "true", "yes", "on")
 
 def option_help():
-    """{option: explanation} from the comments of Config, so that each is written once."""
+    """{option: explanation}, from the comments of Config."""
     import inspect
     return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), flags=re.M))
 
@@ -840,8 +797,7 @@ class _Parser(argparse.ArgumentParser):
         raise FocalpoError(f"{message} (python focalpo.py --help lists every option)")
 
 def parse_args(argv=None):
-    """--key=value for every Config field (a bare --flag means true). A mistake is one sentence: an unknown option
-    (naming ours for a name from TRL or the HF Trainer, else the nearest), a wrong type, a value out of range."""
+    """--key=value for every Config field (a bare --flag means true). A mistake is one sentence."""
     parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,  # the run commands
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = option_help()
@@ -885,15 +841,13 @@ def check_config(cfg):
         raise FocalpoError(f"--max_prompt_length={cfg.max_prompt_length} leaves no room for a response within "
                            f"--max_length={cfg.max_length}: make it smaller")
 
-
-# -----------------------------------------------------------------------------
-# Before any work: the folders, one run per folder, earlier runs, the data files, the model's config and memory
+# --- Before any work: folders, one run per folder, earlier runs, data files, the model's config and memory
 
 @contextlib.contextmanager
 def check_before_work(cfg, device, log):
-    """Every check that can come before the data, the SFT stage and the reference pass: options, folders,
-    earlier runs, data files, the model's config and (on a GPU) memory. out_dir stays locked while the block runs;
-    yields the summaries of the losses --resume finds finished."""
+    """Every check that can come before the data, the SFT stage and the reference pass. out_dir stays locked while
+    the block runs (one run per folder); yields the summaries of the losses --resume finds finished."""
+    import fcntl
     check_config(cfg)
     for name in ("out_dir", "cache_dir"):
         try:
@@ -902,7 +856,14 @@ def check_before_work(cfg, device, log):
         except OSError as e:
             raise FocalpoError(f"--{name}={getattr(cfg, name)} is not a folder that can be written ({e.strerror}): "
                                f"choose another") from None
-    with lock_folder(cfg.out_dir, device):
+    with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:
+        try:  # rank 0 holds it until the file is closed, which the system does however the process ends
+            free = rank() != 0 or fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is None
+        except BlockingIOError:
+            free = False
+        if not agree(free, device, "min"):
+            raise FocalpoError(f"another run is using {cfg.out_dir} now: wait for it to end, or pass another "
+                               f"--out_dir")
         finished = {lt: s for lt in loss_types(cfg) if (s := check_earlier_run(cfg, lt)) is not None}
         for spec in (cfg.dataset, cfg.eval_dataset):
             if spec != "demo" and is_local_data(spec):
@@ -911,25 +872,9 @@ def check_before_work(cfg, device, log):
             check_model(cfg, device, log)
         yield finished
 
-@contextlib.contextmanager
-def lock_folder(folder, device):
-    """One run per folder, also when two start at once: rank 0 holds an exclusive lock, which the system drops
-    when the process ends, however it ends."""
-    import fcntl
-    with open(os.path.join(folder, ".lock"), "a") as f:
-        try:
-            if rank() == 0:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
-            free = True
-        except BlockingIOError:
-            free = False
-        if not agree(free, device, "min"):
-            raise FocalpoError(f"another run is using {folder} now: wait for it to end, or pass another --out_dir")
-        yield
-
 def check_earlier_run(cfg, loss_type):
-    """A new run needs a folder without results; --resume continues a run, finished or not, only with the
-    options that made it. Returns a finished run's summary."""
+    """A new run needs a folder without results; --resume continues a run, finished or not, only with the options
+    that made it. Returns a finished run's summary."""
     out_dir = loss_dir(cfg, loss_type)
     if not cfg.resume:
         found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -947,8 +892,7 @@ def check_earlier_run(cfg, loss_type):
     if ckpt is not None:
         check_same_options(ckpt, cfg, loss_type, path)
 
-# What a resumed run shares with the run it resumes; the rest (logging, evaluating and saving, the progress bar,
-# the number of processes) may change
+# What a resumed run shares with the run it resumes (how often it logs, evaluates and saves may change)
 RESULT_OPTIONS = ("beta", "gamma", "focal_detach", "lr", "batch_size", "grad_accum", "epochs", "max_steps",
                   "warmup_ratio", "grad_clip", "seed", "model", "dataset", "eval_dataset", "max_train_pairs",
                   "max_eval_pairs", "max_length", "max_prompt_length", "weights", "sft_steps")
@@ -975,7 +919,7 @@ def check_model(cfg, device, log):
     if context and context < cfg.max_length:
         raise FocalpoError(f"--max_length={cfg.max_length} is longer than the {context} positions {cfg.model} was "
                            f"built for: lower --max_length (and --max_prompt_length) to at most {context}")
-    check_memory(cfg, config, device, log, world())
+    check_memory(cfg, config, device, log)
 
 def first_line(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else type(e).__name__
@@ -990,9 +934,7 @@ def load_error(what, name, e):
             else "check the name and your network (set HF_HUB_OFFLINE=1 to fail at once), or pass a local path")
     return FocalpoError(f"could not load {what} {name!r} ({first_line(e)}): {hint}")
 
-
-# -----------------------------------------------------------------------------
-# Data files and the hub, read by the datasets library; each row with where it came from (file or split, row)
+# --- Data files and the hub, read by datasets; each row with where it came from
 
 def data_kind(path):
     """The datasets loader for a data file's name ("x.JSONL.gz": 'json'), or None."""
@@ -1058,9 +1000,7 @@ def check_row(row, fmt, where):
                 raise FocalpoError(f"{where} {name!r}: each message needs a 'role' and a string 'content', "
                                    f"found {m!r:.80}")
 
-
-# -----------------------------------------------------------------------------
-# The demo: a letter-sorting task whose answers can be checked, an SFT stage first, generation accuracy
+# --- The demo: a letter-sorting task whose answers can be checked, an SFT stage, generation accuracy
 
 DEMO_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DEMO_PAIRS = 4400  # 4000 to train on, 400 held out
@@ -1078,10 +1018,9 @@ def demo_mistake(answer, letters, rng):
 
 def make_demo_pairs(n, seed):
     """n pairs with distinct prompts, like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}:
-    half right vs wrong, half less wrong (one mistake) vs more wrong (two). As in real data, the preferred response
+    half right vs wrong, half less wrong (one mistake) vs more wrong (two): as in real data, the preferred response
     is often only the better of two imperfect ones."""
-    rng = random.Random(seed)
-    pairs, seen = [], set()
+    rng, pairs, seen = random.Random(seed), [], set()
     while len(pairs) < n:
         letters = rng.sample(DEMO_LETTERS, rng.randint(4, 8))
         if tuple(letters) in seen:
@@ -1107,13 +1046,13 @@ def make_demo_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])},
+                                     unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok.decoder = decoders.WordPiece()  # joins tokens with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
 
 def make_demo_model(tokenizer, seed):
     """A 4-layer Llama-shaped model (0.45M parameters), randomly initialised from `seed`."""
@@ -1135,9 +1074,8 @@ def make_sft_rows(cfg):
     return [(r["prompt"], " " + demo_answer(r["prompt"])) for r in rows[:SFT_EXAMPLES]]
 
 def sft_demo(model, tokenizer, cfg, device, log=print):
-    """--sft_steps of next-token training on correct sortings, stopped early: the model sorts some held-out
-    prompts right and many wrong, and is the reference and every loss's start, as in the papers. Cached like the
-    reference, under the initial weights, the examples, the steps, lr, batch, device and dtype."""
+    """--sft_steps of next-token training on correct sortings, stopped early: the model (the reference and every
+    loss's start, as in the papers) sorts some held-out prompts right and many wrong. Cached like the reference."""
     rows = make_sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
     prompts = tokenizer([p for p, _ in rows])["input_ids"]
     answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
@@ -1149,8 +1087,7 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
               "version": 1}
     key = fields_key(fields)
     path = os.path.join(cfg.cache_dir, f"sft_{key}.pt")
-    cached = read_cache(path, key, "sft", log)
-    if cached is not None:
+    if (cached := read_cache(path, key, "sft", log)) is not None:
         model.load_state_dict(cached)
         return model
     t0, rng = time.time(), random.Random(cfg.seed)
@@ -1172,11 +1109,10 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
 
 @torch.no_grad()
 def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-    """(text up to the first EOS, whether one came) per prompt (token ids). Prompts of equal length go in one
-    batch: no padding, no mask."""
-    was_training, eos = model.training, tokenizer.eos_token_id
+    """(text up to the first EOS, whether one came) per prompt (token ids). Prompts of equal length are batched:
+    no padding, no mask."""
+    was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
     model.eval()
-    out, by_length = [None] * len(prompts), {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
     room = getattr(model.config, "max_position_embeddings", None) or 1 << 30
@@ -1205,8 +1141,8 @@ def is_right(pair, completion, tokenizer):
     return completion[1] and completion[0].strip() == expected_answer(pair, tokenizer)
 
 def generation_accuracy(model, pairs, tokenizer, device):
-    """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the
-    longest answer is allowed: a completion that runs on shows as one."""
+    """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the longest
+    answer is allowed: a completion that runs on shows as one."""
     longest = max(len(p.chosen) - p.chosen_start for p in pairs)
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
     return sum(is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
@@ -1223,9 +1159,7 @@ def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_t
             line += "   right" if right else f"   wrong: expected {expected_answer(p, tokenizer)!r}"
         log(line)
 
-
-# -----------------------------------------------------------------------------
-# The fast log-prob path of sequence_logps, used only where it gives the model's own numbers
+# --- The fast log-prob path, used only where it gives the model's own numbers
 
 def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, given no mask: causal for several queries, full for one."""
@@ -1233,11 +1167,10 @@ def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 def use_fast_logps(model, max_length, device):
-    """The fast path departs from the model's forward twice: no attention mask (wrong under a sliding window shorter
-    than max_length, or for attention other than SDPA's, such as eager soft-capping), and logits straight from the
-    output layer (wrong where a model scales or soft-caps them). So it is tried only on SDPA models without a short
-    window, and kept only if a probe, two random right-padded sequences, gets the model's own log-probs from it,
-    with the output layer scaled for it so that the logits are as large as a trained model's (a soft cap shows)."""
+    """The fast path drops the attention mask (wrong under a window shorter than max_length, or for attention other
+    than SDPA's) and takes logits straight from the output layer (wrong where a model scales or caps them). So it is
+    tried on SDPA models without a short window, and kept only if on a probe, two random right-padded sequences with
+    logits as large as a trained model's (a cap shows), it gives the model's own log-probs."""
     from transformers import AttentionInterface
     window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
     model.fast_logps = False
@@ -1245,7 +1178,7 @@ def use_fast_logps(model, max_length, device):
         return False
     length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
     vocab, seeded = model.get_input_embeddings().num_embeddings, torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab, (length,), generator=seeded)  # its own generator: the global RNG is left as it was
+    ids = torch.randint(vocab, (length,), generator=seeded)  # the global RNG is left as it was
     probe = to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
     was_training, weight = model.training, head.weight.detach().clone()
     tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
@@ -1258,7 +1191,7 @@ def use_fast_logps(model, max_length, device):
             model.set_attn_implementation("causal_sdpa")
             model.fast_logps = True
             agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
-        except Exception:  # parts that do not fit the fast path (a base_model that is the model itself, say)
+        except Exception:  # parts that do not fit (a base_model that is the model itself, say)
             agrees = False
         head.weight.copy_(weight)
     if not agrees:
@@ -1267,25 +1200,23 @@ def use_fast_logps(model, max_length, device):
     model.train(was_training)
     return model.fast_logps
 
-
-# -----------------------------------------------------------------------------
-# Memory plan (GPU only): will training fit? An estimate, stated, not a measurement
+# --- Memory plan (GPU only): will training fit? An estimate, not a measurement
 
 GiB = 2 ** 30
 
 def memory_plan(config, cfg, world_size=1):
     """(bytes needed per GPU, a one-line account). Per parameter: fp32 weights, gradients, AdamW moments and
-    autocast's bf16 copy (18 bytes; 16 under FSDP), or 8 with --weights=bf16. Activations: a layer keeps ~30*H + 8*I
-    bytes per token for backward; with checkpointing its input, one layer recomputed at a time. Plus a logits chunk."""
+    autocast's bf16 copy (18 bytes; 16 under FSDP), or 8 with --weights=bf16. A layer keeps ~30*H + 8*I bytes per
+    token for backward; with checkpointing only its input, one layer recomputed at a time. Plus a logits chunk."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):  # parameters counted without memory
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     per = 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
-    state, buffers = n * per / world_size, 28 * min(AdamWSR.chunk, n) if cfg.weights == "bf16" else 0
+    state, buffers = n * per / world_size, 20 * min(AdamWSR.chunk, n) if cfg.weights == "bf16" else 0
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = 2 * cfg.batch_size * cfg.max_length
-    layer = (30 * H + 8 * I) * tokens  # what one layer keeps for backward
-    inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L  # with checkpointing: each layer's input only
+    layer = (30 * H + 8 * I) * tokens
+    inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L
     acts = (inputs + layer if cfg.gradient_checkpointing else layer * L) + 2048 * config.vocab_size * 10
     line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes ({cfg.weights} training state)"
             + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
@@ -1295,11 +1226,11 @@ def memory_plan(config, cfg, world_size=1):
             + f" = ~{(state + buffers + acts) / GiB:.1f} GiB")
     return state + buffers + acts, line
 
-def check_memory(cfg, config, device, log=print, world_size=1):
+def check_memory(cfg, config, device, log=print):
     """On a GPU, before loading the model: print the plan beside the free memory; stop if it cannot fit."""
     if device.type != "cuda":
         return
-    needed, line = memory_plan(config, cfg, world_size)
+    needed, line = memory_plan(config, cfg, world())
     free = torch.cuda.mem_get_info(device)[0]
     log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
     savers = ([] if cfg.weights == "bf16" else ["--weights=bf16"]) + \
@@ -1309,25 +1240,20 @@ def check_memory(cfg, config, device, log=print, world_size=1):
                            f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
                            + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs (torchrun)")
 
-
-# -----------------------------------------------------------------------------
-# --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
+# --- --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
 
 def stochastic_round_bf16_(x, noise):
-    """A flat fp32 tensor -> bf16, rounded up or down at random so that the result is x in expectation; in place,
-    the bf16 numbers are a view of x's top halves. noise: int32 values in [0, 2^16), shaped like x.
-    bf16 is the top 16 bits of an fp32. Adding 16 random bits to the low half of the bit pattern carries into the
-    top half with probability (x's distance from the bf16 value below it) / (bf16 spacing); then drop the low half.
-    Both signs work: the pattern is sign + magnitude, and the addition only ever grows the magnitude."""
+    """A flat fp32 tensor -> bf16 that is x in expectation, as a view of x's top halves (x is changed). noise: int32
+    in [0, 2^16), like x. bf16 is an fp32's top 16 bits: 16 random bits added to the low half carry into the top
+    half with probability (x - the bf16 below) / spacing. Sign + magnitude: this works for both signs."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
 class AdamWSR(torch.optim.Optimizer):
-    """AdamW (no weight decay) keeping its state in the parameters' dtype (bf16: 6 bytes per weight, not 12), with
-    fp32 arithmetic and stochastic rounding back: round-to-nearest loses a step of lr = 5e-7 on a bf16 weight of
-    0.02 (spacing 1.2e-4) every time, stochastic rounding moves it the right amount on average. Parameters go in
-    pieces of `chunk` elements through reusable buffers (28 bytes each: 0.94 GiB), and one int64 of random bits per
-    element serves three roundings (bits 0-15 the weight, 16-31 and 32-47 the moments). Under FSDP2: the local shard."""
+    """AdamW (no weight decay) with its state in the parameters' dtype (bf16: 6 bytes per weight, not 12), fp32
+    arithmetic and stochastic rounding back: round-to-nearest loses a step of lr = 5e-7 on a bf16 weight of 0.02
+    (spacing 1.2e-4) every time; stochastic rounding moves it the right amount on average. Parameters go in pieces of
+    `chunk` elements through reusable buffers (20 bytes each: 0.63 GiB). Under FSDP2: the local shard."""
 
     chunk = 1 << 25
 
@@ -1335,14 +1261,14 @@ class AdamWSR(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.work = {}  # the reusable buffers, made on the first step
 
-    def random_bits(self, n, device):
-        """n int64s with (at least) 48 random low bits; a method, so that tests can supply fixed bits."""
-        return self.buffer("bits", n, torch.int64, device).random_()
-
     def buffer(self, name, n, dtype, device):
         if name not in self.work or self.work[name].numel() < n or self.work[name].device != device:
             self.work[name] = torch.empty(n, dtype=dtype, device=device)
         return self.work[name][:n]
+
+    def noise(self, n, device):
+        """n random int32s in [0, 2^16); a method, so that tests can supply fixed ones."""
+        return self.buffer("noise", n, torch.int32, device).random_(0, 1 << 16)
 
     @torch.no_grad()
     def step(self, closure=None):  # closure: unused, accepted because torch.distributed.checkpoint passes it
@@ -1365,18 +1291,15 @@ class AdamWSR(torch.optim.Optimizer):
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = torch.div(v, 1 - beta2 ** t, out=g).sqrt_().add_(group["eps"])  # g is no longer needed: reuse it
         w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
-        words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # each int64 as two 32-bit words
-        noise = self.buffer("noise", n, torch.int32, device)
-        for k, (x, dst) in enumerate(((w, w_), (m, m_), (v, v_))):
-            if dst.dtype != torch.bfloat16:
-                dst.copy_(x)
-                continue
-            word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
-            dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)))
+        for x, dst in ((w, w_), (m, m_), (v, v_)):
+            dst.copy_(stochastic_round_bf16_(x, self.noise(n, device)) if dst.dtype == torch.bfloat16 else x)
 
+# --- Caches and checkpoints, written under a temporary name, then renamed: a file with its final name is whole
 
-# -----------------------------------------------------------------------------
-# Caches and checkpoints, each written under a temporary name and then renamed: a file with its final name is whole
+def save_whole(blob, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-save leaves the file before it as it was
 
 def read_cache(path, key, what, log):
     """The tensors cached under `key`, or None; an unreadable file, or another key, is reported and ignored."""
@@ -1393,30 +1316,11 @@ def read_cache(path, key, what, log):
     log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
 
 def write_cache(path, key, fields, tensors):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"key": key, "fields": fields, "tensors": tensors}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-def save_checkpoint(folder, model, optimizer, state, cfg=None, loss_type=None, keep=2):
-    """step_NNNNNNN.pt: model, optimizer, RNG, state, options and loss, as full tensors (any number of processes
-    resumes it; with several, all gather and rank 0 writes). Keeps the newest `keep`."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    path = os.path.join(folder, f"step_{state['step']:07d}.pt")
-    blob = {"model": get_model_state_dict(model, options=full_state_options()),
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=full_state_options()),
-            "state": state, "config": dataclasses.asdict(cfg) if cfg else None, "loss_type": loss_type,
-            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    if rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-        torch.save(blob, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a crash mid-save leaves the checkpoints before it as they were
-        for old in sorted(glob.glob(os.path.join(folder, "step_*.pt")))[:-keep]:
-            os.remove(old)
-    return path
+    save_whole({"key": key, "fields": fields, "tensors": tensors}, path)
 
 def latest_checkpoint(folder):
-    """(the newest checkpoint, its path) or (None, None), mapped (mmap), not read. A file with its final name was
-    written whole; if one does not load all the same (a damaged disk), one sentence says so."""
+    """(the newest checkpoint, its path) or (None, None), mapped (mmap), not read. One that does not load all the
+    same (a damaged disk) is one sentence."""
     paths = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
     if not paths:
         return None, None
@@ -1427,44 +1331,55 @@ def latest_checkpoint(folder):
                            f"the one before, or start a new --out_dir") from None
 
 class Checkpoints:
-    """A run's checkpoints/ folder; .last is the newest, named when the run stops."""
+    """A run's checkpoints: step_NNNNNNN.pt with model, optimizer, RNG, state, options and loss, as full tensors (any
+    number of processes resumes one; with several, all gather and rank 0 writes). The newest two are kept; .last is
+    the newest, named when the run stops."""
 
     def __init__(self, folder, model, optimizer, cfg, loss_type):
         self.folder, self.model, self.optimizer, self.cfg, self.loss_type = folder, model, optimizer, cfg, loss_type
         self.last = None
 
-    def save(self, state):
-        state["window"] = metrics_to_host(state["window"])  # floats (and, with several processes, their sums)
-        self.last = save_checkpoint(self.folder, self.model, self.optimizer, state, self.cfg, self.loss_type)
-        if rank() != 0:  # the sums now count once, on rank 0 (as after a resume)
+    def save(self, state, keep=2):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        state["window"] = metrics_to_host(state["window"])  # floats (with several processes, their sums)
+        blob = {"model": get_model_state_dict(self.model, options=full_state_options()),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full_state_options()),
+                "state": state, "config": dataclasses.asdict(self.cfg), "loss_type": self.loss_type, "rng":
+                torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        self.last = os.path.join(self.folder, f"step_{state['step']:07d}.pt")
+        if rank() == 0:
+            save_whole(blob, self.last)
+            for old in sorted(glob.glob(os.path.join(self.folder, "step_*.pt")))[:-keep]:
+                os.remove(old)
+        else:  # the sums now count once, on rank 0 (as after a resume)
             state["window"] = {}
         return self.last
 
-def resume(saver, metrics_path, total_steps, log):
-    """--resume: weights, optimizer, RNG and state from the newest checkpoint (its options were checked before any
-    work); metrics.jsonl cut back to it. A new state when there is no checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    ckpt, path = latest_checkpoint(saver.folder)
-    if ckpt is None:
-        log(f"[{saver.loss_type}] --resume: no checkpoint in {saver.folder}, starting from the beginning")
-        return new_state()
-    full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
-    set_model_state_dict(saver.model, ckpt["model"], options=full)
-    set_optimizer_state_dict(saver.model, saver.optimizer, ckpt["optimizer"], options=full)
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    state, saver.last = ckpt["state"], path
-    if rank() != 0:  # the saved metrics window holds the sums of all processes: rank 0 carries them, once
-        state["window"] = {}
-    else:
-        cut_metrics_file(metrics_path, state["step"], log)
-    log(f"[{saver.loss_type}] resumed from {path} at step {state['step']} of {total_steps}")
-    return state
+    def resume(self, metrics_path, total_steps, log):
+        """Weights, optimizer, RNG and state from the newest checkpoint (its options were checked before any work),
+        and metrics.jsonl cut back to it; a new state when there is none."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+            set_optimizer_state_dict
+        ckpt, self.last = latest_checkpoint(self.folder)
+        if ckpt is None:
+            log(f"[{self.loss_type}] --resume: no checkpoint in {self.folder}, starting from the beginning")
+            return new_state()
+        full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
+        set_model_state_dict(self.model, ckpt["model"], options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=full)
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        state = ckpt["state"]
+        if rank() != 0:  # the saved window holds the sums of all processes: rank 0 carries them, once
+            state["window"] = {}
+        else:
+            cut_metrics_file(metrics_path, state["step"], log)
+        log(f"[{self.loss_type}] resumed from {self.last} at step {state['step']} of {total_steps}")
+        return state
 
 def cut_metrics_file(path, step, log):
-    """Keep metrics.jsonl's rows up to the checkpoint's step (later ones are written again). A line a crash cut
-    short, or a missing file, is reported."""
+    """Keep metrics.jsonl's rows up to the checkpoint's step; a line a crash cut short, or no file, is reported."""
     lines = open(path).readlines() if os.path.exists(path) else []
     if not lines:
         log(f"WARNING: {path} is missing or empty: its rows up to step {step} are lost; new rows go to a new one")
@@ -1477,9 +1392,7 @@ def cut_metrics_file(path, step, log):
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
 
-
-# -----------------------------------------------------------------------------
-# Output: the trained model, summary.json, the table that compares the losses, the progress bar
+# --- Output: the trained model, summary.json, the table that compares the losses, the progress bar
 
 def save_model(model, tokenizer, out_dir):
     """The trained model and tokenizer (save_pretrained); with several processes rank 0 gathers and writes."""
@@ -1505,40 +1418,33 @@ def write_summary(cfg, state, loss_type, n_pairs, out_dir):
             json.dump(summary, f, indent=2)
     return summary
 
+TABLE = {"eval_reward_accuracy_start": "reward acc @0", "eval_reward_accuracy": "reward acc",
+         "eval_rewards/margin": "margin", "eval_ranking_accuracy": "rank acc",
+         "eval_ranking_accuracy_ref_correct": "rank acc (ref right)",
+         "eval_ranking_accuracy_ref_incorrect": "rank acc (ref wrong)", "eval_logps/chosen": "logp chosen",
+         "eval_logps/rejected": "logp rejected", "eval_generation_accuracy_start": "gen acc @0",
+         "eval_generation_accuracy": "gen acc"}
+
 def comparison_table(summaries):
-    cols = [("eval_reward_accuracy_start", "reward acc @0"), ("eval_reward_accuracy", "reward acc"),
-            ("eval_rewards/margin", "margin"), ("eval_ranking_accuracy", "rank acc"),
-            ("eval_ranking_accuracy_ref_correct", "rank acc (ref right)"),
-            ("eval_ranking_accuracy_ref_incorrect", "rank acc (ref wrong)"),
-            ("eval_logps/chosen", "logp chosen"), ("eval_logps/rejected", "logp rejected"),
-            ("eval_generation_accuracy_start", "gen acc @0"), ("eval_generation_accuracy", "gen acc")]
-    cols = [(k, name) for k, name in cols if any(s.get(k) is not None for s in summaries.values())]
-    widths = [max(8, len(name) + 2) for _, name in cols]
+    cols = {k: max(8, len(c) + 2) for k, c in TABLE.items() if any(s.get(k) is not None for s in summaries.values())}
     lines = ["", f"held-out results ({next(iter(summaries.values()))['eval_pairs']} pairs)",
-             f"{'loss':<19}" + "".join(f"{name:>{w}}" for (_, name), w in zip(cols, widths))]
+             f"{'loss':<19}" + "".join(f"{TABLE[k]:>{w}}" for k, w in cols.items())]
     for lt, s in summaries.items():
         name = lt + (" (detached)" if lt == "focalpo" and s["config"]["focal_detach"] else "")
         lines.append(f"{name:<19}" + "".join(f"{'-' if s.get(k) is None else format(s[k], '.3f'):>{w}}"
-                                              for (k, _), w in zip(cols, widths)))
+                                              for k, w in cols.items()))
     return "\n".join(lines)
 
-def progress_bar(cfg, total_steps, done, loss_type):
-    from tqdm import tqdm
-    return tqdm(total=total_steps, initial=done, desc=loss_type, dynamic_ncols=True, leave=False,
-                disable=not cfg.progress or rank() != 0)
-
-
-# -----------------------------------------------------------------------------
-# Fault handling: signals, non-finite steps, out of memory, a lost process
+# --- Fault handling: signals, non-finite steps, out of memory, a lost process
 
 class StopSignals:
-    """Ctrl-C / SIGTERM during training: the step in flight finishes, then a checkpoint, then the run stops.
-    A second signal stops at once (KeyboardInterrupt)."""
+    """Ctrl-C / SIGTERM in training: the step in flight finishes, a checkpoint is saved, the run stops. A second
+    signal stops at once (KeyboardInterrupt)."""
 
     def __enter__(self):
         self.signal, self.old = None, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 self.old[sig] = signal.signal(sig, self.on_signal)
         return self
 
@@ -1581,7 +1487,7 @@ def skip_nonfinite_step(state, where, saver, say):
 
 @contextlib.contextmanager
 def stop_on_out_of_memory(cfg, micro, state, saver):
-    """Out of GPU memory in a step: save the last whole step, stop naming what uses less memory."""
+    """Out of GPU memory in a step: save the last whole step, stop, naming what uses less memory."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
@@ -1594,7 +1500,7 @@ def stop_on_out_of_memory(cfg, micro, state, saver):
             f"the batch), set --gradient_checkpointing=true, or lower --max_length{saved}") from None
 
 def exit_code(e):
-    """Print one line for an error a user can fix, or a stop, and return the exit code; re-raise the rest."""
+    """One line for an error a user can fix, or a stop, and the exit code; the rest is raised."""
     who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if isinstance(e, Interrupted):
         for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
@@ -1616,9 +1522,7 @@ def exit_code(e):
         return 1
     raise e
 
-
-# -----------------------------------------------------------------------------
-# Several processes (torchrun --nproc_per_node=N focalpo.py ...), with FSDP2. With one, each helper is a no-op
+# --- Several processes (torchrun --nproc_per_node=N focalpo.py ...), FSDP2. With one, each helper is a no-op
 
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
@@ -1636,8 +1540,8 @@ def rank0_first():
         dist.barrier()
 
 def my_share(items):
-    """Process r of N takes items r, r+N, ... Under FSDP every forward is collective, so all run as many: a short
-    share is padded with repeats, as DistributedSampler pads (score keeps one value of a pair scored twice)."""
+    """Process r of N takes items r, r+N, ... Under FSDP every forward is collective, so all need as many: a short
+    share is padded with repeats, as in DistributedSampler."""
     return [items[i % len(items)] for i in range(rank(), math.ceil(len(items) / world()) * world(), world())]
 
 def all_reduce(t, op="sum"):
@@ -1662,7 +1566,7 @@ def model_logps(model, batch):
     return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
 
 def setup_processes(cfg):
-    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), with a timeout, so a
+    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), with a timeout: a
     process that hangs stops the others."""
     device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
     if n <= 1:
@@ -1683,9 +1587,9 @@ def setup_processes(cfg):
     return device
 
 def shard_model(model, device):
-    """FSDP2 over each decoder layer, then the model. fp32 weights compute in bf16 on CUDA, as with autocast.
+    """FSDP2 over each decoder layer, then the model; fp32 weights compute in bf16 on CUDA, as with autocast.
     Gradients are SUMMED (each loss is already divided by the step's pairs). The fast sequence_logps and generate
-    call the model's parts, so FSDP gathers the root's weights around them."""
+    call the model's parts: FSDP gathers the root's weights around them."""
     if world() == 1:
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -1705,7 +1609,7 @@ def shard_model(model, device):
     return model.to(device)
 
 def full_state_options():
-    """Full (unsharded) tensors, gathered to rank 0's host memory one at a time: any process count resumes."""
+    """Full tensors, gathered to rank 0's host memory one at a time: any number of processes resumes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=world() > 1, cpu_offload=world() > 1)
 
