@@ -782,8 +782,9 @@ def _parse_bool(s):
 
 def option_help():
     """{option: explanation}, from the comments of Config."""
-    import inspect
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), flags=re.M))
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read().split("\nclass Config:")[1].split("\nLOSSES = ")[0]
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", source, flags=re.M))
 
 # What TRL's DPOConfig and transformers' TrainingArguments call some options: a user who types them is told ours
 FAMILIAR = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
@@ -1298,8 +1299,8 @@ class AdamWSR(torch.optim.Optimizer):
 
 def save_whole(blob, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-save leaves the file before it as it was
+    torch.save(blob, f"{path}.{os.getpid()}.tmp")  # a name of its own: two runs may share a cache folder
+    os.replace(f"{path}.{os.getpid()}.tmp", path)  # a crash mid-save leaves the file before it as it was
 
 def read_cache(path, key, what, log):
     """The tensors cached under `key`, or None; an unreadable file, or another key, is reported and ignored."""
