@@ -858,8 +858,10 @@ def check_before_work(cfg, device, log):
             raise FocalpoError(f"--{name}={getattr(cfg, name)} is not a folder that can be written ({e.strerror}): "
                                f"choose another") from None
     with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:
-        try:  # rank 0 holds it until the file is closed, which the system does however the process ends
-            free = rank() != 0 or fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is None
+        try:
+            if rank() == 0:  # held until the file is closed, which the system does however the process ends
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
         except BlockingIOError:
             free = False
         if not agree(free, device, "min"):
@@ -1021,7 +1023,8 @@ def make_demo_pairs(n, seed):
     """n pairs with distinct prompts, like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected": " a m d q"}:
     half right vs wrong, half less wrong (one mistake) vs more wrong (two): as in real data, the preferred response
     is often only the better of two imperfect ones."""
-    rng, pairs, seen = random.Random(seed), [], set()
+    rng = random.Random(seed)
+    pairs, seen = [], set()
     while len(pairs) < n:
         letters = rng.sample(DEMO_LETTERS, rng.randint(4, 8))
         if tuple(letters) in seen:
@@ -1047,8 +1050,8 @@ def make_demo_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])},
-                                     unk_token="<unk>"))
+    vocab = {w: i for i, w in enumerate(specials + list(DEMO_LETTERS) + ["sort", ":", "="])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok.decoder = decoders.WordPiece()  # joins tokens with spaces
@@ -1112,7 +1115,8 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
 def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
     """(text up to the first EOS, whether one came) per prompt (token ids). Prompts of equal length are batched:
     no padding, no mask."""
-    was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
+    was_training, eos = model.training, tokenizer.eos_token_id
+    out, by_length = [None] * len(prompts), {}
     model.eval()
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
@@ -1246,7 +1250,8 @@ def check_memory(cfg, config, device, log=print):
 def stochastic_round_bf16_(x, noise):
     """A flat fp32 tensor -> bf16 that is x in expectation, as a view of x's top halves (x is changed). noise: int32
     in [0, 2^16), like x. bf16 is an fp32's top 16 bits: 16 random bits added to the low half carry into the top
-    half with probability (x - the bf16 below) / spacing. Sign + magnitude: this works for both signs."""
+    half with probability (x - the bf16 below) / spacing. Both signs work: the pattern is sign + magnitude, and the
+    addition only ever grows the magnitude."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
@@ -1307,8 +1312,9 @@ class AdamWSR(torch.optim.Optimizer):
 
 def save_whole(blob, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(blob, f"{path}.{os.getpid()}.tmp")  # a name of its own: two runs may share a cache folder
-    os.replace(f"{path}.{os.getpid()}.tmp", path)  # a crash mid-save leaves the file before it as it was
+    tmp = f"{path}.{os.getpid()}.tmp"  # a name of its own: two runs may share a cache folder
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the file before it as it was
 
 def read_cache(path, key, what, log):
     """The tensors cached under `key`, or None; an unreadable file, or another key, is reported and ignored."""
@@ -1353,8 +1359,9 @@ class Checkpoints:
         state["window"] = metrics_to_host(state["window"])  # floats (with several processes, their sums)
         blob = {"model": get_model_state_dict(self.model, options=full_state_options()),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full_state_options()),
-                "state": state, "config": dataclasses.asdict(self.cfg), "loss_type": self.loss_type, "rng":
-                torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+                "state": state, "config": dataclasses.asdict(self.cfg), "loss_type": self.loss_type,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         self.last = os.path.join(self.folder, f"step_{state['step']:07d}.pt")
         if rank() == 0:
             save_whole(blob, self.last)

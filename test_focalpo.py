@@ -1760,21 +1760,20 @@ def dist_runs(tmp_path_factory):
             r = torchrun(2, *cli_args(**dict(DIST, save_every=1), out_dir=root / "two", cache_dir=root / "cache2",
                                       resume=True))
             assert r.returncode == 0 and "at step 3 of 6" in r.stdout, r.stderr[-3000:]
-            (root / "torchrun.json").write_text(json.dumps([r.stdout, r.stderr]))
-    stdout, stderr = json.loads((root / "torchrun.json").read_text())
-    return root, subprocess.CompletedProcess([], 0, stdout, stderr)
+            (root / "torchrun.json").write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr}))
+    return root, json.loads((root / "torchrun.json").read_text())  # the torchrun's output
 
 
 @needs_fsdp2
 def test_two_processes_give_the_results_of_one(dist_runs):
     """A checkpoint from one process resumes in two, and the two end as the one did."""
-    root, r = dist_runs
-    assert "sharded over 2 processes (FSDP2)" in r.stdout
+    root, out = dist_runs
+    assert "sharded over 2 processes (FSDP2)" in out["stdout"]
     assert_same_run(root / "one", root / "two")
     from safetensors.torch import load_file
     one, two = load_file(root / "one" / "model.safetensors"), load_file(root / "two" / "model.safetensors")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)  # rank 0 gathered and saved the full model
-    assert "[rank 1]" not in r.stderr and r.stdout.count("resumed from") == 1  # rank 0 alone logs
+    assert "[rank 1]" not in out["stderr"] and out["stdout"].count("resumed from") == 1  # rank 0 alone logs
 
 
 @needs_fsdp2
