@@ -12,16 +12,15 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
     python focalpo.py --help # every option, explained
 
-Reading guide, the core in reading order: Config (every option, explained), the losses, log-probs, the reference
-cache, data and tokenization, the model, one step and evaluation, train() and run(). A first reading can stop at
-"# Appendix: optional machinery".
+Reading guide: the core comes in reading order (Config, the losses, log-probs, the reference cache, data and
+tokenization, the model, one step and evaluation, train() and run()). A first reading stops at "# Appendix".
 
 Conventions (the reference implementations disagree on all three):
   - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
-  - rewards are β·(log πθ − log π_ref): they include β, and are detached (for logging only).
+  - rewards are β·(log πθ − log π_ref), detached (for logging only).
   - reward accuracy counts a tie (r_w == r_l) as half right: exactly 0.5 at step 0, where the policy is the
     reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
-"Pitfall N" is the README's list of 13 ways DPO implementations have gone wrong, each guarded against here.
+"Pitfall N" is one of the README's 13 ways DPO implementations have gone wrong, each guarded against here.
 """
 
 import argparse
@@ -61,36 +60,36 @@ class Config:
     max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
     max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
-    max_prompt_length: int = 512  # prompts longer than this keep their last tokens
+    max_prompt_length: int = 512  # longer prompts keep their last tokens
     sft_steps: int = 80  # demo only: next-token training on correct sortings first, so the reference knows something
     # loss
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
-    beta: float = 0.1  # β: inverse temperature of the implicit reward; larger = stay closer to the reference
-    gamma: float = 0.05  # FocalPO's γ (γ = 0 is DPO). 0.05 is THIS PROJECT's default, not a value from the paper
+    beta: float = 0.1  # β, the implicit reward's inverse temperature: larger = stay closer to the reference
+    gamma: float = 0.05  # FocalPO's γ (0 = DPO). 0.05 is THIS PROJECT's default, not a value from the paper
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, 5e-7 for other models (the DPO reference code's)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
-    grad_accum: int = 2  # micro-batches per optimizer step: effective batch = batch_size * grad_accum pairs
+    grad_accum: int = 2  # micro-batches per optimizer step: a step is batch_size * grad_accum pairs
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
-    warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0, then a cosine decay to 0
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    warmup_ratio: float = 0.1  # fraction of steps warming up linearly from 0; then a cosine decay to 0
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
     weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, AdamW with stochastic rounding
     # run
-    seed: int = 1337  # seeds model init (demo), data split, shuffling
+    seed: int = 1337  # seeds the demo's model, the data split and the shuffling
     eval_every: int = 25  # evaluate every this many optimizer steps (and at the start and the end)
-    log_every: int = 5  # write a line to metrics.jsonl every this many optimizer steps
-    out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ when several losses)
+    log_every: int = 5  # a line in metrics.jsonl every this many optimizer steps
+    out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ for several losses)
     cache_dir: str = "ref_cache"  # cached reference log-probs (and the demo's SFT weights)
-    save_model: bool = True  # save the trained model and tokenizer with save_pretrained at the end
-    save_every: int = 100  # write a checkpoint every this many optimizer steps (and at the end); 0 = only at the end
-    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (by default only model and summary)
+    save_model: bool = True  # save the trained model and tokenizer (save_pretrained) at the end
+    save_every: int = 100  # checkpoint every this many optimizer steps (and at the end); 0 = only at the end
+    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (by default: model and summary only)
     resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses: shown, not rerun)
     dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops
     progress: bool = True  # show a tqdm progress bar
-    generate: int = -1  # at the end, print this many held-out prompts with greedy completions (-1: 5 demo, 0 other)
+    generate: int = -1  # at the end, show this many held-out prompts' greedy completions (-1: 5 for the demo, else 0)
 
 LOSSES = ("dpo", "focalpo", "minordpo")
 
@@ -128,7 +127,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         losses = -F.logsigmoid(beta * (r_w - r_l))
     elif loss_type == "focalpo":
         log_p = F.logsigmoid(beta * (r_w - r_l))  # log p, stable for any βh
-        focal = torch.exp(gamma * log_p)  # p^γ computed as exp(γ log p): no under/overflow
+        focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
         # torch.where, not clamp: at r_l = 0 (every pair at step 0) the rejected branch has zero gradient, 1[r_l > 0]
@@ -149,8 +148,8 @@ def sequence_logps(model, batch, chunk_size=2048):
 
     Position t predicts token t+1, so t is scored when token t+1 is a response token (collate lists them). Token
     log-probs are fp32, in chunks recomputed in backward; sums are float64 (DPO subtracts them). The model's own
-    forward, or where prepare_model found the same numbers the fast path: no mask (right padding: no scored position
-    sees a pad), and the output layer at the scored positions only."""
+    forward, or, where prepare_model found it gives the same numbers, the fast path: no mask (right padding: no scored
+    position sees a pad), and the output layer at the scored positions only."""
     ids, positions = batch["input_ids"], batch["positions"]  # (2B, T), (N,) flat indices into (2B * T)
     if getattr(model, "fast_logps", False):
         out, head = model.base_model(input_ids=ids).last_hidden_state, model.get_output_embeddings()  # (2B, T, H)
@@ -167,7 +166,7 @@ def sequence_logps(model, batch, chunk_size=2048):
     return logps.index_add(0, batch["position_seq"], torch.cat(pieces).double()), batch["n_tokens"]  # (2B,), (2B,)
 
 def to_device(batch, device):
-    """Host batch -> device, on CUDA through pinned memory (the CPU does not wait)."""
+    """Host batch -> device; on CUDA through pinned memory, so the CPU does not wait."""
     cuda = device.type == "cuda"
     return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -188,7 +187,7 @@ def score(model, batches, n_pairs, device):
 
 @torch.no_grad()
 def weights_fingerprint(model):
-    """A cheap digest of the weights (two sums per tensor): enough to tell one checkpoint from another."""
+    """A cheap digest of the weights (two sums per tensor), enough to tell one checkpoint from another."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         x = (p.full_tensor() if hasattr(p, "full_tensor") else p).float()  # FSDP: gather the shards
@@ -199,8 +198,8 @@ def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 def cache_key(cfg, model, train_pairs, eval_pairs, device):
-    """A hash of what changes the values: the model, its weights, every pair's tokens and response start (data,
-    tokenizer, template, lengths), and the forward's device, dtype and path."""
+    """A hash of all that changes the values: the model and its weights, every pair's tokens and response start
+    (data, tokenizer, template, lengths), the forward's device, dtype and path."""
     data = hashlib.sha256()
     for pairs in (train_pairs, eval_pairs):
         for p in pairs:
@@ -786,7 +785,7 @@ def option_help():
         source = f.read().split("\nclass Config:")[1].split("\nLOSSES = ")[0]
     return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", source, flags=re.M))
 
-# What TRL's DPOConfig and transformers' TrainingArguments call some options: a user who types them is told ours
+# TRL's DPOConfig and transformers' TrainingArguments names: a user who types one is told ours
 FAMILIAR = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
             "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out_dir",
             "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
@@ -799,7 +798,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     """--key=value for every Config field (a bare --flag means true). A mistake is one sentence."""
-    parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,  # the run commands
+    parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = option_help()
     for f in dataclasses.fields(Config):
@@ -846,7 +845,7 @@ def check_config(cfg):
 
 @contextlib.contextmanager
 def check_before_work(cfg, device, log):
-    """Every check that can come before the data, the SFT stage and the reference pass. out_dir stays locked while
+    """The checks that can come before the data, the SFT stage and the reference pass. out_dir stays locked while
     the block runs (one run per folder); yields the summaries of the losses --resume finds finished."""
     import fcntl
     check_config(cfg)
@@ -859,7 +858,7 @@ def check_before_work(cfg, device, log):
                                f"choose another") from None
     with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:
         try:
-            if rank() == 0:  # held until the file is closed, which the system does however the process ends
+            if rank() == 0:  # the system lets go when the file closes, however the process ends
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             free = True
         except BlockingIOError:
@@ -901,7 +900,7 @@ RESULT_OPTIONS = ("beta", "gamma", "focal_detach", "lr", "batch_size", "grad_acc
                   "max_eval_pairs", "max_length", "max_prompt_length", "weights", "sft_steps")
 
 def check_same_options(recorded, cfg, loss_type, path):
-    """One sentence naming each option that differs from those recorded in a checkpoint or summary."""
+    """One sentence naming each option that differs from those a checkpoint or summary recorded."""
     was = recorded.get("config") or {}
     diffs = [f"--{k} was {was.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_OPTIONS
              if was.get(k) != getattr(cfg, k)]
@@ -928,7 +927,7 @@ def first_line(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else type(e).__name__
 
 def load_error(what, name, e):
-    """One sentence for what could not be loaded: the cause, and what to do."""
+    """One sentence: what could not be loaded, the cause, and what to do."""
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         return FocalpoError(f"could not load {what} {name!r}: there is no such folder; check the path")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -1166,20 +1165,14 @@ def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_t
 
 # --- The fast log-prob path, used only where it gives the model's own numbers
 
-def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, given no mask: causal for several queries, full for one."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-
 def use_fast_logps(model, max_length, device):
-    """The fast path drops the attention mask (wrong under a window shorter than max_length, or for attention other
-    than SDPA's) and takes logits straight from the output layer (wrong where a model scales or caps them). So it is
-    tried on SDPA models without a short window, and kept only if on a probe, two random right-padded sequences with
-    logits as large as a trained model's (a cap shows), it gives the model's own log-probs."""
-    from transformers import AttentionInterface
-    window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
+    """The fast path runs the model's body without a mask (with right padding no scored position sees a pad) and
+    takes logits straight from the output layer, which is wrong where a model scales or caps them. It is kept only
+    if it gives the model's own log-probs on a probe: two random right-padded sequences, with logits as large as a
+    trained model's (so that a cap shows)."""
+    head = model.get_output_embeddings()
     model.fast_logps = False
-    if model.config._attn_implementation != "sdpa" or head is None or (window is not None and window < max_length):
+    if head is None:
         return False
     length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
     vocab, seeded = model.get_input_embeddings().num_embeddings, torch.Generator().manual_seed(0)
@@ -1188,20 +1181,16 @@ def use_fast_logps(model, max_length, device):
     was_training, weight = model.training, head.weight.detach().clone()
     tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
     model.eval()
-    AttentionInterface.register("causal_sdpa", _causal_sdpa)
     with torch.no_grad(), autocast(device):
-        head.weight.mul_(max(1.0, 10 / float(model(probe["input_ids"]).logits.float().std())))  # logits' std: 10
+        logits = model(probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+        head.weight.mul_(max(1.0, 10 / float(logits.float().std())))  # logits' std: 10
         own, n = sequence_logps(model, probe)
+        model.fast_logps = True
         try:
-            model.set_attn_implementation("causal_sdpa")
-            model.fast_logps = True
-            agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
+            model.fast_logps = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
         except Exception:  # parts that do not fit (a base_model that is the model itself, say)
-            agrees = False
+            model.fast_logps = False
         head.weight.copy_(weight)
-    if not agrees:
-        model.set_attn_implementation("sdpa")
-        model.fast_logps = False
     model.train(was_training)
     return model.fast_logps
 
@@ -1223,12 +1212,9 @@ def memory_plan(config, cfg, world_size=1):
     layer = (30 * H + 8 * I) * tokens
     inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L
     acts = (inputs + layer if cfg.gradient_checkpointing else layer * L) + 2048 * config.vocab_size * 10
-    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes ({cfg.weights} training state)"
-            + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
-            + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
-            + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
-            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'})"
-            + f" = ~{(state + buffers + acts) / GiB:.1f} GiB")
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes / {world_size} processes = {state / GiB:.1f} GiB, "
+            f"optimizer buffers {buffers / GiB:.1f} GiB, activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x "
+            f"{cfg.max_length} tokens) = ~{(state + buffers + acts) / GiB:.1f} GiB")
     return state + buffers + acts, line
 
 def check_memory(cfg, config, device, log=print):
@@ -1238,8 +1224,8 @@ def check_memory(cfg, config, device, log=print):
     needed, line = memory_plan(config, cfg, world())
     free = torch.cuda.mem_get_info(device)[0]
     log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
-    savers = ([] if cfg.weights == "bf16" else ["--weights=bf16"]) + \
-             ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
+    savers = [s for s, on in (("--weights=bf16", cfg.weights == "bf16"),
+                              ("--gradient_checkpointing=true", cfg.gradient_checkpointing)) if not on]
     if needed > free:
         raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
                            f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
@@ -1556,12 +1542,11 @@ def rank0_first():
         dist.barrier()
 
 def my_share(items):
-    """Process r of N takes items r, r+N, ... Under FSDP every forward is collective, so all need as many: a short
-    share is padded with repeats, as in DistributedSampler."""
+    """Process r of N takes items r, r+N, ...; a short share repeats items (as DistributedSampler does), since
+    under FSDP every forward is collective."""
     return [items[i % len(items)] for i in range(rank(), math.ceil(len(items) / world()) * world(), world())]
 
 def all_reduce(t, op="sum"):
-    """t summed (or max'ed, min'ed) over the processes, in place."""
     if world() > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
@@ -1573,7 +1558,7 @@ def agree(flag, device, op):
     return bool(all_reduce(torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1), op).item())
 
 def reshard(model):
-    """After a forward with no backward, FSDP keeps the root's weights gathered; put the shards back."""
+    """FSDP keeps the root's weights gathered after a forward with no backward: put the shards back."""
     if hasattr(model, "reshard"):
         model.reshard()
 
@@ -1582,8 +1567,8 @@ def model_logps(model, batch):
     return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
 
 def setup_processes(cfg):
-    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), with a timeout: a
-    process that hangs stops the others."""
+    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), whose timeout stops the
+    others when one hangs."""
     device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
     if n <= 1:
         return device
@@ -1604,8 +1589,8 @@ def setup_processes(cfg):
 
 def shard_model(model, device):
     """FSDP2 over each decoder layer, then the model; fp32 weights compute in bf16 on CUDA, as with autocast.
-    Gradients are SUMMED (each loss is already divided by the step's pairs). The fast sequence_logps and generate
-    call the model's parts: FSDP gathers the root's weights around them."""
+    Gradients are SUMMED (each loss is already divided by the step's pairs). FSDP gathers the root's weights around
+    the fast sequence_logps and generate, which call the model's parts."""
     if world() == 1:
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
