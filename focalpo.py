@@ -1164,14 +1164,20 @@ def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_t
 
 # --- The fast log-prob path, used only where it gives the model's own numbers
 
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, given no mask: causal for several queries, full for one."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
 def use_fast_logps(model, max_length, device):
-    """The fast path runs the model's body without a mask (with right padding no scored position sees a pad) and
-    takes logits straight from the output layer, which is wrong where a model scales or caps them. It is kept only
-    if it gives the model's own log-probs on a probe: two random right-padded sequences, with logits as large as a
-    trained model's (so that a cap shows)."""
-    head = model.get_output_embeddings()
+    """The fast path drops the attention mask (wrong under a window shorter than max_length, or for attention other
+    than SDPA's) and takes logits straight from the output layer (wrong where a model scales or caps them). So it is
+    tried on SDPA models without a short window, and kept only if on a probe, two random right-padded sequences with
+    logits as large as a trained model's (a cap shows), it gives the model's own log-probs."""
+    from transformers import AttentionInterface
+    window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
     model.fast_logps = False
-    if head is None:
+    if model.config._attn_implementation != "sdpa" or head is None or (window is not None and window < max_length):
         return False
     length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
     vocab, seeded = model.get_input_embeddings().num_embeddings, torch.Generator().manual_seed(0)
@@ -1180,16 +1186,20 @@ def use_fast_logps(model, max_length, device):
     was_training, weight = model.training, head.weight.detach().clone()
     tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
     model.eval()
+    AttentionInterface.register("causal_sdpa", _causal_sdpa)
     with torch.no_grad(), autocast(device):
-        logits = model(probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-        head.weight.mul_(max(1.0, 10 / float(logits.float().std())))  # logits' std: 10
+        head.weight.mul_(max(1.0, 10 / float(model(probe["input_ids"]).logits.float().std())))  # logits' std: 10
         own, n = sequence_logps(model, probe)
-        model.fast_logps = True
         try:
-            model.fast_logps = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
+            model.set_attn_implementation("causal_sdpa")
+            model.fast_logps = True
+            agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
         except Exception:  # parts that do not fit (a base_model that is the model itself, say)
-            model.fast_logps = False
+            agrees = False
         head.weight.copy_(weight)
+    if not agrees:
+        model.set_attn_implementation("sdpa")
+        model.fast_logps = False
     model.train(was_training)
     return model.fast_logps
 

@@ -378,7 +378,7 @@ def test_sequence_logps_match_naive_loop_and_padding_does_not_matter(prepared):
         naive[tuple(ids.tolist())] = naive_logps(model, ids, start)
     if prepared:
         model = focalpo.prepare_model(model, Config(), CPU).eval()
-        assert model.fast_logps
+        assert model.fast_logps and model.config._attn_implementation == "causal_sdpa"
     with torch.no_grad():
         logps, n_tokens = focalpo.sequence_logps(model, focalpo.collate(pairs, tok.pad_token_id), chunk_size=3)
     for i, (ids, start) in enumerate(seqs):
@@ -454,7 +454,7 @@ def test_every_architecture_gives_its_own_log_probs():
     """The training path (prepare_model, then sequence_logps on a right-padded batch) against the model's own
     forward on each sequence alone, for 23 architectures with the output layer scaled so that the logits are as
     large as a trained model's (std ~10). Where the fast path would differ (a head that scales or soft-caps the
-    logits, or no mask under a window on older versions) the model's own forward is used; Llama and Qwen keep it."""
+    logits, a short sliding window, eager-only attention) the model's own forward is used; Llama and Qwen keep it."""
     import transformers
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 128, (n,), generator=g) for n in (40, 23, 31, 12)]
@@ -474,7 +474,7 @@ def test_every_architecture_gives_its_own_log_probs():
         assert torch.allclose(logps, torch.tensor(naive, dtype=torch.float64), rtol=1e-4, atol=1e-3), (name, logps, naive)
         fast[name] = model.fast_logps
     assert all(fast[n] for n in ("llama", "qwen2", "qwen3", "mistral", "mixtral")), fast
-    assert not any(fast[n] for n in ("cohere", "granite", "gemma-2", "gemma-3")), fast
+    assert not any(fast[n] for n in ("cohere", "granite", "gemma-2", "gemma-3", "mistral (window 8)", "bloom")), fast
 
 
 def test_a_soft_capped_model_trains_on_its_own_log_probs(tmp_path):
@@ -902,6 +902,7 @@ def test_greedy_completions_match_a_naive_greedy_loop(tmp_path):
     every step, argmax, stop at EOS."""
     tok = focalpo.make_demo_tokenizer()
     model = loaded(cfg_for(tmp_path, sft_steps=Config.sft_steps), tok)  # the session's cache has it
+    assert model.config._attn_implementation == "causal_sdpa"
     pairs = tokenize(focalpo.make_demo_pairs(24, 3), "plain", tok, Config())
     prompts = [p.chosen[:p.chosen_start] for p in pairs]  # 4 to 8 letters: several lengths, several batches
     got = focalpo.greedy_completions(model, prompts, tok, CPU, max_new_tokens=10, batch_size=4)
