@@ -235,8 +235,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 # --- Data: rows, their format, and each row as (prompt, prompt+chosen, prompt+rejected) texts
 
 def load_rows(cfg):
-    """(train rows, held-out rows, format); a row is (dict, where it came from). Each row is checked against the
-    first row's format, in file order."""
+    """(train rows, held-out rows, format): (dict, where it came from) rows, checked against the first one's format."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(make_demo_pairs(DEMO_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain"
@@ -417,8 +416,7 @@ def collate(pairs, pad_id):
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]))
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length: shuffle, sort within windows of 64 batches, shuffle the batches. Unshuffled:
-    sorted by length (scoring)."""
+    """Similar lengths: shuffle, sort within windows of 64 batches, shuffle the batches (unshuffled: sorted)."""
     length = lambda p: max(len(p.chosen), len(p.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
@@ -875,8 +873,7 @@ def check_before_work(cfg, device, log):
         yield finished
 
 def check_earlier_run(cfg, loss_type):
-    """A new run needs a folder without results; --resume continues a run, finished or not, only with the options
-    that made it. Returns a finished run's summary."""
+    """A new run needs an empty folder; --resume needs the same options. Returns a finished run's summary."""
     out_dir = loss_dir(cfg, loss_type)
     if not cfg.resume:
         found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -971,8 +968,7 @@ def read_files(spec):
     return rows
 
 def load_hub_rows(name):
-    """(train rows, held-out rows or None): the split 'train' or 'train_prefs', and 'test', 'test_prefs' or
-    'validation' if there is one."""
+    """(train rows, held-out rows or None): the 'train[_prefs]' split, and 'test[_prefs]' or 'validation' if any."""
     import datasets
     try:
         ds = datasets.load_dataset(name)
@@ -1111,8 +1107,7 @@ def sft_demo(model, tokenizer, cfg, device, log=print):
 
 @torch.no_grad()
 def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-    """(text up to the first EOS, whether one came) per prompt (token ids); prompts of one length share a batch, so
-    there is no padding."""
+    """(text up to the first EOS, whether one came) per prompt; prompts of one length share a batch: no padding."""
     was_training, eos = model.training, tokenizer.eos_token_id
     out, by_length = [None] * len(prompts), {}
     model.eval()
@@ -1144,8 +1139,7 @@ def is_right(pair, completion, tokenizer):
     return completion[1] and completion[0].strip() == expected_answer(pair, tokenizer)
 
 def generation_accuracy(model, pairs, tokenizer, device):
-    """The fraction of greedy completions that are the right answer, then EOS (one token past the longest answer
-    is allowed, so one that runs on shows)."""
+    """The fraction of greedy completions that are the right answer, then EOS (one token longer may show)."""
     longest = max(len(p.chosen) - p.chosen_start for p in pairs)
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
     return sum(is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
@@ -1323,8 +1317,7 @@ def read_cache(path, what, log):
         log(f"{what}: WARNING: ignoring the cache file {path}: it cannot be read ({type(e).__name__}); recomputing it")
 
 def latest_checkpoint(folder):
-    """(the newest checkpoint, its path) or (None, None), mapped (mmap), not read; one that does not load (a damaged
-    disk) is one sentence."""
+    """(the newest checkpoint, mapped, not read; its path) or (None, None); a damaged one is one sentence."""
     paths = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
     if not paths:
         return None, None
@@ -1408,8 +1401,7 @@ def save_model(model, tokenizer, out_dir):
         tokenizer.save_pretrained(out_dir)
 
 def write_summary(cfg, state, loss_type, n_pairs, out_dir):
-    """summary.json, written last (it means "done"): first and last evaluation, options, and the training steps'
-    tokens (no pads) per second of their own time."""
+    """summary.json, written last (it means "done"): evaluations, options, training tokens (no pads) per second."""
     first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
     summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
                "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
@@ -1443,8 +1435,7 @@ def comparison_table(summaries):
 # --- Fault handling: signals, non-finite steps, out of memory, a lost process
 
 class StopSignals:
-    """Ctrl-C / SIGTERM in training: the step finishes, a checkpoint is saved, the run stops; a second one stops at
-    once (KeyboardInterrupt)."""
+    """Ctrl-C / SIGTERM: the step finishes, a checkpoint is saved, the run stops; a second one stops at once."""
 
     def __enter__(self):
         self.signal, self.old = None, {}
@@ -1545,8 +1536,7 @@ def rank0_first():
         dist.barrier()
 
 def my_share(items):
-    """Process r of N takes items r, r+N, ...; a short share repeats items (as DistributedSampler does), since
-    under FSDP every forward is collective."""
+    """Items r, r+N, ... for process r of N; a short share repeats some, as every FSDP forward is collective."""
     return [items[i % len(items)] for i in range(rank(), math.ceil(len(items) / world()) * world(), world())]
 
 def all_reduce(t, op="sum"):
@@ -1570,8 +1560,7 @@ def model_logps(model, batch):
     return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
 
 def setup_processes(cfg):
-    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), whose timeout stops the
-    others when one hangs."""
+    """The device; under torchrun also the process group (NCCL, or gloo on CPUs), timing out when one hangs."""
     device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
     if n <= 1:
         return device
