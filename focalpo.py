@@ -1215,9 +1215,10 @@ def memory_plan(config, cfg, world_size=1):
     layer = (30 * H + 8 * I) * tokens
     inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L
     acts = (inputs + layer if cfg.gradient_checkpointing else layer * L) + 2048 * config.vocab_size * 10
-    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes / {world_size} processes = {state / GiB:.1f} GiB, "
-            f"optimizer buffers {buffers / GiB:.1f} GiB, activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x "
-            f"{cfg.max_length} tokens) = ~{(state + buffers + acts) / GiB:.1f} GiB")
+    shared = f" / {world_size} processes" if world_size > 1 else ""
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes{shared} = {state / GiB:.1f} GiB, optimizer buffers "
+            f"{buffers / GiB:.1f} GiB, activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} "
+            f"tokens) = ~{(state + buffers + acts) / GiB:.1f} GiB")
     return state + buffers + acts, line
 
 def check_memory(cfg, config, device, log=print):
