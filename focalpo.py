@@ -213,8 +213,7 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
 
 def compute_reference(model, pairs, cfg, pad_id, device):
     """(N, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) per pair, by the policy's code path."""
-    batches = [collate(b, pad_id) for b in length_grouped_batches(pairs, cfg.batch_size, cfg.seed, shuffle=False)]
-    return score(model, batches, len(pairs), device)
+    return score(model, scoring_batches(pairs, cfg.batch_size, pad_id), len(pairs), device)
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
     """The reference log-probs of the train and eval pairs, cached under cache_key."""
@@ -416,6 +415,10 @@ def collate(pairs, pad_id):
                               [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs], pad_id)
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]))
 
+def scoring_batches(pairs, batch_size, pad_id):
+    """Collated batches sorted by length, for a no-grad pass (the reference, evaluation)."""
+    return [collate(b, pad_id) for b in length_grouped_batches(pairs, batch_size, 0, shuffle=False)]
+
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
     """Batches of similar length: shuffle, sort within windows of 64 batches, shuffle the batches. Unshuffled:
     sorted by length (scoring)."""
@@ -593,8 +596,7 @@ class HeldOut:
 
     def __init__(self, pairs, ref, tokenizer, cfg):
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
-        self.batches = [collate(b, tokenizer.pad_token_id)
-                        for b in length_grouped_batches(pairs, cfg.batch_size, 0, shuffle=False)]
+        self.batches = scoring_batches(pairs, cfg.batch_size, tokenizer.pad_token_id)
         self.n_tokens = torch.tensor([len(p.chosen) - p.chosen_start for p in pairs] +
                                      [len(p.rejected) - p.rejected_start for p in pairs])
 
