@@ -724,6 +724,53 @@ def test_every_process_always_has_its_share(tmp_path, monkeypatch):
     assert torch.allclose(mine[scored], alone[scored], atol=1e-6) and torch.isinf(mine[[4, 5, 6, 7, 8, 9]]).all()
 
 
+def test_gradient_is_clipped_to_grad_clip_and_grad_norm_is_the_norm_before(tmp_path):
+    """--grad_clip scales the whole gradient down to that global norm, only when it is larger; the logged grad_norm
+    is the norm before clipping. Checked against the norm of the unclipped gradient, computed here."""
+    cfg, tok, model, train, ref = moved_away_from_the_reference(tmp_path)
+    micro = [focalpo.collate(train[:8], tok.pad_token_id)]
+    grads, logged = {}, {}
+    for clip in (0.0, 1e-3, 1e3):
+        opt = RecordingOptimizer(model.parameters())
+        m = focalpo.train_step(model, opt, micro, ref, dataclasses.replace(cfg, grad_clip=clip), "dpo", CPU)
+        grads[clip], logged[clip] = opt.grads, focalpo.finish_metrics(focalpo.metrics_to_host(m))["grad_norm"]
+    full = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads[0.0]))
+    assert full > 1e-2 and all(v == pytest.approx(full, rel=1e-5) for v in logged.values())
+    assert all(torch.allclose(a, b * 1e-3 / full, rtol=1e-4, atol=1e-12) for a, b in zip(grads[1e-3], grads[0.0]))
+    assert all(torch.equal(a, b) for a, b in zip(grads[1e3], grads[0.0]))  # smaller than the clip: untouched
+
+
+def test_each_epoch_is_a_new_shuffle_of_every_pair(tmp_path):
+    """Epoch 2 visits every pair again, in another order; the same seed gives the same order."""
+    cfg = cfg_for(tmp_path, batch_size=4, grad_accum=2)
+    tok = focalpo.make_demo_tokenizer()
+    pairs = tokenize(focalpo.make_demo_pairs(64, 0), "plain", tok, cfg)  # 16 batches: 8 steps an epoch
+    def epochs(n_steps=16):
+        steps = focalpo.step_stream(pairs, cfg, skip=0)
+        order = [[p.idx for b in next(steps) for p in b] for _ in range(n_steps)]
+        return sum(order[:8], []), sum(order[8:], [])
+    first, second = epochs()
+    assert sorted(first) == sorted(second) == list(range(64))
+    assert first != second and epochs() == (first, second)
+
+
+def test_dropout_modules_are_turned_off(tmp_path):
+    """GPT-2 keeps its dropout in nn.Dropout modules (the step-0 test's Llama has only an attention_dropout float):
+    after prepare_model, train mode gives the numbers of eval mode (pitfall 8)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                        resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.modules())
+    model = focalpo.prepare_model(model, Config(max_length=64), CPU).train()
+    ids = torch.randint(3, 64, (30,), generator=torch.Generator().manual_seed(0))
+    batch = focalpo.collate_sequences([ids, ids[:12]], [4, 4], pad_id=0)
+    with torch.no_grad():
+        train_mode = [focalpo.sequence_logps(model, batch)[0] for _ in range(2)]
+        eval_mode = focalpo.sequence_logps(model.eval(), batch)[0]
+    assert torch.equal(train_mode[0], train_mode[1]) and torch.allclose(train_mode[0], eval_mode, atol=1e-5)
+
+
 def test_lr_schedule():
     cfg = Config(warmup_ratio=0.1)
     lrs = [focalpo.lr_at(s, 100, cfg, 1.0) for s in range(100)]
@@ -1541,6 +1588,20 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
     logs = []  # resuming a finished run trains nothing
     again = focalpo.run(short_cfg(tmp_path / "b", resume=True), log=logs.append)["dpo"]
     assert again == resumed and any("already finished" in l for l in logs)
+
+
+def test_resume_with_bf16_weights_draws_the_random_bits_it_would_have(tmp_path, monkeypatch):
+    """--weights=bf16 rounds with random bits: a resumed run ends exactly as the uninterrupted one only because the
+    checkpoint restores the random number generator."""
+    kw = dict(loss="focalpo", weights="bf16", lr=1e-3, max_steps=8, save_every=4, eval_every=8, batch_size=4)
+    whole = focalpo.run(short_cfg(tmp_path / "a", **kw), log=quiet)["focalpo"]
+    real_step = crash_at_step(monkeypatch, 6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        focalpo.run(short_cfg(tmp_path / "b", **kw), log=quiet)
+    monkeypatch.setattr(focalpo, "train_step", real_step)
+    resumed = focalpo.run(short_cfg(tmp_path / "b", resume=True, **kw), log=quiet)["focalpo"]
+    for k in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margin"):
+        assert resumed[k] == whole[k], k
 
 
 def test_resume_repairs_a_torn_metrics_line_and_a_missing_file(tmp_path, monkeypatch):
