@@ -130,8 +130,8 @@ def measure(args, cfg, device):
         if i == args.warmup:
             sync()
             t0, optimizer_seconds[0] = time.perf_counter(), 0.0
-        m = focalpo.train_step(model, optimizer, micro, ref, cfg, focalpo.loss_types(cfg)[0], device)
-        assert "nonfinite_pairs" not in m, m
+        _, applied = focalpo.train_step(model, optimizer, micro, ref, cfg, focalpo.loss_types(cfg)[0], device)
+        assert applied, f"step {i}: a NaN/inf loss or gradient"
         if i >= args.warmup:
             tokens += sum(int(b["attention_mask"].sum()) for b in micro)
             padded += sum(b["attention_mask"].numel() for b in micro)
@@ -142,7 +142,7 @@ def measure(args, cfg, device):
     if args.save:
         where = tempfile.mkdtemp(dir=args.save_dir or None)
         t = time.perf_counter()
-        path = focalpo.Checkpoints(where, model, optimizer, cfg, "focalpo").save({"step": 1, "window": {}}, keep=1)
+        path = focalpo.RunFolder(where, model, optimizer, cfg, "focalpo", 1).save({"step": 1, "window": {}}, keep=1)
         save_seconds, save_bytes = time.perf_counter() - t, os.path.getsize(path)
         shutil.rmtree(where)
     tok_s = tokens / seconds
@@ -154,7 +154,7 @@ def measure(args, cfg, device):
             "tokens": tokens, "fast_logps": model.fast_logps,
             "tokens_per_second": tok_s, "step_seconds": seconds / args.steps, "padding": 1 - tokens / padded,
             "mfu": 6 * n_params * tok_s / flops if flops else None, "peak_gib": peak,
-            "planned_gib": focalpo.memory_plan(config, cfg)[0] / focalpo.GiB,
+            "planned_gib": focalpo.checks.memory_plan(config, cfg)[0] / focalpo.GiB,
             "ref_tokens_per_second": all_tokens / ref_seconds, "optimizer_share": optimizer_seconds[0] / seconds,
             "save_seconds": save_seconds, "save_gib": save_bytes / focalpo.GiB if save_bytes else None}
 
@@ -327,7 +327,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 2)")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="the GPU's dense bf16 peak for MFU; 0 = 989 on an H100/H200, none elsewhere")
-    parser.add_argument("--save", type=focalpo._parse_bool, default=None, help="time saving one checkpoint (default true)")
+    parser.add_argument("--save", type=focalpo.cli.parse_bool, default=None, help="time saving one checkpoint (default true)")
     parser.add_argument("--save_dir", default="", help="where the timed checkpoint is written (and deleted)")
     parser.add_argument("--json", default="", help="also write the row as JSON here")
     parser.add_argument("--trl", action="store_true", help="time TRL's DPOTrainer instead of focalpo")
@@ -343,7 +343,7 @@ def main(argv=None):
     args.steps, args.warmup = args.steps or 5, 2 if args.warmup is None else args.warmup
     args.save = True if args.save is None else args.save
     args.shape = args.shape or "tiny"
-    cfg = focalpo.parse_args(["--loss=focalpo", "--progress=false", "--lr=1e-6"] + rest)
+    cfg = focalpo.cli.parse_args(["--loss=focalpo", "--progress=false", "--lr=1e-6"] + rest)
     device = focalpo.pick_device()
     row = (measure_trl if args.trl else measure)(args, cfg, device)
     print(f"{row['impl']}: {row['error']}" if "error" in row else json.dumps(row, indent=1))

@@ -116,13 +116,13 @@ def tokenize(rows, fmt, tok, cfg, stats=None):
 def loaded(cfg, tok):
     """The model as run() starts it: loaded, prepared for training, then the SFT stage (when --sft_steps > 0)."""
     model = focalpo.prepare_model(focalpo.load_model(cfg, tok), cfg, CPU)
-    return focalpo.sft_demo(model, tok, cfg, CPU, quiet) if cfg.sft_steps else model
+    return focalpo.demo.sft(model, tok, cfg, CPU, quiet) if cfg.sft_steps else model
 
 
 def demo_setup(tmp_path, n_train=64, n_eval=32, **kw):
     cfg = cfg_for(tmp_path, **kw)
-    tok = focalpo.make_demo_tokenizer()
-    rows = focalpo.make_demo_pairs(n_train + n_eval, 0)
+    tok = focalpo.demo.tokenizer()
+    rows = focalpo.demo.pairs(n_train + n_eval, 0)
     return cfg, tok, loaded(cfg, tok), tokenize(rows[:n_train], "plain", tok, cfg), tokenize(rows[n_train:], "plain", tok, cfg)
 
 
@@ -293,7 +293,7 @@ def test_boundary_merge_is_detected_and_mask_follows_the_real_tokens():
         != tok(prompt, add_special_tokens=False)["input_ids"], "the stand-in tokenizer should merge at the boundary"
     stats = collections.Counter()
     pairs = tokenize([{"prompt": prompt, "chosen": "four.", "rejected": "two."}], "plain", tok, Config(), stats)
-    assert stats["boundary token merged"] == 2 and len(pairs) == 1
+    assert stats["boundary token merged"] == 1 and len(pairs) == 1  # counted per row, though both responses merged
     p = pairs[0]
     whole = [tok.bos_token_id] + tok(prompt + "four.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert p.chosen.tolist() == whole  # the sequence is exactly the tokenization of the whole string
@@ -333,12 +333,15 @@ def test_pad_equal_to_eos_keeps_the_real_eos_in_the_mask():
     p = tokenize(rows, "plain", tok, Config())[0]
     batch = focalpo.collate([p], tok.pad_token_id)
     last = len(p.chosen) - 1
-    assert batch["input_ids"][0, last] == tok.eos_token_id and batch["response_mask"][0, last]
-    assert batch["input_ids"][0, last + 1] == tok.pad_token_id and not batch["response_mask"][0, last + 1]
+    rows, cols = batch["scored"]
+    targets = {t for r, t in zip(rows.tolist(), (cols + 1).tolist()) if r == 0}  # the tokens chosen's log-prob sums
+    assert batch["input_ids"][0, last] == tok.eos_token_id and last in targets  # the real EOS is scored
+    assert batch["input_ids"][0, last + 1] == tok.pad_token_id and max(targets) == last  # the pad (= EOS) is not
+    assert targets == set(range(p.chosen_start, len(p.chosen)))
 
 
 def test_truncation_keeps_prompt_end_and_drops_emptied_pairs():
-    tok = focalpo.make_demo_tokenizer()
+    tok = focalpo.demo.tokenizer()
     cfg = Config(max_length=12, max_prompt_length=8)
     rows = [{"prompt": "sort: a b c d e f g h i j =", "chosen": " a b", "rejected": " b a"},
             {"prompt": "sort: a b =", "chosen": " a b c d e f g h i j k l m", "rejected": " a b c d e f g h i j k l n"},
@@ -351,7 +354,7 @@ def test_truncation_keeps_prompt_end_and_drops_emptied_pairs():
     assert tok.convert_ids_to_tokens(p.chosen[1:8].tolist()) == ["e", "f", "g", "h", "i", "j", "="]  # the end kept
     assert all(len(q.chosen) <= 12 and len(q.rejected) <= 12 for q in pairs)
     # row 2: the responses differ only past max_length, so after truncation they are identical: dropped
-    assert stats == {"prompt truncated": 2, "response truncated": 2, "chosen == rejected after truncation": 1,
+    assert stats == {"prompt truncated": 1, "response truncated": 1, "chosen == rejected after truncation": 1,
                      "chosen == rejected": 1, "empty response": 1}
     assert len(pairs) == 1
 
@@ -400,26 +403,42 @@ def test_sequence_logps_sums_each_sequence_in_float64(monkeypatch):
         logps, _ = focalpo.sequence_logps(model, batch)
     exact = [math.fsum(values[:3999].tolist()), math.fsum(values[3999:].tolist())]
     assert abs(logps[0].item() - exact[0]) < 1e-6 and abs(logps[1].item() - exact[1]) < 1e-9
-    fp32_sum = torch.zeros(2).index_add(0, batch["position_seq"], values)  # what an fp32 sum gives instead
+    fp32_sum = torch.zeros(2).index_add(0, batch["scored"][0], values)  # what an fp32 sum gives instead
     assert abs(fp32_sum[0].item() - exact[0]) > 1e-4
 
 
-def test_sequence_logps_gradient_matches_full_logits():
-    """The fast path's gradient (output layer on the scored positions, chunks recomputed in backward) against the
-    obvious full-logits loss with the attention mask."""
+def plain_sequence_logps(model, batch):
+    """The plain form in sequence_logps's docstring, line for line."""
+    input_ids, attention_mask, (rows, cols) = batch["input_ids"], batch["attention_mask"], batch["scored"]
+    logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
+    logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]  # (R, T - 1)
+    mask = torch.zeros_like(logps); mask[rows, cols] = 1  # rows, cols = batch["scored"]
+    return (logps.double() * mask).sum(1), batch["n_tokens"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_sequence_logps_equal_the_plain_form(fast):
+    """sequence_logps with the fast path (no mask, the output layer at the scored positions only) and without (the
+    model's own logits at the scored positions), in chunks recomputed in backward: the values and gradients of the
+    plain form in its docstring. And the scored positions against a mask built here from the response starts."""
     tok = make_bpe_tokenizer()
     model = focalpo.prepare_model(tiny_model(len(tok)), Config(), CPU)
     assert model.fast_logps
-    batch = focalpo.collate(tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there, hello"}],
-                                     "plain", tok, Config()), tok.pad_token_id)
-    logps, _ = focalpo.sequence_logps(model, batch, chunk_size=2)
+    model.fast_logps = fast
+    pairs = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there, hello"}], "plain", tok, Config())
+    batch = focalpo.collate(pairs, tok.pad_token_id)
+    logps, n_tokens = focalpo.sequence_logps(model, batch, chunk_size=2)
     g1 = torch.autograd.grad(logps.sum(), list(model.parameters()))
-    model.fast_logps = False  # the model's own forward, with the mask
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    per_tok = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-    g2 = torch.autograd.grad((per_tok * batch["response_mask"][:, 1:]).sum(), list(model.parameters()))
+    model.fast_logps = False
+    plain, plain_n = plain_sequence_logps(model, batch)
+    g2 = torch.autograd.grad(plain.sum(), list(model.parameters()))
+    assert torch.allclose(logps, plain, atol=1e-5) and torch.equal(n_tokens, plain_n) and logps.dtype == torch.float64
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-5)
+    mask = torch.zeros(2, batch["input_ids"].shape[1] - 1)  # position t is scored when token t + 1 is a response's
+    mask[0, pairs[0].chosen_start - 1:len(pairs[0].chosen) - 1] = 1
+    mask[1, pairs[0].rejected_start - 1:len(pairs[0].rejected) - 1] = 1
+    assert torch.equal(mask.nonzero().T, batch["scored"]) and torch.equal(mask.sum(1).long(), n_tokens)
 
 
 def arch_configs():
@@ -499,8 +518,8 @@ def test_a_soft_capped_model_trains_on_its_own_log_probs(tmp_path):
 
 
 def test_collate_pads_on_the_right():
-    tok = focalpo.make_demo_tokenizer()
-    pairs = tokenize(focalpo.make_demo_pairs(4, 0), "plain", tok, Config())
+    tok = focalpo.demo.tokenizer()
+    pairs = tokenize(focalpo.demo.pairs(4, 0), "plain", tok, Config())
     b = focalpo.collate(pairs, tok.pad_token_id)
     assert b["input_ids"].shape[0] == 8
     for row, n in zip(b["attention_mask"], b["attention_mask"].sum(1)):
@@ -514,11 +533,11 @@ def test_collate_pads_on_the_right():
 
 
 def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_path, monkeypatch):
-    tok = focalpo.make_demo_tokenizer()
-    monkeypatch.setattr(focalpo, "make_demo_model", lambda t, seed: tiny_model(len(t), seed, dropout=0.5))
+    tok = focalpo.demo.tokenizer()
+    monkeypatch.setattr(focalpo.demo, "model", lambda t, seed: tiny_model(len(t), seed, dropout=0.5))
     cfg = cfg_for(tmp_path)
     model = loaded(cfg, tok)
-    pairs = tokenize(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg)
+    pairs = tokenize(focalpo.demo.pairs(16, 0), "plain", tok, cfg)
     ref = focalpo.compute_reference(model, pairs, cfg, tok.pad_token_id, CPU)
     model.train()
     batch = focalpo.collate(pairs[3:11], tok.pad_token_id)  # a different grouping than the reference pass used
@@ -533,7 +552,8 @@ def test_cached_reference_equals_on_the_fly_and_is_reused(tmp_path):
     logs = []
     tr1, ev1 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
     tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
-    assert "computed" in logs[0] and "loaded cached" in logs[1]
+    assert logs[0].startswith("reference: scoring the 64 training pairs") and logs[1].startswith("reference: done")
+    assert logs[2].startswith("reference: loaded cached")
     assert torch.equal(tr1, tr2) and torch.equal(ev1, ev2)
     # on the fly: each pair's reference computed alone, in its own batch, with the same weights
     model.eval()
@@ -552,7 +572,7 @@ def test_cache_key_changes_with_everything_that_changes_the_values(tmp_path):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path)
     key = focalpo.cache_key(cfg, model, train, eval_, CPU)[0]
     assert focalpo.cache_key(cfg, model, train, eval_, CPU)[0] == key
-    short = tokenize(focalpo.make_demo_pairs(96, 0)[:64], "plain", tok, dataclasses.replace(cfg, max_length=10))
+    short = tokenize(focalpo.demo.pairs(96, 0)[:64], "plain", tok, dataclasses.replace(cfg, max_length=10))
     assert focalpo.cache_key(cfg, model, short, eval_, CPU)[0] != key  # max length
     assert focalpo.cache_key(cfg, model, train[:-1], eval_, CPU)[0] != key  # dataset
     assert focalpo.cache_key(cfg, model, eval_, train, CPU)[0] != key  # split
@@ -578,7 +598,7 @@ def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
     else:
         open(path, "wb").write(b"not a cache")
     tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
-    assert "WARNING: ignoring the cache file" in logs[1] and "computed" in logs[2]
+    assert "WARNING: ignoring the cache file" in logs[2] and "reference: done" in logs[4]
     assert torch.equal(tr, tr2) and torch.equal(ev, ev2)
 
 
@@ -628,7 +648,7 @@ def test_accumulated_gradient_is_the_mean_however_the_step_is_split(tmp_path, mi
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         batches = [focalpo.collate(train[s:s + n], tok.pad_token_id) for s, n in zip(starts, sizes)]
         opt = RecordingOptimizer(model.parameters())
-        metrics.append(focalpo.metrics_to_host(focalpo.train_step(model, opt, batches, ref, cfg, "focalpo", CPU)))
+        metrics.append(focalpo.metrics_to_host(focalpo.train_step(model, opt, batches, ref, cfg, "focalpo", CPU)[0]))
         grads.append(opt.grads)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
@@ -670,8 +690,8 @@ def test_train_step_waits_for_the_device_once_however_many_micro_batches(tmp_pat
     counts = {}
     for accum in (1, 8):
         micro = [focalpo.collate(train[2 * i:2 * i + 2], tok.pad_token_id) for i in range(accum)]
-        calls, m = count_host_syncs(lambda: focalpo.train_step(model, opt, micro, ref, cfg, "dpo", CPU))
-        assert "nonfinite_pairs" not in m
+        calls, (m, applied) = count_host_syncs(lambda: focalpo.train_step(model, opt, micro, ref, cfg, "dpo", CPU))
+        assert applied
         counts[accum] = calls
     assert counts[1] == counts[8] == ["item"]  # the non-finite guard, and nothing else
     calls, host = count_host_syncs(lambda: focalpo.metrics_to_host(m))  # and the metrics reach the host in one copy
@@ -710,14 +730,14 @@ def test_every_process_always_has_its_share(tmp_path, monkeypatch):
     short share with repeats, and a pair scored twice keeps one value."""
     cfg, tok, model, train, _ = demo_setup(tmp_path, n_train=10, batch_size=2, grad_accum=4)  # 5 batches: 4 + 1
     alone = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)  # one process scores every pair
-    monkeypatch.setattr(focalpo, "world", lambda: 2)
-    monkeypatch.setattr(focalpo, "rank", lambda: 1)
+    monkeypatch.setattr(focalpo.procs, "world", lambda: 2)
+    monkeypatch.setattr(focalpo.procs, "rank", lambda: 1)
     steps = focalpo.step_stream(train, cfg, skip=0)
     for _ in range(3):  # one step an epoch: 4 of the 5 batches, 2 of them this process's
         micro, n_pairs, _ = focalpo.next_step(steps, tok.pad_token_id)
         assert len(micro) == 2 and n_pairs == 8 and len({i for b in micro for i in b["idx"].tolist()}) == 4
-    assert focalpo.my_share(["a", "b", "c"]) == ["b", "a"]  # rank 1 of 2: item 1, then a repeat of item 0
-    monkeypatch.setattr(focalpo, "all_reduce", lambda t, op="sum": t)  # this process's own scores
+    assert focalpo.procs.my_share(["a", "b", "c"]) == ["b", "a"]  # rank 1 of 2: item 1, then a repeat of item 0
+    monkeypatch.setattr(focalpo.procs, "all_reduce", lambda t, op="sum": t)  # this process's own scores
     batches = [focalpo.collate(train[i:i + 2], tok.pad_token_id) for i in (0, 2, 4)]
     mine = focalpo.score(model, batches, 10, CPU)
     scored = [2, 3, 0, 1]  # batch 1 (pairs 2, 3) and the repeat of batch 0 (pairs 0, 1)
@@ -732,7 +752,7 @@ def test_gradient_is_clipped_to_grad_clip_and_grad_norm_is_the_norm_before(tmp_p
     grads, logged = {}, {}
     for clip in (0.0, 1e-3, 1e3):
         opt = RecordingOptimizer(model.parameters())
-        m = focalpo.train_step(model, opt, micro, ref, dataclasses.replace(cfg, grad_clip=clip), "dpo", CPU)
+        m, _ = focalpo.train_step(model, opt, micro, ref, dataclasses.replace(cfg, grad_clip=clip), "dpo", CPU)
         grads[clip], logged[clip] = opt.grads, focalpo.finish_metrics(focalpo.metrics_to_host(m))["grad_norm"]
     full = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads[0.0]))
     assert full > 1e-2 and all(v == pytest.approx(full, rel=1e-5) for v in logged.values())
@@ -743,8 +763,8 @@ def test_gradient_is_clipped_to_grad_clip_and_grad_norm_is_the_norm_before(tmp_p
 def test_each_epoch_is_a_new_shuffle_of_every_pair(tmp_path):
     """Epoch 2 visits every pair again, in another order; the same seed gives the same order."""
     cfg = cfg_for(tmp_path, batch_size=4, grad_accum=2)
-    tok = focalpo.make_demo_tokenizer()
-    pairs = tokenize(focalpo.make_demo_pairs(64, 0), "plain", tok, cfg)  # 16 batches: 8 steps an epoch
+    tok = focalpo.demo.tokenizer()
+    pairs = tokenize(focalpo.demo.pairs(64, 0), "plain", tok, cfg)  # 16 batches: 8 steps an epoch
     def epochs(n_steps=16):
         steps = focalpo.step_stream(pairs, cfg, skip=0)
         order = [[p.idx for b in next(steps) for p in b] for _ in range(n_steps)]
@@ -787,7 +807,7 @@ def test_tiny_batch_overfits(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = focalpo.collate(pairs, tok.pad_token_id)
     for _ in range(60):
-        m = focalpo.train_step(model, opt, [batch], ref, cfg, "dpo", CPU)
+        m, _ = focalpo.train_step(model, opt, [batch], ref, cfg, "dpo", CPU)
     assert m["loss"] / 4 < 0.05 and m["reward_accuracy"] == 4
 
 
@@ -802,7 +822,7 @@ def test_demo_learns_and_writes_its_outputs(tmp_path):
         run_dir = tmp_path / "out" / lt
         summary = json.loads((run_dir / "summary.json").read_text())
         for key in ("loss_type", "eval_reward_accuracy", "eval_ranking_accuracy", "eval_ranking_accuracy_ref_correct",
-                    "eval_ranking_accuracy_ref_incorrect", "train_tokens_per_second", "runtime_seconds",
+                    "eval_ranking_accuracy_ref_incorrect", "train_tokens_per_second", "loop_seconds",
                     "eval_generation_accuracy", "eval_generation_accuracy_start"):
             assert key in summary
         assert 0 < summary["eval_generation_accuracy_start"] < 1  # the SFT reference: partial skill
@@ -841,7 +861,7 @@ def test_epochs_never_mix_and_throughput_counts_training_steps_only(tmp_path, mo
         assert len(set(pairs)) == len(pairs) in (15, 16)
     tokens = sum(len(train[i].chosen) + len(train[i].rejected) for step in seen for i in step)
     assert s["train_tokens_per_second"] == pytest.approx(tokens / s["train_seconds"])
-    assert s["train_seconds"] < s["runtime_seconds"] - 1.5  # the evaluations after steps 1-3 (0.5 s each) are not
+    assert s["train_seconds"] < s["loop_seconds"] - 1.5  # the evaluations after steps 1-3 (0.5 s each) are not
 
 
 def test_too_few_pairs_for_one_step_is_one_sentence(tmp_path):
@@ -879,22 +899,22 @@ def test_local_model_path_trains(tmp_path):
 
 
 def test_demo_pairs_are_half_right_vs_wrong_and_half_less_wrong_vs_more_wrong():
-    rows = focalpo.make_demo_pairs(2000, 0)
-    right = [r["chosen"].strip() == focalpo.demo_answer(r["prompt"]) for r in rows]
+    rows = focalpo.demo.pairs(2000, 0)
+    right = [r["chosen"].strip() == focalpo.demo.answer(r["prompt"]) for r in rows]
     assert 0.45 < sum(right) / len(rows) < 0.55
     for r in rows:
-        assert r["chosen"] != r["rejected"] and r["rejected"].strip() != focalpo.demo_answer(r["prompt"])
+        assert r["chosen"] != r["rejected"] and r["rejected"].strip() != focalpo.demo.answer(r["prompt"])
         assert len(r["chosen"].split()) == len(r["rejected"].split()) == len(r["prompt"].split()) - 2
     assert len({r["prompt"] for r in rows}) == 2000
-    assert focalpo.demo_answer("sort: q d m a =") == "a d m q"
+    assert focalpo.demo.answer("sort: q d m a =") == "a d m q"
 
 
 def test_sft_prompts_share_no_letter_set_with_the_preference_pairs_and_answers_are_right():
     cfg = Config()
     letters = lambda prompt: frozenset(prompt.split()[1:-1])
-    taken = {letters(r["prompt"]) for r in focalpo.make_demo_pairs(focalpo.DEMO_PAIRS, cfg.seed)}
-    rows = focalpo.make_sft_rows(cfg)
-    assert len(rows) == focalpo.SFT_EXAMPLES and not taken & {letters(p) for p, _ in rows}
+    taken = {letters(r["prompt"]) for r in focalpo.demo.pairs(focalpo.demo.N_PAIRS, cfg.seed)}
+    rows = focalpo.demo.sft_rows(cfg)
+    assert len(rows) == focalpo.demo.SFT_EXAMPLES and not taken & {letters(p) for p, _ in rows}
     assert all(a.strip() == " ".join(sorted(letters(p))) for p, a in rows)
 
 
@@ -902,36 +922,36 @@ def test_sft_gives_a_reference_with_partial_skill(tmp_path):
     """With the default --sft_steps the reference sorts some held-out prompts right (the random model: none)
     and many wrong."""
     cfg = cfg_for(tmp_path, sft_steps=Config.sft_steps)
-    tok = focalpo.make_demo_tokenizer()
+    tok = focalpo.demo.tokenizer()
     _, eval_pairs = focalpo.prepare_data(dataclasses.replace(cfg, max_eval_pairs=200), tok, quiet)
-    before = focalpo.generation_accuracy(focalpo.make_demo_model(tok, cfg.seed), eval_pairs, tok, CPU)
-    after = focalpo.generation_accuracy(loaded(cfg, tok), eval_pairs, tok, CPU)
+    before = focalpo.demo.generation_accuracy(focalpo.demo.model(tok, cfg.seed), eval_pairs, tok, CPU)
+    after = focalpo.demo.generation_accuracy(loaded(cfg, tok), eval_pairs, tok, CPU)
     assert before == 0 and 0.2 < after < 0.9, (before, after)
 
 
 def test_sft_is_cached_and_the_reference_key_covers_it(tmp_path):
-    tok = focalpo.make_demo_tokenizer()
+    tok = focalpo.demo.tokenizer()
     cfg = cfg_for(tmp_path, sft_steps=10, cache_dir=str(tmp_path / "cache"))
     logs = []
-    a = focalpo.sft_demo(loaded(cfg_for(tmp_path), tok), tok, cfg, CPU, logs.append)
-    b = focalpo.sft_demo(loaded(cfg_for(tmp_path), tok), tok, cfg, CPU, logs.append)
+    a = focalpo.demo.sft(loaded(cfg_for(tmp_path), tok), tok, cfg, CPU, logs.append)
+    b = focalpo.demo.sft(loaded(cfg_for(tmp_path), tok), tok, cfg, CPU, logs.append)
     assert logs[0].startswith("sft: 10 steps") and logs[1].startswith("sft: loaded cached values")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     # the stage changes the weights, so the reference cache's key (a fingerprint of them) changes with it
-    pairs = tokenize(focalpo.make_demo_pairs(16, 0), "plain", tok, cfg)
+    pairs = tokenize(focalpo.demo.pairs(16, 0), "plain", tok, cfg)
     keys = {steps: focalpo.cache_key(cfg, loaded(dataclasses.replace(cfg, sft_steps=steps), tok), pairs, pairs, CPU)[0]
             for steps in (0, 5, 10)}
     assert len(set(keys.values())) == 3
     for f in (tmp_path / "cache").glob("sft_*.pt"):  # a damaged SFT cache is reported and recomputed, the same
         f.write_bytes(b"damaged")
     logs = []
-    c = focalpo.sft_demo(loaded(cfg_for(tmp_path), tok), tok, cfg, CPU, logs.append)
+    c = focalpo.demo.sft(loaded(cfg_for(tmp_path), tok), tok, cfg, CPU, logs.append)
     assert "WARNING: ignoring the cache file" in logs[0] and logs[1].startswith("sft: 10 steps")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
 
 
 def test_generation_metric_is_exact_match_on_decoded_text(monkeypatch):
-    tok = focalpo.make_demo_tokenizer()
+    tok = focalpo.demo.tokenizer()
     rows = [{"prompt": "sort: q d m a =", "chosen": " a d q m", "rejected": " a d x q"}] * 5  # chosen has a mistake
     pairs = tokenize(rows, "plain", tok, Config())
     outputs = [("a d m q", True),     # right: the sorted letters (not the chosen answer), then EOS
@@ -939,20 +959,20 @@ def test_generation_metric_is_exact_match_on_decoded_text(monkeypatch):
                ("a d m q x", True),   # one letter too many
                ("a d q m", True),     # the chosen answer, which is wrong
                (" a d m q ", True)]   # right: surrounding spaces do not count
-    monkeypatch.setattr(focalpo, "greedy_completions", lambda *a, **kw: outputs)
-    assert focalpo.generation_accuracy(None, pairs, tok, None) == 2 / 5
-    assert focalpo.expected_answer(pairs[0], tok) == "a d m q"
+    monkeypatch.setattr(focalpo.output, "greedy_completions", lambda *a, **kw: outputs)
+    assert focalpo.demo.generation_accuracy(None, pairs, tok, None) == 2 / 5
+    assert focalpo.demo.expected_answer(pairs[0], tok) == "a d m q"
 
 
 def test_greedy_completions_match_a_naive_greedy_loop(tmp_path):
     """The batched, cached, mask-free generation against the obvious loop: the whole sequence through the model at
     every step, argmax, stop at EOS."""
-    tok = focalpo.make_demo_tokenizer()
+    tok = focalpo.demo.tokenizer()
     model = loaded(cfg_for(tmp_path, sft_steps=Config.sft_steps), tok)  # the session's cache has it
     assert model.config._attn_implementation == "causal_sdpa"
-    pairs = tokenize(focalpo.make_demo_pairs(24, 3), "plain", tok, Config())
+    pairs = tokenize(focalpo.demo.pairs(24, 3), "plain", tok, Config())
     prompts = [p.chosen[:p.chosen_start] for p in pairs]  # 4 to 8 letters: several lengths, several batches
-    got = focalpo.greedy_completions(model, prompts, tok, CPU, max_new_tokens=10, batch_size=4)
+    got = focalpo.output.greedy_completions(model, prompts, tok, CPU, max_new_tokens=10, batch_size=4)
     model.eval()
     for prompt, (text, ended) in zip(prompts, got):
         ids, new = prompt.long().tolist(), []
@@ -1070,7 +1090,7 @@ def test_data_files_as_datasets_reads_them(tmp_path):
         train, eval_ = file_result(tmp_path, name)
         got[name] = [(p.chosen.tolist(), p.rejected.tolist()) for p in train + eval_]
     assert len(got["p.csv"]) == 20 and all(v == got["p.csv"] for v in got.values())
-    assert focalpo.read_files(str(tmp_path / "p.csv"))[0] == (PLAIN[0], f"{tmp_path / 'p.csv'} row 1")
+    assert focalpo.files.read(str(tmp_path / "p.csv"))[0] == (PLAIN[0], f"{tmp_path / 'p.csv'} row 1")
 
 
 def test_eval_dataset_works_with_a_hub_dataset(tmp_path, monkeypatch):
@@ -1079,7 +1099,7 @@ def test_eval_dataset_works_with_a_hub_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: real(name, **kw) if kw else
                         {"train": PLAIN[:16], "test": PLAIN[16:18]})  # the hub's answer, for a name alone
     held = write_jsonl(tmp_path / "held.jsonl", PLAIN[18:])
-    train_rows, eval_rows, fmt = focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs", eval_dataset=held))
+    train_rows, eval_rows, fmt, _ = focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs", eval_dataset=held))
     assert [r for r, _ in eval_rows] == PLAIN[18:] and eval_rows[0][1] == f"{held} row 1"
     assert len(train_rows) == 16 and train_rows[0][1] == "dataset 'someone/pairs' split 'train' row 1"
     assert [r for r, _ in focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs"))[1]] == PLAIN[16:18]
@@ -1196,18 +1216,18 @@ def test_memory_plan_arithmetic():
     from transformers import MistralConfig
     n = 7_241_732_096  # Mistral-7B's parameters
     cfg = Config(model="x", weights="bf16", gradient_checkpointing=True, batch_size=8, max_length=1024)
-    needed, line = focalpo.memory_plan(MistralConfig(), cfg)
+    needed, line = focalpo.checks.memory_plan(MistralConfig(), cfg)
     tokens, H, I, L, V = 2 * 8 * 1024, 4096, 14336, 32, 32000
     acts = 2 * H * tokens * L + (30 * H + 8 * I) * tokens + 2048 * V * 10
     assert needed == n * 8 + 28 * 2 ** 25 + acts
     assert f"{n * 8 / 2 ** 30:.1f} GiB" in line  # 54.0 GiB of training state
-    shared, _ = focalpo.memory_plan(MistralConfig(), cfg, world_size=8)  # FSDP over 8 GPUs shards the state
+    shared, _ = focalpo.checks.memory_plan(MistralConfig(), cfg, world_size=8)  # FSDP over 8 GPUs shards the state
     assert shared == n * 8 / 8 + 28 * 2 ** 25 + acts
-    fp32, _ = focalpo.memory_plan(MistralConfig(), dataclasses.replace(cfg, weights="fp32"), world_size=8)
+    fp32, _ = focalpo.checks.memory_plan(MistralConfig(), dataclasses.replace(cfg, weights="fp32"), world_size=8)
     assert fp32 == n * 16 / 8 + acts + (4 - 2) * H * tokens * L  # fp32 master, no full bf16 copy; fp32 layer inputs
-    no_ckpt, _ = focalpo.memory_plan(MistralConfig(), dataclasses.replace(cfg, gradient_checkpointing=False))
+    no_ckpt, _ = focalpo.checks.memory_plan(MistralConfig(), dataclasses.replace(cfg, gradient_checkpointing=False))
     assert no_ckpt == n * 8 + 28 * 2 ** 25 + L * (30 * H + 8 * I) * tokens + 2048 * V * 10
-    focalpo.check_memory(Config(model="x"), MistralConfig(), CPU, log=lambda m: pytest.fail(m))  # nothing off the GPU
+    focalpo.checks.memory(Config(model="x"), MistralConfig(), CPU, log=lambda m: pytest.fail(m))  # nothing off the GPU
 
 
 def main_says(capsys, *args):
@@ -1258,7 +1278,7 @@ def test_command_line_errors(tmp_path, capsys, monkeypatch):
 ])
 def test_bad_options_are_one_sentence(option, message):
     with pytest.raises(FocalpoError, match=message):
-        focalpo.parse_args([f"--{option}"])
+        focalpo.cli.parse_args([f"--{option}"])
 
 
 def test_a_config_made_in_code_is_checked_too(tmp_path):
@@ -1289,24 +1309,24 @@ def test_load_errors_give_the_real_cause(tmp_path, monkeypatch):
     msg = str(err.value)
     assert msg.startswith(f"could not load the tokenizer of '{tmp_path / 'no_tokenizer'}' (") and len(msg) > 120
     assert f"check that {tmp_path / 'no_tokenizer'} holds what save_pretrained writes" in msg
-    missing = focalpo.load_error("model", "./models/missing", OSError("no such thing"))
+    missing = focalpo.checks.load_error("model", "./models/missing", OSError("no such thing"))
     assert str(missing) == "could not load model './models/missing': there is no such folder; check the path"
-    offline = str(focalpo.load_error("model", "someone/model", OSError("not cached")))
+    offline = str(focalpo.checks.load_error("model", "someone/model", OSError("not cached")))
     assert "HF_HUB_OFFLINE is set" in offline and "set HF_HUB_OFFLINE=1" not in offline
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert "set HF_HUB_OFFLINE=1 to fail at once" in str(focalpo.load_error("model", "someone/model", OSError("x")))
+    assert "set HF_HUB_OFFLINE=1 to fail at once" in str(focalpo.checks.load_error("model", "someone/model", OSError("x")))
 
 
 def test_help_teaches_and_bare_flags_mean_true(capsys):
     with pytest.raises(SystemExit) as done:
-        focalpo.parse_args(["--help"])
+        focalpo.cli.parse_args(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0
     for f in dataclasses.fields(Config):  # every option with its explanation from the Config comments
-        assert focalpo.option_help()[f.name] and f"--{f.name}" in out
+        assert focalpo.cli.option_help()[f.name] and f"--{f.name}" in out
     flat = " ".join(out.split())
     assert "the implicit reward's inverse temperature" in flat and "0 = all" in flat and "a seeded 5% of it" in flat
-    assert focalpo.parse_args(["--resume", "--focal_detach", "--progress=false"]) == Config(
+    assert focalpo.cli.parse_args(["--resume", "--focal_detach", "--progress=false"]) == Config(
         resume=True, focal_detach=True, progress=False)
 
 
@@ -1505,7 +1525,7 @@ def test_bench_row_counts_what_it_says(tmp_path, capsys, weights):
     assert row["save_gib"] * 2 ** 30 == pytest.approx(n * (12 if weights == "fp32" else 6), rel=0.05)
     from transformers import LlamaConfig
     cfg = Config(weights=weights, batch_size=2, max_length=256)
-    assert row["planned_gib"] == focalpo.memory_plan(LlamaConfig(**bench.SHAPES["tiny"][1]), cfg)[0] / 2 ** 30
+    assert row["planned_gib"] == focalpo.checks.memory_plan(LlamaConfig(**bench.SHAPES["tiny"][1]), cfg)[0] / 2 ** 30
     pairs = bench.random_pairs(50, 1000, 256, 128, 0)
     assert all(len(p.chosen) <= 256 and p.chosen_start <= 128 and len(p.chosen) > p.chosen_start for p in pairs)
 
@@ -1577,7 +1597,7 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
     resumed = focalpo.run(short_cfg(tmp_path / "b", resume=True), log=logs.append)["dpo"]
     assert any("resumed from" in l and "at step 10 of 20" in l for l in logs)
     for k, v in whole.items():
-        if k not in ("train_tokens_per_second", "train_seconds", "runtime_seconds", "config"):
+        if k not in ("train_tokens_per_second", "train_seconds", "loop_seconds", "config"):
             assert resumed[k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-6, abs=1e-9)), k
     rows_b, rows_a = comparable(tmp_path / "b" / "out" / "metrics.jsonl"), comparable(tmp_path / "a" / "out" / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in rows_b] == [(r["step"], r["split"]) for r in rows_a]
@@ -1709,12 +1729,12 @@ def test_nonfinite_step_is_skipped_and_named(tmp_path):
     model.train()
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    m = focalpo.train_step(model, opt, [focalpo.collate(train[:8], tok.pad_token_id)], ref, cfg, "dpo", CPU)
-    assert m == {"nonfinite_pairs": [train[3].idx]}
+    _, applied = focalpo.train_step(model, opt, [focalpo.collate(train[:8], tok.pad_token_id)], ref, cfg, "dpo", CPU)
+    assert not applied
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update applied
     assert all(p.grad is None for p in model.parameters())
-    m = focalpo.train_step(model, opt, [focalpo.collate(train[8:16], tok.pad_token_id)], ref, cfg, "dpo", CPU)
-    assert "nonfinite_pairs" not in m and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _, applied = focalpo.train_step(model, opt, [focalpo.collate(train[8:16], tok.pad_token_id)], ref, cfg, "dpo", CPU)
+    assert applied and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
@@ -1792,7 +1812,7 @@ def assert_same_run(a, b, rel=1e-5):
             assert rb[k] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=rel, abs=1e-7)), (ra["step"], k)
     sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
     for k, v in sa.items():
-        if k not in ("train_tokens_per_second", "train_seconds", "runtime_seconds", "config"):
+        if k not in ("train_tokens_per_second", "train_seconds", "loop_seconds", "config"):
             assert sb[k] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=rel, abs=1e-7)), k
 
 
@@ -1906,7 +1926,7 @@ def test_sigterm_stops_every_process_at_the_same_step_with_one_checkpoint(tmp_pa
     weights, state = ckpt["model"]["model.embed_tokens.weight"], ckpt["optimizer"]["state"]["model.embed_tokens.weight"]
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg"].shape == weights.shape
     assert state["step"] == steps[0] and weights.dtype == torch.bfloat16
-    init = focalpo.make_demo_model(focalpo.make_demo_tokenizer(), Config.seed).model.embed_tokens.weight.bfloat16()
+    init = focalpo.demo.model(focalpo.demo.tokenizer(), Config.seed).model.embed_tokens.weight.bfloat16()
     assert not torch.equal(weights, init)  # the bf16 weights moved
     first = json.loads((tmp_path / "hand" / "out" / "metrics.jsonl").read_text().splitlines()[0])
     # the reference ran in bf16 too, so step 0 is still a tie everywhere (pitfall 8)
