@@ -1061,10 +1061,12 @@ class files:
         return rows
 
     def as_messages(x, name, where):
-        """x, or the {role, content} messages it holds as text: JSON, or as Python prints them (pandas' to_csv)."""
+        """x, or the {role, content} messages it holds as text: JSON, Python's repr of a list (pandas' to_csv), or
+        numpy's of an array, which has no commas between the dicts (datasets' to_csv)."""
         if not (isinstance(x, str) and x.lstrip().startswith("[{") and "role" in x):
             return x
-        for parse in (json.loads, ast.literal_eval):
+        numpy_repr = lambda text: ast.literal_eval(re.sub(r"}\s*\n\s*{", "}, {", text))
+        for parse in (json.loads, ast.literal_eval, numpy_repr):
             with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
                 if is_messages(messages := parse(x)) and all({"role", "content"} <= set(m) for m in messages):
                     return messages
@@ -1329,20 +1331,21 @@ class AdamWSR(torch.optim.Optimizer):
 
 @contextlib.contextmanager
 def room_for(path, needed, partial=None):
-    """A write that fails for want of space (a full disk, a quota) is one sentence naming the folder and the space
-    it needed; the partial file or folder goes."""
+    """A write that fails (a full disk, a quota) is one sentence naming the folder and the space it needs, and leaves
+    no partial file or folder; where the space is short already, nothing is written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
     try:
+        if free < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         yield
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         with contextlib.suppress(OSError, TypeError):
             (shutil.rmtree if os.path.isdir(partial) else os.remove)(partial)
-        folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free
-        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= needed + 2 ** 20:
-            raise  # not for want of space
-        raise FocalpoError(f"could not write {path} ({first_line(e)[:120]}): {folder} has {free / 2 ** 20:.0f} MB "
-                           f"free and the write needed about {needed / 2 ** 20:.0f} MB; make room (or choose another "
-                           f"folder), then run the same command with --resume=true") from None
+        raise FocalpoError(f"could not write {path} ({getattr(e, 'strerror', None) or first_line(e)[:80]}): "
+                           f"{folder} has {free / 2 ** 20:.1f} MB free and the write needs about "
+                           f"{needed / 2 ** 20:.1f} MB; make room (or choose another folder), then run the same "
+                           f"command with --resume=true") from None
 
 def nbytes(x):
     """The bytes of the tensors in nested dicts and lists (what torch.save writes, nearly)."""
@@ -1487,7 +1490,7 @@ class output:
         if procs.rank() == 0:
             tmp = os.path.join(out_dir, ".model.tmp")
             needed = nbytes(weights or model.state_dict())
-            with room_for(out_dir, needed, partial=tmp):
+            with room_for(os.path.join(out_dir, "model.safetensors"), needed, partial=tmp):
                 model.save_pretrained(tmp, state_dict=weights)
                 tokenizer.save_pretrained(tmp)
             for name in os.listdir(tmp):

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -586,6 +588,27 @@ def test_cache_key_changes_with_everything_that_changes_the_values(tmp_path):
     assert focalpo.cache_key(cfg, model, train, eval_, CPU)[0] != key  # one weight moved
 
 
+def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scores_anew(tmp_path):
+    """--max_steps=3 of 2 x 2 pairs on 64 training pairs: the reference pass scores the 12 pairs the seeded steps
+    will use, says so first, and holds exactly what a pass over every pair holds for them (−inf for the rest). A
+    longer run scores its own pairs: it never reuses a value for a pair the shorter one did not score."""
+    cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"), max_steps=3,
+                                               batch_size=2, grad_accum=2)
+    logs = []
+    tr, _ = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
+    assert logs[0] == ("reference: scoring the 12 training pairs the 3 steps use (of 64: --max_steps) and 32 held-out "
+                       "pairs with the initial weights")
+    steps = focalpo.step_stream(train, cfg, skip=0)
+    used = sorted({p.idx for _ in range(3) for b in next(steps) for p in b})
+    every = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)
+    assert torch.equal(tr[used], every[used]) and torch.isinf(tr).all(1).sum() == 64 - 12
+    logs = []
+    longer, _ = focalpo.load_or_compute_reference(dataclasses.replace(cfg, max_steps=6), model, train, eval_,
+                                                  tok.pad_token_id, CPU, logs.append)
+    assert "scoring the 24 training pairs the 6 steps use" in logs[0]  # computed, not loaded: another key
+    assert torch.isfinite(longer).all(1).sum() == 24 and torch.equal(longer[used], every[used])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"))
@@ -864,6 +887,21 @@ def test_epochs_never_mix_and_throughput_counts_training_steps_only(tmp_path, mo
     assert s["train_seconds"] < s["loop_seconds"] - 1.5  # the evaluations after steps 1-3 (0.5 s each) are not
 
 
+def test_names_say_what_they_count_and_the_saved_config_is_the_one_loaded(tmp_path, capsys):
+    """The progress bar's accuracy is training accuracy and says so, and it says when it evaluates; metrics.jsonl
+    counts response tokens as response_tokens (tokens_per_second counts every non-pad token); summary.json's
+    loop_seconds is the training loop's time. The saved config.json is the loaded model's (use_cache included)."""
+    from transformers import AutoConfig
+    s = focalpo.run(short_cfg(tmp_path, max_steps=5, eval_every=5, progress=True, save_model=True), log=quiet)["dpo"]
+    bar = capsys.readouterr().err
+    assert "train_acc=" in bar and "acc=" not in bar.replace("train_acc=", "") and "dpo (evaluating)" in bar
+    rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all("response_tokens" in r and "tokens" not in r for r in rows)
+    assert s["train_seconds"] <= s["loop_seconds"] and "runtime_seconds" not in s
+    assert AutoConfig.from_pretrained(tmp_path / "out").use_cache == focalpo.demo.model(
+        focalpo.demo.tokenizer(), 0).config.use_cache
+
+
 def test_too_few_pairs_for_one_step_is_one_sentence(tmp_path):
     cfg = cfg_for(tmp_path, dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN), batch_size=8, grad_accum=4,
                   eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN[:2]))
@@ -1105,6 +1143,51 @@ def test_eval_dataset_works_with_a_hub_dataset(tmp_path, monkeypatch):
     assert [r for r, _ in focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs"))[1]] == PLAIN[16:18]
 
 
+def test_chat_rows_give_the_same_pairs_from_csv_parquet_and_jsonl(tmp_path):
+    """A CSV file keeps a list of messages as text (datasets' to_csv writes numpy's repr, pandas' Python's, others
+    JSON): it is read back as the list, so the exports give the same pairs. Text that looks like messages but does
+    not read back is one sentence, not a plain-text row."""
+    import datasets
+    got = {}
+    for suffix in (".jsonl", ".parquet", ".csv"):
+        path = str(tmp_path / f"chat{suffix}")
+        table = datasets.Dataset.from_list(CHAT)
+        getattr(table, {".jsonl": "to_json", ".parquet": "to_parquet", ".csv": "to_csv"}[suffix])(path)
+        train, eval_ = file_result(tmp_path, f"chat{suffix}")
+        got[suffix] = [(p.chosen.tolist(), p.rejected.tolist()) for p in train + eval_]
+    assert "'content': 'hi 0'}\n {'role'" in (tmp_path / "chat.csv").read_text()  # numpy's repr: no commas
+    assert len(got[".jsonl"]) == 20 and got[".csv"] == got[".parquet"] == got[".jsonl"]
+    pandas_csv = "prompt,chosen,rejected\n" + "".join(",".join('"' + repr(r[k]) + '"' for k in ("prompt", "chosen",
+                                                                                                  "rejected")) + "\n"
+                                                       for r in CHAT)  # Python's repr, with commas
+    train, eval_ = file_result(tmp_path, "pandas.csv", pandas_csv)
+    assert [(p.chosen.tolist(), p.rejected.tolist()) for p in train + eval_] == got[".jsonl"]
+    as_json = "prompt,chosen,rejected\n" + "".join(
+        ",".join('"' + json.dumps(r[k]).replace('"', '""') + '"' for k in ("prompt", "chosen", "rejected")) + "\n"
+        for r in CHAT)
+    train, eval_ = file_result(tmp_path, "json_text.csv", as_json)
+    assert [(p.chosen.tolist(), p.rejected.tolist()) for p in train + eval_] == got[".jsonl"]
+    broken = as_json.replace('""content"": ""go away""}]', '""content"": ""go away""')  # a cut-off list, row 1
+    assert file_result(tmp_path, "broken.csv", broken).startswith(
+        f"{tmp_path / 'broken.csv'} row 1: 'rejected' is text that looks like a list of messages (as a CSV file keeps "
+        f"one) but reads as neither JSON nor a Python list: save the data as .jsonl or .parquet")
+
+
+def test_training_and_held_out_files_of_different_formats_are_one_sentence(tmp_path):
+    msg = file_result(tmp_path, "chat.jsonl", "\n".join(json.dumps(r) for r in CHAT),
+                      eval_dataset=write_jsonl(tmp_path / "hh.jsonl", HH))
+    assert msg == (f"the training rows are in chat format ({tmp_path / 'chat.jsonl'} row 1) and the held-out rows in "
+                   f"implicit format ({tmp_path / 'hh.jsonl'} row 1): give both in one format")
+
+
+def test_the_log_says_where_the_held_out_pairs_came_from(tmp_path):
+    _, _, logs = run_on_files(tmp_path, PLAIN)
+    assert logs[1] == (f"data: eval: 1 pairs from 1 rows (plain format) of {tmp_path / 'train.jsonl'}, held out of "
+                       f"training (a seeded 5%; --eval_dataset to choose)")
+    _, _, logs = run_on_files(tmp_path, PLAIN[:16], eval_rows=PLAIN[16:])
+    assert logs[1] == f"data: eval: 4 pairs from 4 rows (plain format) of {tmp_path / 'eval.jsonl'}"
+
+
 # -----------------------------------------------------------------------------
 # errors a user can cause: one clear sentence, no traceback, before any expensive work
 
@@ -1273,7 +1356,8 @@ def test_command_line_errors(tmp_path, capsys, monkeypatch):
     ("gradient_accumulation_steps=8", "here it is --grad_accum"),
     ("num_train_epochs=3", "here it is --epochs"),
     ("output_dir=x", "here it is --out_dir"),
-    ("loss_type=sigmoid", "here it is --loss"),
+    ("loss_type=sigmoid", "here it is --loss=dpo \\(TRL's sigmoid is DPO\\) \\(python"),
+    ("loss_type=ipo", "here it is --loss \\(python"),
     ("loss=sigmoid", "^--loss=sigmoid is TRL's name for DPO: here it is --loss=dpo$"),
 ])
 def test_bad_options_are_one_sentence(option, message):
@@ -1328,6 +1412,21 @@ def test_help_teaches_and_bare_flags_mean_true(capsys):
     assert "the implicit reward's inverse temperature" in flat and "0 = all" in flat and "a seeded 5% of it" in flat
     assert focalpo.cli.parse_args(["--resume", "--focal_detach", "--progress=false"]) == Config(
         resume=True, focal_detach=True, progress=False)
+
+
+def test_a_config_field_without_a_comment_keeps_help_and_runs(tmp_path, capsys):
+    """A forker's first change: a Config field with no comment after it. --help lists it and the option parses."""
+    import importlib.util
+    src = open(os.path.join(HERE, "focalpo.py"), encoding="utf-8").read()
+    forked = tmp_path / "forked.py"
+    forked.write_text(src.replace("    beta: float = 0.1  #", "    simpo_gamma: float = 0.5\n    beta: float = 0.1  #", 1))
+    spec = importlib.util.spec_from_file_location("forked", forked)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as done:
+        module.cli.parse_args(["--help"])
+    assert done.value.code == 0 and "--simpo_gamma" in capsys.readouterr().out
+    assert module.cli.parse_args(["--simpo_gamma=0.25"]).simpo_gamma == 0.25
 
 
 def test_the_real_command_line_says_one_sentence_and_importing_writes_nothing(tmp_path):
@@ -1668,6 +1767,69 @@ def test_a_new_run_never_takes_over_another_runs_folder(tmp_path, monkeypatch):
         focalpo.run(short_cfg(tmp_path / "b", max_steps=6, save_every=2, lr=0.1, resume=True), log=quiet)
 
 
+def test_resume_compares_an_option_a_fork_adds(tmp_path, monkeypatch):
+    """A forker adds an option that changes results (here simpo_gamma) and lists it nowhere else: --resume with
+    another value is refused like --beta; an option that changes no result (how often to log) may change."""
+    Forked = dataclasses.make_dataclass("Forked", [("simpo_gamma", float, 1.0)], bases=(Config,))
+    kw = dict(out_dir=str(tmp_path / "out"), cache_dir=SHARED["cache"], progress=False, save_model=False, sft_steps=0,
+              generate=0, loss="dpo", max_steps=4, save_every=2, max_train_pairs=400, max_eval_pairs=64)
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        focalpo.run(Forked(**kw), log=quiet)
+    monkeypatch.undo()
+    with pytest.raises(FocalpoError, match="--simpo_gamma was 1.0, now 0.5\\) would not continue .*step_0000002.pt"):
+        focalpo.run(Forked(**kw, simpo_gamma=0.5, resume=True), log=quiet)
+    assert focalpo.run(Forked(**dict(kw, log_every=1), resume=True), log=quiet)["dpo"]["steps"] == 4
+
+
+def fail_writes(monkeypatch, when):
+    """Writes fail as on a full disk: torch.save writes half a file, then raises as it does; save_pretrained and
+    metrics.jsonl meet "No space left on device". `when(path)` says which writes fail."""
+    real_save, real_open = torch.save, open
+    def save(blob, f, *a, **kw):
+        if not when(f):
+            return real_save(blob, f, *a, **kw)
+        real_open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", save)
+    def save_pretrained(self, folder, **kw):
+        os.makedirs(folder, exist_ok=True)
+        real_open(os.path.join(folder, "model.safetensors"), "wb").write(b"half a model")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(__import__("transformers").PreTrainedModel, "save_pretrained", save_pretrained)
+
+
+def test_a_full_disk_is_one_sentence_and_resume_continues_once_there_is_room(tmp_path, monkeypatch):
+    """The second checkpoint cannot be written: one sentence naming the folder and the space, no partial file left,
+    the first checkpoint kept; with room again, --resume continues from it. The final model: the same, and its
+    partial folder goes. A disk already too full is refused before the write."""
+    cfg = short_cfg(tmp_path, max_steps=12, save_every=5)
+    fail_writes(monkeypatch, lambda path: "step_0000010" in str(path))
+    with pytest.raises(FocalpoError) as err:
+        focalpo.run(cfg, log=quiet)
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert re.fullmatch(f"could not write {re.escape(str(ckpts))}/step_0000010.pt \\(RuntimeError: .*\\): "
+                        f"{re.escape(str(ckpts))} has [0-9.]+ MB free and the write needs about [0-9.]+ MB; make room "
+                        f"\\(or choose another folder\\), then run the same command with --resume=true", str(err.value))
+    assert os.listdir(ckpts) == ["step_0000005.pt"]
+    monkeypatch.undo()
+    fail_writes(monkeypatch, lambda path: False)  # the checkpoints have room now; the model has not
+    with pytest.raises(FocalpoError, match="^could not write .*model.safetensors \\(No space left on device\\): "):
+        focalpo.run(dataclasses.replace(cfg, resume=True, save_model=True), log=quiet)
+    assert not (tmp_path / "out" / ".model.tmp").exists() and not (tmp_path / "out" / "summary.json").exists()
+    monkeypatch.undo()
+    logs = []
+    s = focalpo.run(dataclasses.replace(cfg, resume=True, save_model=True), log=logs.append)["dpo"]
+    assert s["steps"] == 12 and any("at step 12 of 12" in l for l in logs) and (tmp_path / "out" / "config.json").exists()
+    full = collections.namedtuple("usage", "total used free")(10 ** 9, 10 ** 9 - 100, 100)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full if str(tmp_path / "b") in str(path) else real_usage(path))
+    with pytest.raises(FocalpoError, match="^could not write .*metrics.jsonl \\(No space left on device\\): .* has "
+                                           "0.0 MB free"):
+        focalpo.run(short_cfg(tmp_path / "b"), log=quiet)
+    assert not os.path.exists(tmp_path / "b" / "out" / "metrics.jsonl")
+
+
 def test_a_run_keeps_its_newest_two_checkpoints_and_a_damaged_one_is_one_sentence(tmp_path):
     focalpo.run(short_cfg(tmp_path, keep_final_checkpoint=True), log=quiet)
     ckpts = tmp_path / "out" / "checkpoints"
@@ -1735,6 +1897,24 @@ def test_nonfinite_step_is_skipped_and_named(tmp_path):
     assert all(p.grad is None for p in model.parameters())
     _, applied = focalpo.train_step(model, opt, [focalpo.collate(train[8:16], tok.pad_token_id)], ref, cfg, "dpo", CPU)
     assert applied and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_nonfinite_step_names_its_rows(tmp_path, monkeypatch):
+    """One training pair with a NaN reference: its step makes no update and the warning names that row alone."""
+    cfg = short_cfg(tmp_path, max_steps=3)
+    train, _ = focalpo.prepare_data(cfg, focalpo.demo.tokenizer(), quiet)
+    bad = next(focalpo.step_stream(train, cfg, skip=0))[1][3]  # step 1, micro-batch 2, its fourth pair
+    real = focalpo.load_or_compute_reference
+    def poisoned(*args, **kw):
+        tr, ev = real(*args, **kw)
+        tr = tr.clone()
+        tr[bad.idx, 0] = float("nan")
+        return tr, ev
+    monkeypatch.setattr(focalpo, "load_or_compute_reference", poisoned)
+    logs = []
+    focalpo.run(cfg, log=logs.append)
+    assert [l for l in logs if "update skipped" in l] == [
+        f"[dpo] step 1: WARNING: non-finite loss or gradient, update skipped (training rows: {bad.where})"]
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
