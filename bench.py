@@ -4,7 +4,7 @@ Benchmark focalpo's real training step on random-init models of named shapes (no
     python bench.py --shape=tiny                                        # one row: CPU smoke test, seconds
     python bench.py --shape=mistral-7b --weights=bf16 --gradient_checkpointing=true --batch_size=8 --grad_accum=2
     python bench.py --trl --shape=qwen2.5-0.5b --batch_size=8 --grad_accum=2   # the same pairs through TRL
-    python bench.py --suite --out=bench_suite.json                      # the README's table, one process per row
+    python bench.py --suite --out=bench_suite.json                      # the GPU results table, one process per row
 
 One row: pairs are seeded random token ids of variable length (prompts 64-512 tokens, responses 32-512, cut to
 --max_length the way focalpo cuts real data). It times the reference pass, then --warmup untimed and --steps timed
@@ -47,7 +47,7 @@ SHAPES = {  # (config class name, overrides of its defaults)
                                        rope_theta=500000.0, max_position_embeddings=8192)),
 }
 
-# The README's table: (label, options). --suite --shape=X runs every row on shape X instead (the CPU smoke test).
+# The GPU results table (the README gets it once it is measured on a GPU): (label, options). --suite --shape=X runs every row on shape X instead (the CPU smoke test).
 SUITE = [
     ("focalpo", ["--shape=qwen2.5-0.5b", "--weights=fp32", "--gradient_checkpointing=false"]),
     ("focalpo", ["--shape=qwen2.5-0.5b", "--weights=fp32", "--gradient_checkpointing=true"]),
@@ -253,7 +253,7 @@ def dataclasses_replace(cfg, **kw):
 
 
 # -----------------------------------------------------------------------------
-# --suite: every row of the README's table, each in its own process (an out-of-memory row does not stop the rest)
+# --suite: every row of the GPU results table, each in its own process (an out-of-memory row does not stop the rest)
 
 
 def run_row(options, timeout):
@@ -331,7 +331,7 @@ def main(argv=None):
     parser.add_argument("--save_dir", default="", help="where the timed checkpoint is written (and deleted)")
     parser.add_argument("--json", default="", help="also write the row as JSON here")
     parser.add_argument("--trl", action="store_true", help="time TRL's DPOTrainer instead of focalpo")
-    parser.add_argument("--suite", action="store_true", help="run every row of the README's table")
+    parser.add_argument("--suite", action="store_true", help="run every row of the GPU results table")
     parser.add_argument("--row_timeout", type=int, default=240, help="seconds per suite row")
     parser.add_argument("--out", default="", help="with --suite: write all rows as JSON here")
     args, rest = parser.parse_known_args(argv)

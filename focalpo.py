@@ -17,14 +17,14 @@ model, the reference log-probs, metrics, one step and evaluation, train() and ru
 "# Appendix". The core reaches into it through these names, each one kind of machinery:
     checks.    before any work: folders, one run per folder, data files, the model's config and memory
     files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
-    demo.      the demo: a letter-sorting task, its tokenizer and model, an SFT stage, generation accuracy
-    fast.      the fast log-prob path: the model's body without a mask, where it gives the model's own numbers
-    cache.     files written whole or not at all, and read back only if whole; a fingerprint of the weights
+    demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
+    fast.      the fast log-prob path, kept where it gives the model's own numbers
+    cache.     files written whole, read back only if whole; a fingerprint of the weights
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
-    RunFolder  a run's metrics.jsonl and the checkpoints --resume continues from
-    Guard      Ctrl-C or SIGTERM, out of GPU memory, NaN/inf steps: save what can be saved, stop in one sentence
-    output.    the progress bar, the trained model, summary.json, the table that compares the losses
-    procs.     several processes (torchrun): a no-op for one; the lines that call it say "several processes"
+    RunFolder  metrics.jsonl, and the checkpoints --resume continues from
+    Guard      Ctrl-C or SIGTERM, out of memory, NaN/inf steps: save, then stop in one sentence
+    output.    the trained model, summary.json, the table that compares the losses
+    procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
 Notation (as in the README and the notebook): for a pair (x, y_w, y_l), the log-ratios r_w = log πθ(y_w|x) −
@@ -39,6 +39,7 @@ disagree on all three):
 
 import argparse
 import ast
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -692,7 +693,8 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)
     state = folder.resume(log) if cfg.resume else new_state()
-    bar = output.progress_bar(cfg, n_steps, state["step"], loss_type)
+    bar = tqdm(total=n_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False,
+               disable=not cfg.progress or procs.rank() != 0)  # several processes: the first one's bar only
     say = log if bar.disable else bar.write  # log lines above the bar, not through it
 
     def evaluate(step):  # the held-out metrics: a metrics.jsonl row and a line
@@ -785,8 +787,6 @@ def main(argv=None):
         code = 0
     except BaseException as e:
         code = cli.exit_code(e)
-    finally:
-        procs.end()  # several processes: leave the group
     sys.exit(code)
 
 # =============================================================================
@@ -1108,9 +1108,8 @@ class demo:
         return answer
 
     def pairs(n, seed):
-        """n pairs with distinct prompts, like {"prompt": "sort: q d m a =", "chosen": " a d m q", "rejected":
-        " a m d q"}: half right vs wrong, half less wrong (one mistake) vs more wrong (two): as in real data, the
-        preferred response is often only the better of two imperfect ones."""
+        """n pairs with distinct prompts ("sort: q d m a =", chosen " a d m q", rejected " a m d q"): half right vs
+        wrong, half one mistake vs two: as in real data, the chosen answer is often just the better of two."""
         rng = random.Random(seed)
         pairs, seen = [], set()
         while len(pairs) < n:
@@ -1165,8 +1164,8 @@ class demo:
 
     def sft(model, tokenizer, cfg, device, log=print):
         """--sft_steps of next-token training on correct sortings, stopped early: the model (the reference and every
-        loss's start) sorts some held-out prompts right and many wrong. Cached like the reference; with several
-        processes the first one trains it, and the others load it."""
+        loss's start) sorts some held-out prompts right and many wrong. Cached; with several processes the first one
+        trains it and the others load it."""
         rows = demo.sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
@@ -1226,8 +1225,8 @@ class fast:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
     def body(model, ids):
-        """(R, T, H): the model's layers, without a mask and without the output layer. Several processes: through
-        the root's forward hooks, registered as fsdp_body (procs.shard), which gather its weights."""
+        """(R, T, H): the model's layers without a mask and without the output layer; under FSDP through fsdp_body,
+        which procs.shard registers so that the root's weights are gathered."""
         body = getattr(model, "fsdp_body", None) or model.base_model
         return body(input_ids=ids, use_cache=False).last_hidden_state
 
@@ -1268,10 +1267,9 @@ class fast:
 # --- --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
 
 def stochastic_round_bf16_(x, noise):
-    """A flat fp32 tensor -> bf16 that is x in expectation, as a view of x's top halves (x is changed). noise: int32
-    in [0, 2^16), like x. bf16 is an fp32's top 16 bits: 16 random bits added to the low half carry into the top
-    half with probability (x - the bf16 below) / spacing. Both signs work: the pattern is sign + magnitude, and the
-    addition only ever grows the magnitude."""
+    """A flat fp32 tensor -> bf16 that is x in expectation, as a view of x's top halves (x is changed); noise: int32
+    in [0, 2^16). bf16 is an fp32's top 16 bits: random low bits added carry into the top half with probability
+    (x - the bf16 below) / spacing. Either sign: the pattern is sign + magnitude, and the addition only grows it."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
@@ -1367,7 +1365,7 @@ class cache:
 
     def read(path, what, log, everywhere=True):
         """The tensors cached in `path` (its name is their key), or None; a file that cannot be read is reported.
-        everywhere: with several processes, None unless every one found them (they compute them together)."""
+        everywhere: several processes use them only if all found them (else they compute them together)."""
         tensors = None
         if os.path.exists(path):
             try:
@@ -1399,9 +1397,8 @@ def latest_checkpoint(folder):
                            f"the one before, or start a new --out_dir") from None
 
 class RunFolder:
-    """One loss's metrics.jsonl, and its checkpoints: step_NNNNNNN.pt files with model, optimizer, RNG, state,
-    options and loss as full tensors, so that any number of processes resumes one (with several, all gather and the
-    first one writes). The newest two are kept; .last is the newest."""
+    """One loss's metrics.jsonl and checkpoints: step_NNNNNNN.pt with model, optimizer, RNG, state, options and loss,
+    as full tensors, so that any number of processes resumes one. The newest two are kept; .last is the newest."""
 
     def __init__(self, out_dir, model, optimizer, cfg, loss_type, n_steps):
         self.folder, self.metrics = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
@@ -1477,11 +1474,6 @@ class RunFolder:
 # --- Output: the progress bar, the trained model, summary.json, the table that compares the losses, generations
 
 class output:
-    def progress_bar(cfg, total_steps, step, loss_type):
-        """tqdm, from the step a resumed run starts at; with several processes, the first one's only."""
-        return tqdm(total=total_steps, initial=step, desc=loss_type, dynamic_ncols=True, leave=False,
-                    disable=not cfg.progress or procs.rank() != 0)
-
     def save_model(model, tokenizer, out_dir):
         """save_pretrained of the model and tokenizer, to a folder of its own first: a file with its final name is
         whole. With several processes all gather the weights, and the first one writes."""
@@ -1575,16 +1567,15 @@ class output:
 # --- What stops a run: signals, out of GPU memory, NaN/inf steps
 
 class Guard:
-    """What stops the training loop, each in one sentence after saving what can be saved: Ctrl-C or SIGTERM (the
-    step in flight finishes and is saved; a second signal stops at once; with several processes, a signal to one
-    stops all at one step), out of GPU memory (the last whole step is saved), MAX_BAD_STEPS steps in a row whose loss
-    or gradient is NaN/inf (none made an update; their rows are named)."""
+    """What stops training, in one sentence after saving what can be: Ctrl-C or SIGTERM (the step in flight ends and
+    is saved; a second signal stops at once; a signal to one process stops all at one step), out of GPU memory (the
+    last whole step is saved), MAX_BAD_STEPS NaN/inf steps in a row (none made an update; their rows are named)."""
 
     MAX_BAD_STEPS = 3
 
     def __init__(self, folder, state, ref, device, say):
         self.folder, self.state, self.ref, self.device, self.say = folder, state, ref, device, say
-        self.cfg, self.signal, self.old = folder.cfg, None, {}
+        self.signal, self.old = None, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1603,7 +1594,7 @@ class Guard:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             self.folder.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            step, cfg = self.state["step"], self.cfg
+            step, cfg = self.state["step"], self.folder.cfg
             saved = f"; checkpoint saved to {self.folder.save(self.state)}, continue with --resume=true" if step else ""
             raise FocalpoError(
                 f"out of GPU memory at step {step + 1} with --batch_size={cfg.batch_size} pairs of up to "
@@ -1630,9 +1621,9 @@ class Guard:
 
     @torch.no_grad()
     def nonfinite_rows(self, micro):
-        """Where the step's pairs with a NaN/inf loss came from: the losses again (no update was made, so they are
-        the same), from every process."""
-        model, cfg, pairs = self.folder.model, self.cfg, []
+        """Where the step's pairs with a NaN/inf loss came from, on every process: their losses again (no update was
+        made, so they are the same)."""
+        model, cfg, pairs = self.folder.model, self.folder.cfg, []
         for batch in micro:
             losses, _ = forward_pairs(model, batch, self.ref, cfg, self.folder.loss_type, self.device)
             pairs += [batch["where"][i] for i in (~torch.isfinite(losses)).nonzero()[:, 0].tolist()]
@@ -1648,8 +1639,8 @@ class procs:
         return dist.get_world_size() if dist.is_initialized() else 1
 
     def setup(cfg, log):
-        """(the device, the log: the first process's only); under torchrun also the process group (NCCL on CUDA,
-        gloo on the CPU), with a timeout: a process that hangs stops the others."""
+        """(the device, the log: only the first process's speaks); under torchrun the process group too (NCCL on
+        CUDA, gloo on the CPU), with a timeout: a process that hangs stops the others."""
         device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return device, log
@@ -1666,18 +1657,15 @@ class procs:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+            atexit.register(dist.destroy_process_group)
         log = log if procs.rank() == 0 else (lambda msg: None)
-        log(f"processes: {n}; each loss's model is sharded over {n} processes (FSDP2), {dist.get_backend()}")
+        log(f"several processes: each loss's model is sharded over {n} processes (FSDP2) with {dist.get_backend()}")
         return device, log
-
-    def end():
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     def shard(model, device):
         """FSDP2 over each decoder layer, then the model; fp32 weights compute in bf16 on CUDA, as with autocast.
-        Gradients are SUMMED (each loss is already divided by the step's pairs). FSDP gathers the root's weights
-        around the fast path's body and generate, which call the model's parts."""
+        Gradients are SUMMED (each loss is already divided by the step's pairs). The root's weights are gathered
+        around the fast path's body and generate too, which call the model's parts."""
         if procs.world() == 1:
             return model
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method

@@ -328,7 +328,7 @@ def test_eos_appended_to_plain_text_but_not_doubled_on_chat():
     assert p.chosen[p.chosen_start:].tolist().count(eos) == 1  # the template's end of turn, and no second one
 
 
-def test_pad_equal_to_eos_keeps_the_real_eos_in_the_mask():
+def test_pad_equal_to_eos_keeps_the_real_eos_scored():
     tok = make_bpe_tokenizer(pad=False)
     tok.pad_token = tok.eos_token  # what load_tokenizer does for tokenizers without a pad token
     rows = [{"prompt": "hello", "chosen": " world", "rejected": " there, hello again and again"}]
