@@ -32,8 +32,8 @@ log π_ref(y_w|x) and r_l (the same for y_l), h = r_w − r_l, p = σ(βh). Conv
 disagree on all three):
   - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
   - the rewards are β·r_w and β·r_l, detached (for logging only).
-  - reward accuracy counts a tie (r_w == r_l) as half right: exactly 0.5 at step 0, where the policy is the
-    reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
+  - reward accuracy counts a tie (r_w == r_l) as half right: exactly 0.5 at step 0's evaluation, where the policy
+    is the reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
 "Pitfall N" is one of the README's 13 ways DPO implementations have gone wrong, each guarded against here.
 """
 
@@ -86,9 +86,9 @@ class Config:
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo's tiny model, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
-    grad_accum: int = 2  # micro-batches per optimizer step: a step is batch_size * grad_accum pairs
+    grad_accum: int = 2  # micro-batches per optimizer step (shared by several processes): batch_size * grad_accum pairs
     epochs: int = 1  # passes over the training pairs
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    max_steps: int = 0  # train this many optimizer steps, however many epochs that takes (0 = --epochs of them)
     warmup_ratio: float = 0.1  # fraction of steps warming up (step s: (s+1)/warmup of the peak), then a cosine to 0
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
@@ -110,7 +110,7 @@ class Config:
 LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
-    """A problem the user can fix: main() prints it as one sentence, without a traceback."""
+    """A problem the user can fix: the command line ends with it as one sentence, without a traceback."""
 
 class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
@@ -152,7 +152,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp: at r_l = 0 (every pair at step 0) the rejected branch has zero gradient, 1[r_l > 0]
+        # torch.where, not clamp: at r_l = 0 (step 0; exactly, on the CPU) the rejected branch has zero gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -177,7 +177,8 @@ def detect_format(rows):
     return "plain" if first.get("prompt") is not None else "implicit"
 
 def check_row(row, fmt, where):
-    """The first row's format, or one sentence naming the row (chat rows may mix strings and message lists)."""
+    """Raises one sentence naming the row unless it has the first row's format (chat rows may mix strings and
+    message lists)."""
     for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
         x = row.get(name)
         if fmt != "chat" and not isinstance(x, str):
@@ -197,7 +198,7 @@ def load_rows(cfg):
     Every row is checked, in file order, against the first training row's format, which the held-out rows share."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
-        return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"
+        return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
     local = files.is_local(cfg.dataset)
     train_rows, heldout, source = (files.read(cfg.dataset), None, None) if local else files.hub(cfg.dataset)
     if cfg.eval_dataset:
@@ -361,7 +362,7 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
 
 def step_stream(train_pairs, cfg, skip):
     """Endless seeded steps of --grad_accum batches, reshuffled each epoch. An epoch's last batches, too few for a
-    step, are left out of it, so that with several processes each always has its share. A resumed run skips its steps."""
+    step, are left out, so that with several processes each always has its share. A resumed run skips its steps."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -412,9 +413,10 @@ def sequence_logps(model, batch, chunk_size=2048):
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    The same numbers without the (R, T, V) fp32 logits (Qwen's 152k vocabulary: ~10 GB for 8 pairs of 1,024 tokens):
-    the logits at the scored positions only, in chunks recomputed in backward. Faster still where prepare_model
-    found it gives the model's numbers: the model's body without a mask, then its output layer."""
+    The same numbers in less memory: the log-softmax at the scored positions only, in chunks recomputed in backward.
+    And where prepare_model found it gives the model's numbers, the model's body runs without a mask (right padding:
+    no scored position sees a pad) and its output layer at the scored positions only, so the (R, T, V) logits are
+    never made (Qwen's 152k vocabulary: ~10 GB in fp32 for 8 pairs of 1,024 tokens)."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     if getattr(model, "fast_logps", False):  # (prepare_model sets it)
         x, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
@@ -436,7 +438,7 @@ def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
 
 def autocast(device):
-    """bf16 autocast on CUDA (weights stay fp32); nothing elsewhere."""
+    """bf16 autocast on CUDA (fp32 weights compute in bf16); nothing elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 def load_tokenizer(cfg):
@@ -447,14 +449,14 @@ def load_tokenizer(cfg):
         tok = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
         raise checks.load_error("the tokenizer of", cfg.model, e) from None
-    if tok.pad_token_id is None:  # padding is masked explicitly, so any id will do
+    if tok.pad_token_id is None:  # no pad is ever scored (they sit right of every response), so any id will do
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
 
 def load_model(cfg, tokenizer):
-    """The weights in their dtype, with the attention the model picks."""
+    """The weights in --weights' dtype, with the attention the model picks."""
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
     from transformers import AutoModelForCausalLM
@@ -471,8 +473,8 @@ def prepare_model(model, cfg, device):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):  # attention kernels read this, not a module
             m.attention_dropout = 0.0
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # the method's name since transformers 5.25, else the old one
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
@@ -489,7 +491,7 @@ def to_device(batch, device):
 def score(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the batches' pairs, by index; −inf for a pair
     in none of them."""
-    model.eval()
+    model.eval()  # as for any evaluation (and HF's gradient checkpointing only acts in training mode)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share
         with autocast(device):
@@ -517,7 +519,7 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
         data.update(b"|")
     compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else "own"]
     fields = {"model": cfg.model, "weights": cache.fingerprint(model), "data": data.hexdigest()[:16],
-              "n_train": len(train_pairs), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
+              "n_train_scored": len(train_pairs), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
     return fields_key(fields), fields
 
 def compute_reference(model, pairs, cfg, pad_id, device, n_pairs=None):
@@ -530,7 +532,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     used = used_pairs(cfg, train_pairs)
     key, fields = cache_key(cfg, model, used, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    cached = cache.read(path, "reference", log)
+    cached = cache.read(path, "reference", log)  # the saved tensors, or None
     if cached is not None:
         return cached["train"], cached["eval"]
     log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
@@ -546,8 +548,9 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 # --- Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
-    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each would make
-    the CPU wait for the GPU ~15 times). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
+    """Per-pair losses (B,) and the batch's metrics as SUMS (over pairs; response_tokens over both responses), left on
+    the device (reading each would make the CPU wait for the GPU ~15 times). logps, n_tokens: (2B,), chosen first;
+    ref: (B, 2)."""
     B = ref.shape[0]
     pc, pr, nc, nr = logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
     losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type,
@@ -580,7 +583,8 @@ def metrics_to_host(total):
     keys = sorted(total)
     if not keys:
         return {}
-    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32) for k in keys])
+    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a number: with them
+    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
     return dict(zip(keys, procs.all_reduce(values).tolist()))  # several processes: summed over them
 
 def finish_metrics(total):
@@ -610,6 +614,7 @@ def make_optimizer(model, cfg, lr, device):
     """AdamW; for bf16 weights AdamWSR: plain AdamW loses DPO-sized updates to bf16 rounding (pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    # betas (0.9, 0.95): the usual ones for language models (nanoGPT's, Llama's); no weight decay, as in AdamWSR
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
                              fused=device.type == "cuda")
 
@@ -629,14 +634,15 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce them after the last
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches: dividing each one's summed loss by the step's pair count makes their
-        # sum the gradient of the mean over the step's pairs, however the step was split (pitfall 10)
+        # gradients ADD across micro-batches (and processes: FSDP sums them): dividing each one's summed loss by the
+        # step's pair count makes their sum the gradient of the mean over the step's pairs, however split (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
     # the norm before clipping (several processes: of the whole gradient); with max_norm = inf it only measures
     norm = procs.full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-    total["grad_norm"] = norm * total["pairs"]
-    applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")  # the step's one wait
+    total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: finish_metrics divides each by the pairs
+    # the step's one wait for the device; several processes: all of them make the step, or none
+    applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -654,7 +660,7 @@ class HeldOut:
 
     def __call__(self, model, cfg, loss_type, device):
         logps = score(model, self.batches, len(self.pairs), device)  # (N, 2)
-        _, m = loss_and_metrics(logps.T.reshape(-1), self.n_tokens, self.ref, cfg, loss_type)
+        _, m = loss_and_metrics(logps.T.reshape(-1), self.n_tokens, self.ref, cfg, loss_type)  # (2N,): chosen first
         out = finish_metrics({k: float(v) for k, v in m.items()})
         if cfg.dataset == "demo":
             out["generation_accuracy"] = demo.generation_accuracy(model, self.pairs, self.tokenizer, device)
@@ -676,7 +682,7 @@ def new_state():
             "first_eval": None, "last_eval": None}
 
 def train_row(state, step, lr):
-    """The metrics.jsonl row of the steps since the last one (their one wait)."""
+    """The metrics.jsonl row of the steps since the last one (their one wait), and the throughput so far."""
     row = finish_metrics(metrics_to_host(state["window"]))
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
@@ -688,7 +694,8 @@ def eval_line(loss_type, step, ev):
 
 def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
     """Train one loss from the model's weights (with --resume, from the newest checkpoint in out_dir), in the shape
-    of nanoGPT's loop. Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times)."""
+    of nanoGPT's loop. Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times). The
+    Guard keeps the reference too, to name the rows of a NaN/inf step."""
     n_steps = run_steps(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)
@@ -749,7 +756,7 @@ def run(cfg, log=print):
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
-        summaries, refs = {}, None
+        summaries, held_out = {}, None
         for loss_type in loss_types(cfg):
             out_dir = loss_dir(cfg, loss_type)
             if loss_type in finished:  # --resume of a finished run, with the same options (checked)
@@ -760,18 +767,19 @@ def run(cfg, log=print):
             if cfg.model == "demo" and cfg.sft_steps:  # as a real model would come SFT'd
                 model = demo.sft(model, tokenizer, cfg, device, log)
             model = procs.shard(model, device)  # several processes: FSDP2
-            if refs is None:
+            if held_out is None:
                 log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
                     f"{device.type}")
-            # the key holds a fingerprint of the weights just loaded: each loss checks it starts from the reference's
-            first, refs = refs is None, load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
-                                                                  tokenizer.pad_token_id, device, log)
-            if first:
-                right = int((refs[1][:, 0] >= refs[1][:, 1]).sum())
+            # the first loss computes the reference; the others, starting from the same weights, find it in the cache
+            # (its key holds a fingerprint of the weights: a loss that started elsewhere would compute its own)
+            train_ref, eval_ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
+                                                            tokenizer.pad_token_id, device, log)
+            if held_out is None:
+                right = int((eval_ref[:, 0] >= eval_ref[:, 1]).sum())
                 log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= "
                     f"π_ref(y_l|x)) and {len(eval_pairs) - right} wrong")
-            held_out = HeldOut(eval_pairs, refs[1], tokenizer, cfg)
-            state = train(cfg, model, tokenizer, train_pairs, held_out, refs[0], loss_type, device, out_dir, log)
+                held_out = HeldOut(eval_pairs, eval_ref, tokenizer, cfg)
+            state = train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log)
             if cfg.save_model:
                 output.save_model(model, tokenizer, out_dir)
             summaries[loss_type] = output.finish(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
@@ -1613,7 +1621,8 @@ class Guard:
                 last = (f"The last good checkpoint is {self.folder.last} (--resume=true)." if self.folder.last else
                         "No checkpoint yet.")
                 raise FocalpoError(f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (the "
-                                   f"last at step {step}, training rows: {rows}): check those rows or lower --lr. {last}")
+                                   f"last at step {step}, training rows: {rows}): check those rows or lower --lr. "
+                                   f"{last}")
         if procs.agree(self.signal is not None, "max") and step < self.folder.n_steps:  # all stop at this step
             by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
             raise Interrupted(f"stopped by {by} at step {step} of {self.folder.n_steps}; checkpoint saved to "
@@ -1650,7 +1659,8 @@ class procs:
                                f"{torch.__version__}: upgrade torch, or run one process")
         if cfg.grad_accum % n:
             raise FocalpoError(f"--grad_accum={cfg.grad_accum} is not a multiple of the {n} processes, which share "
-                               f"each step's micro-batches equally: use --grad_accum={n * math.ceil(cfg.grad_accum / n)}")
+                               f"each step's micro-batches equally: use "
+                               f"--grad_accum={n * math.ceil(cfg.grad_accum / n)}")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)

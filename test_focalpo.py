@@ -740,11 +740,13 @@ def test_train_step_syncs_on_cuda(tmp_path):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                focalpo.train_step(model, opt, micro, ref, cfg, "dpo", dev)
+                m, applied = focalpo.train_step(model, opt, micro, ref, cfg, "dpo", dev)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts[accum] = sum("synchroniz" in str(w.message) for w in caught)
     assert counts[1] == counts[8] <= 1, counts
+    host = focalpo.finish_metrics(focalpo.metrics_to_host(m))  # the pair count (a number) beside sums on the GPU
+    assert applied and host["pairs"] == 16 and math.isfinite(host["loss"])
 
 
 def test_every_process_always_has_its_share(tmp_path, monkeypatch):
