@@ -13,8 +13,9 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     python focalpo.py --help # every option, explained
 
 Reading guide. The core comes in reading order: Config, the losses, data and tokenization, batches, log-probs, the
-model, the reference log-probs, metrics, one step and evaluation, train() and run(). A first reading stops at
-"# Appendix". The core reaches into it through these names, each one kind of machinery:
+model, the reference log-probs, metrics, one step and evaluation, train() and run(); data and tokenization may be
+skimmed at first (what comes out is a list of Pairs). A first reading stops at "# Appendix". The core reaches into
+it through these names, each one kind of machinery:
     checks.    before any work: folders, one run per folder, data files, the model's config and memory
     files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
@@ -790,6 +791,7 @@ def run(cfg, log=print):
 
 def main(argv=None):
     """The command line: an error the user can fix ends in one sentence and exit code 2."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and datasets' bars would cut the log
     try:
         run(cli.parse_args(argv))
         code = 0
