@@ -791,7 +791,8 @@ def run(cfg, log=print):
 
 def main(argv=None):
     """The command line: an error the user can fix ends in one sentence and exit code 2."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and datasets' bars would cut the log
+    for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # the libraries' own bars
+        os.environ.setdefault(bars, "1")  # (loading and saving weights, reading files) would cut through the log
     try:
         run(cli.parse_args(argv))
         code = 0
