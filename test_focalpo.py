@@ -2185,6 +2185,6 @@ def test_tutorial_notebook_runs(tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}})
     client.execute()  # raises CellExecutionError on the first cell that fails
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "approximate: False" not in text and text.count("approximate: True") == 14
+    assert "approximate: False" not in text and text.count("approximate: True") == 20
     assert "seeds x 2 variants" in text and "rank acc (ref wrong)" in text
     assert "FocalPO with γ = 0 and DPO end with the same metrics" in text and "(γ, reading) runs of 5 steps" in text
