@@ -753,7 +753,8 @@ def run(cfg, log=print):
     """The whole job: data, reference, then each loss from the same initial weights. Returns {loss_type: summary}."""
     t0 = time.time()
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all of this, the first one logs
-    with checks.before_work(cfg, device, log) as finished:  # a mistake costs one sentence; out_dir is ours until done
+    # a mistake costs one sentence before any work; out_dir is ours until done; finished: what --resume finds done
+    with checks.before_work(cfg, device, log) as finished:
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
