@@ -12,10 +12,9 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
     python focalpo.py --help # every option, explained
 
-Reading guide. The core comes in reading order: Config, the losses, data and tokenization, batches, log-probs, the
-model, the reference log-probs, metrics, one step and evaluation, train() and run(); data and tokenization may be
-skimmed at first (what comes out is a list of Pairs). A first reading stops at "# Appendix". The core reaches into
-it through these names, each one kind of machinery:
+Reading guide. The core reads in order (Config, losses, data, tokenization, batches, log-probs, model, reference,
+metrics, step, train and run; data and tokenization may be skimmed: out comes a list of Pairs) and a first reading
+stops at "# Appendix". The core calls into it through these names, each one kind of machinery:
     checks.    before any work: folders, one run per folder, data files, the model's config and memory
     files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
@@ -58,7 +57,6 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -68,7 +66,7 @@ from tqdm import tqdm
 
 # --- Config: every default on one line; override any as --key=value
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # model and data
     model: str = "demo"  # "demo" (a tiny model built from a config, offline), a hub name, or a local folder
@@ -262,7 +260,7 @@ def render_chat(row, tokenizer):
 
 # --- Tokenization (pitfalls 1-3, 11): prompt+response as one string, the prompt checked as its prefix
 
-@dataclass
+@dataclasses.dataclass
 class Pair:
     idx: int  # position in its split: indexes the reference log-probs
     chosen: torch.Tensor  # (Tc,) int32 token ids, prompt then response
@@ -803,8 +801,8 @@ def main(argv=None):
 
 # =============================================================================
 # Appendix: optional machinery
-# A first reading can stop here. Each kind of machinery is a class used as a namespace: its functions take no self
-# and are called on the class (demo.pairs(...)), so that a call says which machinery it uses.
+# A first reading can stop here. Each kind of machinery is a class used as a namespace (its functions take no self),
+# so that a call says which machinery it uses: demo.pairs(...).
 
 # --- The command line
 
@@ -856,17 +854,13 @@ class cli:
     def exit_code(e):
         """One line and an exit code for an error the user can fix, or a stop; the rest is raised."""
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        if isinstance(e, Interrupted):
-            for sig in (signal.SIGINT, signal.SIGTERM):  # saved already: a late signal (a launcher sends one to every
-                signal.signal(sig, signal.SIG_IGN)      # process) must not cut the exit short
-            print(f"{who}interrupted: {e}", file=sys.stderr)
-            return 130
-        if isinstance(e, FocalpoError):
-            print(f"{who}error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C, or one outside training: nothing to save
-            print(f"{who}interrupted", file=sys.stderr)
-            return 130
+        if isinstance(e, Interrupted):  # saved already: a late signal (a launcher sends one to every process) must
+            for sig in (signal.SIGINT, signal.SIGTERM):  # not cut the exit short
+                signal.signal(sig, signal.SIG_IGN)
+        if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # a bare KeyboardInterrupt: a second Ctrl-C, or one with
+            kind = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"  # nothing to save
+            print(f"{who}{kind}{f': {e}' if str(e) else ''}", file=sys.stderr)
+            return 130 if kind == "interrupted" else 2
         lost = isinstance(e, dist.DistError) or any(s in str(e) for s in (
             "Connection closed by peer", "timed out", "Connection reset by peer", "Timed out", "NCCL"))
         if procs.world() > 1 and isinstance(e, RuntimeError) and lost:
@@ -891,7 +885,6 @@ class checks:
                       "keep_final_checkpoint", "dist_timeout", "generate", "save_model", "loss")
 
     def options(cfg):
-        """Each option's value on its own."""
         losses = loss_types(cfg)
         if "sigmoid" in losses:
             raise FocalpoError("--loss=sigmoid is TRL's name for DPO: here it is --loss=dpo")
@@ -913,22 +906,20 @@ class checks:
 
     @contextlib.contextmanager
     def before_work(cfg, device, log):
-        """The checks that can come before the data, the SFT stage and the reference pass. out_dir stays locked while
-        the block runs (one run per folder); yields the summaries of the losses --resume finds finished."""
+        """The checks that need no data or weights; out_dir is locked (one run per folder) while the block runs.
+        Yields the summaries of the losses --resume finds finished."""
         import fcntl
         checks.options(cfg)
         for name in ("out_dir", "cache_dir"):
             try:
-                os.makedirs(getattr(cfg, name), exist_ok=True)
-                tempfile.TemporaryFile(dir=getattr(cfg, name)).close()
+                os.makedirs(folder := getattr(cfg, name), exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
-                raise FocalpoError(f"--{name}={getattr(cfg, name)} is not a folder that can be written ({e.strerror}): "
+                raise FocalpoError(f"--{name}={folder} is not a folder that can be written ({e.strerror}): "
                                    f"choose another") from None
-        with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:
+        with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:  # let go when it closes, however the process ends
             try:
-                if procs.rank() == 0:  # the system lets go when the file closes, however the process ends
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                free = True
+                free = procs.rank() != 0 or fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is None
             except BlockingIOError:
                 free = False
             if not procs.agree(free, "min"):
@@ -943,8 +934,8 @@ class checks:
             yield finished
 
     def earlier_run(cfg, loss_type):
-        """A new run needs a folder without results; --resume continues a run, finished or not, only with the options
-        that made it. Returns a finished run's summary."""
+        """A new run needs a folder without results; --resume continues one only with the options that made it.
+        Returns a finished run's summary."""
         out_dir = loss_dir(cfg, loss_type)
         if not cfg.resume:
             found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -955,15 +946,13 @@ class checks:
         path = os.path.join(out_dir, "summary.json")
         if os.path.exists(path):
             with open(path) as f:
-                summary = json.load(f)
-            checks.same_options(summary, cfg, loss_type, path)
-            return summary
+                return checks.same_options(json.load(f), cfg, loss_type, path)
         ckpt, path = latest_checkpoint(os.path.join(out_dir, "checkpoints"))
         if ckpt is not None:
             checks.same_options(ckpt, cfg, loss_type, path)
 
     def same_options(recorded, cfg, loss_type, path):
-        """One sentence naming each option that differs from those a checkpoint or summary recorded."""
+        """`recorded` (a checkpoint or summary) if it has the options that change the result; else one sentence."""
         was = recorded.get("config") or {}
         diffs = [f"--{f.name} was {was.get(f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                  if f.name not in checks.FREE_ON_RESUME and was.get(f.name) != getattr(cfg, f.name)]
@@ -972,6 +961,7 @@ class checks:
         if diffs:
             raise FocalpoError(f"--resume=true with options that change the result ({'; '.join(diffs)}) would not "
                                f"continue {path}: run with the original values, or start a new --out_dir")
+        return recorded
 
     def model(cfg, device, log):
         """The model's config loads, its context holds --max_length, and (on a GPU) the memory plan fits."""
@@ -1006,28 +996,24 @@ class checks:
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         per = 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
         state, buffers = n * per / world_size, 28 * min(AdamWSR.chunk, n) if cfg.weights == "bf16" else 0
-        H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-        tokens = 2 * cfg.batch_size * cfg.max_length
-        layer = (30 * H + 8 * I) * tokens
-        inputs = (2 if cfg.weights == "bf16" else 4) * H * tokens * L
+        H, L, tokens = config.hidden_size, config.num_hidden_layers, 2 * cfg.batch_size * cfg.max_length
+        layer, inputs = (30 * H + 8 * config.intermediate_size) * tokens, (2 if per == 8 else 4) * H * tokens * L
         acts = (inputs + layer if cfg.gradient_checkpointing else layer * L) + 2048 * config.vocab_size * 10
-        line = (f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes ({cfg.weights} training state)"
-                + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
-                + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "")
-                + f" + activations ~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient "
-                f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'})"
-                + f" = ~{(state + buffers + acts) / GiB:.1f} GiB")
-        return state + buffers + acts, line
+        return state + buffers + acts, (
+            f"memory plan: {n / 1e9:.2f}B parameters x {per} bytes ({cfg.weights} training state)"
+            + (f" / {world_size} processes" if world_size > 1 else "") + f" = {state / GiB:.1f} GiB"
+            + (f" + optimizer buffers {buffers / GiB:.1f} GiB" if buffers else "") + f" + activations "
+            f"~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient checkpointing "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
 
     def memory(cfg, config, device, log=print):
         """On a GPU, before loading the model: print the plan beside the free memory; stop if it cannot fit."""
         if device.type != "cuda":
             return
-        needed, line = checks.memory_plan(config, cfg, procs.world())
-        free = torch.cuda.mem_get_info(device)[0]
+        (needed, line), free = checks.memory_plan(config, cfg, procs.world()), torch.cuda.mem_get_info(device)[0]
         log(f"{line}; free on the GPU: {free / GiB:.1f} GiB")
-        savers = ([] if cfg.weights == "bf16" else ["--weights=bf16"]) + \
-                 ([] if cfg.gradient_checkpointing else ["--gradient_checkpointing=true"])
+        savers = [s for s, on in (("--weights=bf16", cfg.weights == "bf16"),
+                                  ("--gradient_checkpointing=true", cfg.gradient_checkpointing)) if not on]
         if needed > free:
             raise FocalpoError(f"training {cfg.model} needs about {needed / GiB:.1f} GiB but the GPU has "
                                f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
@@ -1047,15 +1033,13 @@ class files:
 
     def paths(spec):
         """The comma-separated files, each checked to exist."""
-        paths = [p for p in spec.split(",") if p]
-        for path in paths:
+        for path in (paths := [p for p in spec.split(",") if p]):
             if not os.path.isfile(path):
                 raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
         return paths
 
     def read(spec):
-        """[(row, where)] from .jsonl, .json, .csv (maybe .gz, .bz2, .xz) or .parquet files; a list of messages that
-        a CSV file kept as text is read back as the list."""
+        """[(row, where)] from .jsonl, .json, .csv (maybe .gz, .bz2, .xz) or .parquet files."""
         import datasets
         rows = []
         for path in files.paths(spec):
@@ -1067,14 +1051,13 @@ class files:
             except Exception as e:  # the library's own words, from the error under its error
                 raise FocalpoError(f"could not read {path} ({first_line(e.__cause__ or e)}): fix the file, or give "
                                    f"it the name of what it holds") from None
-            for i, row in enumerate(table, 1):
-                where = f"{path} row {i}"
-                rows.append(({k: files.as_messages(v, k, where) for k, v in row.items()}, where))
+            rows += [({k: files.as_messages(v, k, f"{path} row {i}") for k, v in row.items()}, f"{path} row {i}")
+                     for i, row in enumerate(table, 1)]
         return rows
 
     def as_messages(x, name, where):
-        """x, or the {role, content} messages it holds as text: JSON, Python's repr of a list (pandas' to_csv), or
-        numpy's of an array, which has no commas between the dicts (datasets' to_csv)."""
+        """x, or the {role, content} messages a CSV file keeps as text: JSON, Python's repr of a list (pandas'
+        to_csv), or numpy's of an array, with no commas between the dicts (datasets' to_csv)."""
         if not (isinstance(x, str) and x.lstrip().startswith("[{") and "role" in x):
             return x
         numpy_repr = lambda text: ast.literal_eval(re.sub(r"}\s*\n\s*{", "}, {", text))
@@ -1109,7 +1092,7 @@ class demo:
     SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
     def mistake(answer, letters, rng):
-        """One plausible mistake: two neighbours swapped, or a letter not in the prompt put in (then re-sorted)."""
+        """Two neighbours swapped, or a letter not in the prompt put in (then re-sorted)."""
         answer = list(answer)
         i = rng.randrange(len(answer) - 1)
         if rng.random() < 0.5:
@@ -1121,7 +1104,7 @@ class demo:
 
     def pairs(n, seed):
         """n pairs with distinct prompts ("sort: q d m a =", chosen " a d m q", rejected " a m d q"): half right vs
-        wrong, half one mistake vs two: as in real data, the chosen answer is often just the better of two."""
+        wrong, half one mistake vs two (as in real data, the chosen answer is often just the better of two)."""
         rng = random.Random(seed)
         pairs, seen = [], set()
         while len(pairs) < n:
@@ -1141,7 +1124,7 @@ class demo:
         return pairs
 
     def answer(prompt):
-        """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q")."""
+        """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q"; a pair's chosen may have a mistake)."""
         return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in demo.LETTERS))
 
     def tokenizer():
@@ -1175,9 +1158,8 @@ class demo:
         return [(r["prompt"], " " + demo.answer(r["prompt"])) for r in rows[:demo.SFT_EXAMPLES]]
 
     def sft(model, tokenizer, cfg, device, log=print):
-        """--sft_steps of next-token training on correct sortings, stopped early: the model (the reference and every
-        loss's start) sorts some held-out prompts right and many wrong. Cached; with several processes the first one
-        trains it and the others load it."""
+        """--sft_steps of next-token training on correct sortings, stopped early: the reference (every loss's start)
+        sorts some held-out prompts right and many wrong. Cached: the first process trains, the others load it."""
         rows = demo.sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
@@ -1212,21 +1194,17 @@ class demo:
                 f"{path}")
             return model
 
-    def expected_answer(pair, tokenizer):
-        """The right answer to the pair's prompt (its chosen answer may have a mistake)."""
-        return demo.answer(tokenizer.decode(pair.chosen[:pair.chosen_start], skip_special_tokens=True))
-
-    def is_right(pair, completion, tokenizer):
-        """A greedy completion (text, ended with EOS) is exactly the right answer, then stops."""
-        return completion[1] and completion[0].strip() == demo.expected_answer(pair, tokenizer)
+    def is_right(prompt, completion):
+        """A greedy completion (text, ended with EOS) is exactly the right answer to the prompt's text, then stops."""
+        return completion[1] and completion[0].strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
         """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the longest
         answer is allowed: a completion that runs on shows as one."""
-        longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         prompts = [p.chosen[:p.chosen_start] for p in pairs]
+        longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
-        return sum(demo.is_right(p, c, tokenizer) for p, c in zip(pairs, got)) / len(pairs)
+        return sum(demo.is_right(tokenizer.decode(p), c) for p, c in zip(prompts, got)) / len(pairs)
 
 # --- The fast log-prob path, used only where it gives the model's own numbers
 
@@ -1237,24 +1215,23 @@ class fast:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
     def body(model, ids):
-        """(R, T, H): the model's layers without a mask and without the output layer; under FSDP through fsdp_body,
-        which procs.shard registers so that the root's weights are gathered."""
+        """(R, T, H): the model's layers without a mask or the output layer (under FSDP: procs.shard's fsdp_body)."""
         body = getattr(model, "fsdp_body", None) or model.base_model
         return body(input_ids=ids, use_cache=False).last_hidden_state
 
     def probe(model, max_length, device):
-        """Does the fast path give the model's own log-probs? It drops the mask (wrong under a window shorter than
-        max_length, or attention other than SDPA's) and takes the output layer's logits as they are (wrong where a
-        model scales or caps them). So it is tried on SDPA models without a short window, and kept if it agrees on
-        two random right-padded sequences with logits as large as a trained model's (so that a cap shows)."""
+        """Does the fast path give the model's own log-probs? It drops the mask (wrong for a window shorter than
+        max_length, or attention not SDPA's) and takes the output layer's logits as they are (wrong where a model
+        scales or caps them). So it is tried on SDPA models without a short window, and kept if it agrees on two
+        random right-padded sequences with logits as large as a trained model's (so that a cap shows)."""
         from transformers import AttentionInterface
         window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
         model.fast_logps = False
         if model.config._attn_implementation != "sdpa" or head is None or (window is not None and window < max_length):
             return False
         length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
-        vocab, seeded = model.get_input_embeddings().num_embeddings, torch.Generator().manual_seed(0)
-        ids = torch.randint(vocab, (length,), generator=seeded)  # the global RNG is left as it was
+        seeded = torch.Generator().manual_seed(0)  # the global RNG is left as it was
+        ids = torch.randint(model.get_input_embeddings().num_embeddings, (length,), generator=seeded)
         probe = to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
         was_training, weight = model.training, head.weight.detach().clone()
         tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
@@ -1289,8 +1266,8 @@ class AdamWSR(torch.optim.Optimizer):
     """AdamW (no weight decay) with its state in the parameters' dtype (bf16: 6 bytes per weight, not 12), fp32
     arithmetic and stochastic rounding back: round-to-nearest loses a step of lr = 5e-7 on a bf16 weight of 0.02
     (spacing 1.2e-4) every time; stochastic rounding moves it the right amount on average. Pieces of `chunk` elements
-    go through reusable buffers (28 bytes an element: 0.875 GiB); one int64 of random bits per element serves three
-    roundings (bits 0-15, 16-31, 32-47: three draws took 1.3x as long on a CPU). Under FSDP2: the local shard."""
+    go through reusable buffers (28 bytes an element: 0.875 GiB); one int64 of random bits serves three roundings
+    (bits 0-15, 16-31, 32-47; three draws: 1.3x the time on a CPU). Under FSDP2: the local shard."""
 
     chunk = 1 << 25
 
@@ -1331,11 +1308,9 @@ class AdamWSR(torch.optim.Optimizer):
         words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # each int64 as two 32-bit words
         noise = self.buffer("noise", n, torch.int32, device)
         for k, (x, dst) in enumerate(((w, w_), (m, m_), (v, v_))):
-            if dst.dtype != torch.bfloat16:
-                dst.copy_(x)
-                continue
             word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
-            dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)))
+            bf16 = dst.dtype == torch.bfloat16
+            dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)) if bf16 else x)
 
 # --- Files written whole (caches, checkpoints, the model), and the run's folder
 
@@ -1344,7 +1319,7 @@ def room_for(path, needed, partial=None):
     """A write that fails (a full disk, a quota) is one sentence naming the folder and the space it needs, and leaves
     no partial file or folder; where the space is short already, nothing is written."""
     folder = os.path.dirname(os.path.abspath(path))
-    free = shutil.disk_usage(folder).free
+    free, MB = shutil.disk_usage(folder).free, 2 ** 20
     try:
         if free < needed:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -1352,21 +1327,20 @@ def room_for(path, needed, partial=None):
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         with contextlib.suppress(OSError, TypeError):
             (shutil.rmtree if os.path.isdir(partial) else os.remove)(partial)
-        raise FocalpoError(f"could not write {path} ({getattr(e, 'strerror', None) or first_line(e)[:80]}): "
-                           f"{folder} has {free / 2 ** 20:.1f} MB free and the write needs about "
-                           f"{needed / 2 ** 20:.1f} MB; make room (or choose another folder), then run the same "
-                           f"command with --resume=true") from None
+        raise FocalpoError(f"could not write {path} ({getattr(e, 'strerror', None) or first_line(e)[:80]}): {folder} "
+                           f"has {free / MB:.1f} MB free and the write needs about {needed / MB:.1f} MB; make room "
+                           f"(or choose another folder), then run the same command with --resume=true") from None
 
 def nbytes(x):
     """The bytes of the tensors in nested dicts and lists (what torch.save writes, nearly)."""
-    if torch.is_tensor(x):
-        return x.numel() * x.element_size()
-    return sum(map(nbytes, x.values() if isinstance(x, dict) else x)) if isinstance(x, (dict, list, tuple)) else 0
+    if isinstance(x, (dict, list, tuple)):
+        return sum(map(nbytes, x.values() if isinstance(x, dict) else x))
+    return x.nbytes if torch.is_tensor(x) else 0
 
 class cache:
     def write(blob, path):
-        """torch.save to a temporary name, then a rename: a file with its final name is whole. With several
-        processes the first one writes."""
+        """torch.save to a temporary name, then a rename: a file with its final name is whole. The first process
+        writes."""
         if procs.rank() != 0:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -1379,13 +1353,13 @@ class cache:
         """The tensors cached in `path` (its name is their key), or None; a file that cannot be read is reported.
         everywhere: several processes use them only if all found them (else they compute them together)."""
         tensors = None
-        if os.path.exists(path):
-            try:
-                tensors = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
-                log(f"{what}: loaded cached values from {path}")
-            except Exception as e:
-                log(f"{what}: WARNING: ignoring the cache file {path}: it cannot be read ({type(e).__name__}); "
-                    f"recomputing it")
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+            log(f"{what}: loaded cached values from {path}")
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            log(f"{what}: WARNING: ignoring the cache file {path}: it cannot be read ({type(e).__name__}); recomputing")
         return tensors if not everywhere or procs.agree(tensors is not None, "min") else None
 
     @torch.no_grad()
@@ -1399,8 +1373,7 @@ class cache:
 
 def latest_checkpoint(folder):
     """(the newest checkpoint, mapped, not read; its path) or (None, None); a damaged one is one sentence."""
-    paths = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
-    if not paths:
+    if not (paths := sorted(glob.glob(os.path.join(folder, "step_*.pt")))):
         return None, None
     try:
         return torch.load(paths[-1], map_location="cpu", weights_only=True, mmap=True), paths[-1]
@@ -1414,15 +1387,13 @@ class RunFolder:
 
     def __init__(self, out_dir, model, optimizer, cfg, loss_type, n_steps):
         self.folder, self.metrics = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
-        self.model, self.optimizer, self.cfg, self.loss_type = model, optimizer, cfg, loss_type
-        self.n_steps, self.last = n_steps, None
+        self.model, self.optimizer, self.cfg, self.loss_type, self.n_steps = model, optimizer, cfg, loss_type, n_steps
+        self.last = None
         os.makedirs(out_dir, exist_ok=True)
 
-    def append(self, row):
-        """One line of metrics.jsonl, written at once."""
+    def append(self, row):  # one line of metrics.jsonl, written at once
         if procs.rank() == 0:
-            line = json.dumps(row) + "\n"
-            with room_for(self.metrics, len(line)), open(self.metrics, "a") as f:
+            with room_for(self.metrics, len(line := json.dumps(row) + "\n")), open(self.metrics, "a") as f:
                 f.write(line)
 
     def save(self, state, keep=2):
@@ -1572,8 +1543,8 @@ class output:
             prompt = tokenizer.decode(p.chosen[:p.chosen_start], skip_special_tokens=True)
             line = f"{label} {prompt[-200:]!r} -> {text!r}{'' if ended else ' (no EOS)'}"
             if cfg.dataset == "demo":
-                right = demo.is_right(p, (text, ended), tokenizer)
-                line += "   right" if right else f"   wrong: expected {demo.expected_answer(p, tokenizer)!r}"
+                right = demo.is_right(prompt, (text, ended))
+                line += "   right" if right else f"   wrong: expected {demo.answer(prompt)!r}"
             log(line)
 
 # --- What stops a run: signals, out of GPU memory, NaN/inf steps
