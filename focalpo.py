@@ -176,8 +176,7 @@ def detect_format(rows):
     return "plain" if first.get("prompt") is not None else "implicit"
 
 def check_row(row, fmt, where):
-    """Raises one sentence naming the row unless it has the first row's format (chat rows may mix strings and
-    message lists)."""
+    """One sentence naming the row unless it has the first row's format (chat rows may mix strings and messages)."""
     for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
         x = row.get(name)
         if fmt != "chat" and not isinstance(x, str):
@@ -194,7 +193,7 @@ def check_row(row, fmt, where):
 
 def load_rows(cfg):
     """(train rows, held-out rows, format, where the held-out rows come from); a row is (dict, where it came from).
-    Every row is checked, in file order, against the first training row's format, which the held-out rows share."""
+    Every row is checked, in file order, against the first training row's format."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
@@ -206,7 +205,7 @@ def load_rows(cfg):
     if heldout and detect_format(heldout) != fmt:  # each held-out row would be rendered wrong
         raise FocalpoError(f"the training rows are in {fmt} format ({train_rows[0][1]}) and the held-out rows in "
                            f"{detect_format(heldout)} format ({heldout[0][1]}): give both in one format")
-    for row, where in train_rows + (heldout or []):  # a wrong row is named before any other work on the data
+    for row, where in train_rows + (heldout or []):  # a wrong row is named before any other work
         check_row(row, fmt, where)
     if heldout is None:  # hold out a seeded 5%
         order = list(range(len(train_rows)))
@@ -228,8 +227,7 @@ def implicit_prompt(chosen, rejected):
     cut = max(prefix.rfind(" "), prefix.rfind("\n"))
     return prefix[:cut + 1] if cut >= 0 else ""
 
-def render_plain(row, fmt):
-    """A plain row -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip it."""
+def render_plain(row, fmt):  # a plain row -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip it
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = implicit_prompt(chosen, rejected) if fmt == "implicit" else row["prompt"]
     if fmt == "implicit":
@@ -269,13 +267,12 @@ class Pair:
     rejected_start: int
     where: str = ""  # the file (or split) and row it came from
 
-def uses_bos(tokenizer):
-    """Does the tokenizer put a BOS token first? (Llama: yes; Qwen: no)"""
+def uses_bos(tokenizer):  # does the tokenizer put a BOS token first? (Llama: yes; Qwen: no)
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
-    """(row, where) tuples -> Pairs; `stats` (a Counter) counts, per row, what was cut and why rows were dropped."""
+    """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut, and dropped, for each reason."""
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
@@ -323,7 +320,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     return pairs
 
 def prepare_data(cfg, tokenizer, log=print):
-    """(train pairs, eval pairs); the log says where the held-out pairs come from and why rows were dropped or cut."""
+    """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was dropped or cut."""
     train_rows, eval_rows, fmt, source = load_rows(cfg)
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
@@ -344,8 +341,8 @@ def prepare_data(cfg, tokenizer, log=print):
 # --- Batches: pairs of similar length, two right-padded rows each, and the positions whose next token is scored
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length (less padding): shuffle, sort within windows of 64 batches, shuffle the batches.
-    Unshuffled: sorted by length (for scoring)."""
+    """Batches of similar length (less padding): shuffle, sort within windows of 64 batches, shuffle the batches;
+    or (shuffle=False, for scoring) sorted by length."""
     length = lambda p: max(len(p.chosen), len(p.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
@@ -360,8 +357,8 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
     return batches
 
 def step_stream(train_pairs, cfg, skip):
-    """Endless seeded steps of --grad_accum batches, reshuffled each epoch. An epoch's last batches, too few for a
-    step, are left out, so that with several processes each always has its share. A resumed run skips its steps."""
+    """Endless seeded steps of --grad_accum batches, reshuffled each epoch, less the `skip` a resumed run made. An
+    epoch's last batches, too few for a step, are left out (so several processes always have equal shares)."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -394,7 +391,7 @@ def collate(pairs, pad_id):
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]), where=[p.where for p in pairs])
 
 def scoring_batches(pairs, batch_size, pad_id):
-    """Collated batches sorted by length, for a no-grad pass (the reference, evaluation)."""
+    """Collated batches sorted by length, for a no-grad pass (reference, evaluation)."""
     return [collate(b, pad_id) for b in length_grouped_batches(pairs, batch_size, 0, shuffle=False)]
 
 # --- Log-probs: summed over the response tokens only (pitfalls 5, 7)
@@ -417,7 +414,7 @@ def sequence_logps(model, batch, chunk_size=2048):
     no scored position sees a pad) and its output layer at the scored positions only, so the (R, T, V) logits are
     never made (Qwen's 152k vocabulary: ~10 GB in fp32 for 8 pairs of 1,024 tokens)."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
-    if getattr(model, "fast_logps", False):  # (prepare_model sets it)
+    if getattr(model, "fast_logps", False):  # set by prepare_model
         x, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
     else:
         out = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits  # (R, T, V)
@@ -436,8 +433,8 @@ def sequence_logps(model, batch, chunk_size=2048):
 def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
 
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 weights compute in bf16); nothing elsewhere."""
+def autocast(device):  # fp32 weights compute in bf16 on CUDA
+
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 def load_tokenizer(cfg):
@@ -448,14 +445,13 @@ def load_tokenizer(cfg):
         tok = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
         raise checks.load_error("the tokenizer of", cfg.model, e) from None
-    if tok.pad_token_id is None:  # no pad is ever scored (they sit right of every response), so any id will do
+    if tok.pad_token_id is None:  # no pad is ever scored (all sit right of the response): any id will do
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
 
-def load_model(cfg, tokenizer):
-    """The weights in --weights' dtype, with the attention the model picks."""
+def load_model(cfg, tokenizer):  # the weights in --weights' dtype, with the attention the model picks
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
     from transformers import AutoModelForCausalLM
@@ -465,8 +461,8 @@ def load_model(cfg, tokenizer):
         raise checks.load_error("model", cfg.model, e) from None
 
 def prepare_model(model, cfg, device):
-    """Dropout off (pitfall 8: it would make the policy differ from the reference at step 0), optional gradient
-    checkpointing, the device and dtype; then the fast log-prob path, where it gives the model's own numbers."""
+    """Dropout off (pitfall 8: else the policy differs from the reference at step 0), gradient checkpointing if
+    asked, the device and dtype; then the fast log-prob path, where it gives the model's own numbers."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -480,17 +476,16 @@ def prepare_model(model, cfg, device):
 
 # --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model is kept (pitfall 9)
 
-def to_device(batch, device):
-    """Host batch -> device; on CUDA through pinned memory, so the CPU does not wait."""
+def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU does not wait
     cuda = device.type == "cuda"
     return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
 
 @torch.no_grad()
 def score(model, batches, n_pairs, device):
-    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the batches' pairs, by index; −inf for a pair
-    in none of them."""
-    model.eval()  # as for any evaluation (and HF's gradient checkpointing only acts in training mode)
+    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the batches' pairs, by index (−inf for the
+    others)."""
+    model.eval()  # as for any evaluation (and HF's gradient checkpointing acts only in training mode)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share
         with autocast(device):
@@ -499,7 +494,7 @@ def score(model, batches, n_pairs, device):
     return procs.gather_scores(model, logps).cpu()  # several processes: each pair from the one that scored it
 
 def used_pairs(cfg, train_pairs):
-    """The training pairs the run's steps will use, known in advance: the steps are seeded."""
+    """The training pairs the run's steps will use (known in advance: the steps are seeded)."""
     steps = step_stream(train_pairs, cfg, skip=0)
     used = {p.idx for _ in range(run_steps(cfg, len(train_pairs))) for batch in next(steps) for p in batch}
     return [p for p in train_pairs if p.idx in used]
@@ -508,8 +503,8 @@ def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 def cache_key(cfg, model, train_pairs, eval_pairs, device):
-    """A hash of all that changes the values: the model and its weights, every pair's place, tokens and response
-    start (data, tokenizer, template, lengths, the pairs a run uses), the forward's device, dtype and path."""
+    """A hash of all that changes the values: the model, its weights, every pair's index, tokens and response start
+    (data, tokenizer, template, lengths, the pairs a run uses), the forward's device, dtype and path."""
     data = hashlib.sha256()
     for pairs in (train_pairs, eval_pairs):
         for p in pairs:
@@ -526,13 +521,12 @@ def compute_reference(model, pairs, cfg, pad_id, device, n_pairs=None):
     return score(model, scoring_batches(pairs, cfg.batch_size, pad_id), n_pairs or len(pairs), device)
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the held-out pairs and of the training pairs the run uses (−inf for the others,
-    which a longer run scores anew: the key holds the pairs), cached under cache_key."""
+    """The reference log-probs of the held-out pairs and of the training pairs the run uses (−inf for the others: a
+    longer run scores anew, as the key holds the pairs), cached under cache_key."""
     used = used_pairs(cfg, train_pairs)
     key, fields = cache_key(cfg, model, used, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    cached = cache.read(path, "reference", log)  # the saved tensors, or None
-    if cached is not None:
+    if (cached := cache.read(path, "reference", log)) is not None:
         return cached["train"], cached["eval"]
     log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
         + (f" (of {len(train_pairs)}: --max_steps)" if len(used) < len(train_pairs) else "")
@@ -547,9 +541,8 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 # --- Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
-    """Per-pair losses (B,) and the batch's metrics as SUMS (over pairs; response_tokens over both responses), left on
-    the device (reading each would make the CPU wait for the GPU ~15 times). logps, n_tokens: (2B,), chosen first;
-    ref: (B, 2)."""
+    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each would make
+    the CPU wait for the GPU ~15 times). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
     pc, pr, nc, nr = logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
     losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type,
@@ -577,17 +570,14 @@ def add_metrics(total, m):
         total[k] = total.get(k, 0.0) + v
     return total
 
-def metrics_to_host(total):
-    """The sums as floats, in one device -> host copy (one wait)."""
-    keys = sorted(total)
-    if not keys:
+def metrics_to_host(total):  # the sums as floats, in one device -> host copy (one wait)
+    if not (keys := sorted(total)):
         return {}
     device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a number: with them
     values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
     return dict(zip(keys, procs.all_reduce(values).tolist()))  # several processes: summed over them
 
-def finish_metrics(total):
-    """Sums -> means; the ref-split accuracies within their group (None when it is empty)."""
+def finish_metrics(total):  # sums -> means; the ref-split accuracies within their group (None when it is empty)
     out, n = {}, total["pairs"]
     for k, v in total.items():
         if k in ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
@@ -610,7 +600,7 @@ def lr_at(step, total_steps, cfg, peak):
     return peak * (0.5 * (1 + math.cos(math.pi * progress)))
 
 def make_optimizer(model, cfg, lr, device):
-    """AdamW; for bf16 weights AdamWSR: plain AdamW loses DPO-sized updates to bf16 rounding (pitfall 12)."""
+    """AdamW; for bf16 weights AdamWSR (plain AdamW loses DPO-sized updates to bf16 rounding: pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
     # betas (0.9, 0.95): the usual ones for language models (nanoGPT's, Llama's); no weight decay, as in AdamWSR
@@ -626,8 +616,8 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
     """One optimizer step over a list of micro-batches (gradient accumulation): (the summed metrics, on the device;
-    whether the update was made). A loss or gradient that is NaN/inf would poison every weight it touched: then
-    there is no update. The CPU waits for the GPU once. n_pairs: the whole step's (several processes share one)."""
+    whether the update was made: a NaN/inf loss or gradient would poison every weight it touched). The CPU waits for
+    the GPU once. n_pairs: the whole step's (several processes share one)."""
     n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
     total = {}
     for i, batch in enumerate(micro_batches):
@@ -648,8 +638,8 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     return total, applied
 
 class HeldOut:
-    """The held-out pairs, batched once, with their reference. Calling it evaluates a model for the run's loss:
-    one scoring pass, and for the demo the accuracy of greedy generation."""
+    """The held-out pairs, batched once, with their reference. Calling it evaluates a model for a loss: one scoring
+    pass, and for the demo the accuracy of greedy generation."""
 
     def __init__(self, pairs, ref, tokenizer, cfg):
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
@@ -675,13 +665,12 @@ def next_step(steps, pad_id):
     tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
     return [collate(b, pad_id) for b in procs.my_share(step)], len(pairs), tokens  # several processes: a share each
 
-def new_state():
-    """What a resumed run needs besides weights, optimizer and RNG."""
+def new_state():  # what a resumed run needs besides weights, optimizer and RNG
     return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "loop_seconds": 0.0, "window": {}, "bad_steps": 0,
             "first_eval": None, "last_eval": None}
 
 def train_row(state, step, lr):
-    """The metrics.jsonl row of the steps since the last one (their one wait), and the throughput so far."""
+    """The metrics.jsonl row of the steps since the last row (their one wait), and the throughput so far."""
     row = finish_metrics(metrics_to_host(state["window"]))
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
@@ -693,8 +682,7 @@ def eval_line(loss_type, step, ev):
 
 def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
     """Train one loss from the model's weights (with --resume, from the newest checkpoint in out_dir), in the shape
-    of nanoGPT's loop. Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times). The
-    Guard keeps the reference too, to name the rows of a NaN/inf step."""
+    of nanoGPT's loop. Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times)."""
     n_steps = run_steps(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)
@@ -716,7 +704,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         state["first_eval"] = state["last_eval"] = evaluate(0)
     steps = step_stream(train_pairs, cfg, skip=state["step"])
     t_start, loop_before = time.time(), state["loop_seconds"]
-    with Guard(folder, state, train_ref, device, say) as guard, bar:
+    with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to name a NaN/inf step's rows
         while state["step"] < n_steps:
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -743,8 +731,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             guard.after_step(applied, micro)  # NaN/inf: name the rows, 3 in a row stop; a signal: save and stop
     return state
 
-def loss_dir(cfg, loss_type):
-    """--out_dir for one loss, --out_dir/<loss> for several."""
+def loss_dir(cfg, loss_type):  # --out_dir for one loss, --out_dir/<loss> for several
     return cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
 
 def run(cfg, log=print):
@@ -788,8 +775,7 @@ def run(cfg, log=print):
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
 
-def main(argv=None):
-    """The command line: an error the user can fix ends in one sentence and exit code 2."""
+def main(argv=None):  # the command line: an error the user can fix ends in one sentence and exit code 2
     for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # the libraries' own bars
         os.environ.setdefault(bars, "1")  # (loading and saving weights, reading files) would cut through the log
     try:
@@ -851,8 +837,7 @@ class cli:
         checks.options(cfg)
         return cfg
 
-    def exit_code(e):
-        """One line and an exit code for an error the user can fix, or a stop; the rest is raised."""
+    def exit_code(e):  # one line and an exit code for an error the user can fix, or a stop; the rest is raised
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         if isinstance(e, Interrupted):  # saved already: a late signal (a launcher sends one to every process) must
             for sig in (signal.SIGINT, signal.SIGTERM):  # not cut the exit short
@@ -976,8 +961,7 @@ class checks:
                                f"was built for: lower --max_length (and --max_prompt_length) to at most {context}")
         checks.memory(cfg, config, device, log)
 
-    def load_error(what, name, e):
-        """One sentence: what could not be loaded, the cause, and what to do."""
+    def load_error(what, name, e):  # one sentence: what could not be loaded, the cause, and what to do
         if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             return FocalpoError(f"could not load {what} {name!r}: there is no such folder; check the path")
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -1023,23 +1007,20 @@ class checks:
 # --- Data files and the hub, read by datasets; each row with where it came from
 
 class files:
-    def kind(path):
-        """The datasets loader for a data file's name ("x.JSONL.gz": 'json'), or None."""
+    def kind(path):  # the datasets loader for a data file's name ("x.JSONL.gz": 'json'), or None
         name = re.sub(r"\.(gz|bz2|xz)$", "", path.lower())
         return {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
 
     def is_local(spec):
         return any(files.kind(p) or os.path.exists(p) for p in spec.split(",") if p)
 
-    def paths(spec):
-        """The comma-separated files, each checked to exist."""
+    def paths(spec):  # the comma-separated files, each checked to exist
         for path in (paths := [p for p in spec.split(",") if p]):
             if not os.path.isfile(path):
                 raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
         return paths
 
-    def read(spec):
-        """[(row, where)] from .jsonl, .json, .csv (maybe .gz, .bz2, .xz) or .parquet files."""
+    def read(spec):  # [(row, where)] from .jsonl, .json, .csv (maybe .gz, .bz2, .xz) or .parquet files
         import datasets
         rows = []
         for path in files.paths(spec):
@@ -1091,8 +1072,7 @@ class demo:
     N_PAIRS = 4400  # 4000 to train on, 400 held out
     SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
-    def mistake(answer, letters, rng):
-        """Two neighbours swapped, or a letter not in the prompt put in (then re-sorted)."""
+    def mistake(answer, letters, rng):  # two neighbours swapped, or a letter not in the prompt put in (then re-sorted)
         answer = list(answer)
         i = rng.randrange(len(answer) - 1)
         if rng.random() < 0.5:
@@ -1105,8 +1085,7 @@ class demo:
     def pairs(n, seed):
         """n pairs with distinct prompts ("sort: q d m a =", chosen " a d m q", rejected " a m d q"): half right vs
         wrong, half one mistake vs two (as in real data, the chosen answer is often just the better of two)."""
-        rng = random.Random(seed)
-        pairs, seen = [], set()
+        rng, pairs, seen = random.Random(seed), [], set()
         while len(pairs) < n:
             letters = rng.sample(demo.LETTERS, rng.randint(4, 8))
             if tuple(letters) in seen:
@@ -1127,8 +1106,7 @@ class demo:
         """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q"; a pair's chosen may have a mistake)."""
         return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in demo.LETTERS))
 
-    def tokenizer():
-        """A word-level tokenizer (one token per letter or word), built offline with `tokenizers`."""
+    def tokenizer():  # a word-level tokenizer (one token per letter or word), built offline with `tokenizers`
         from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
         from transformers import PreTrainedTokenizerFast
         specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -1140,8 +1118,7 @@ class demo:
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                        unk_token="<unk>")
 
-    def model(tokenizer, seed):
-        """A 4-layer Llama-shaped model (0.45M parameters), randomly initialised from `seed`."""
+    def model(tokenizer, seed):  # a 4-layer Llama-shaped model (0.45M parameters), randomly initialised from `seed`
         from transformers import AutoModelForCausalLM, LlamaConfig
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
@@ -1150,8 +1127,7 @@ class demo:
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
-    def sft_rows(cfg):
-        """Correct sortings of letter sets no preference pair uses."""
+    def sft_rows(cfg):  # correct sortings of letter sets no preference pair uses
         letters = lambda row: frozenset(row["prompt"].split()[1:-1])
         taken = {letters(r) for r in demo.pairs(demo.N_PAIRS, cfg.seed)}
         rows = [r for r in demo.pairs(demo.SFT_EXAMPLES + 500, cfg.seed + 1) if letters(r) not in taken]
@@ -1159,7 +1135,7 @@ class demo:
 
     def sft(model, tokenizer, cfg, device, log=print):
         """--sft_steps of next-token training on correct sortings, stopped early: the reference (every loss's start)
-        sorts some held-out prompts right and many wrong. Cached: the first process trains, the others load it."""
+        sorts some held-out prompts right and many wrong. Cached (the first process trains; the others load)."""
         rows = demo.sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
@@ -1230,8 +1206,8 @@ class fast:
         if model.config._attn_implementation != "sdpa" or head is None or (window is not None and window < max_length):
             return False
         length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
-        seeded = torch.Generator().manual_seed(0)  # the global RNG is left as it was
-        ids = torch.randint(model.get_input_embeddings().num_embeddings, (length,), generator=seeded)
+        ids = torch.randint(model.get_input_embeddings().num_embeddings, (length,),
+                            generator=torch.Generator().manual_seed(0))  # the global RNG is left as it was
         probe = to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
         was_training, weight = model.training, head.weight.detach().clone()
         tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
@@ -1243,7 +1219,7 @@ class fast:
             own, n = sequence_logps(model, probe)
             try:
                 model.set_attn_implementation("causal_sdpa")
-                model.fast_logps = True
+                model.fast_logps = True  # (sequence_logps reads it)
                 agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
             except Exception:  # parts that do not fit (a base_model that is the model itself, say)
                 agrees = False
@@ -1275,8 +1251,7 @@ class AdamWSR(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.work = {}  # the reusable buffers, made on the first step
 
-    def random_bits(self, n, device):
-        """n int64s with (at least) 48 random low bits; a method, so that tests can supply fixed bits."""
+    def random_bits(self, n, device):  # n int64s with at least 48 random low bits (a method: tests supply theirs)
         return self.buffer("bits", n, torch.int64, device).random_()
 
     def buffer(self, name, n, dtype, device):
@@ -1297,8 +1272,7 @@ class AdamWSR(torch.optim.Optimizer):
                 for pieces in zip(*(t.view(-1).split(self.chunk) for t in tensors)):
                     self.update(*pieces, group, state["step"])
 
-    def update(self, w_, g_, m_, v_, group, t):
-        """One piece: weight, gradient and moments (flat, in their dtype) -> fp32, AdamW, rounded back."""
+    def update(self, w_, g_, m_, v_, group, t):  # one piece of weight, gradient, moments: fp32, AdamW, rounded back
         (beta1, beta2), n, device = group["betas"], w_.numel(), w_.device
         w, g, m, v = (self.buffer(k, n, torch.float32, device).copy_(x) for k, x in zip("wgmv", (w_, g_, m_, v_)))
         m.lerp_(g, 1 - beta1)
@@ -1331,16 +1305,13 @@ def room_for(path, needed, partial=None):
                            f"has {free / MB:.1f} MB free and the write needs about {needed / MB:.1f} MB; make room "
                            f"(or choose another folder), then run the same command with --resume=true") from None
 
-def nbytes(x):
-    """The bytes of the tensors in nested dicts and lists (what torch.save writes, nearly)."""
+def nbytes(x):  # the bytes of the tensors in nested dicts and lists (what torch.save writes, nearly)
     if isinstance(x, (dict, list, tuple)):
         return sum(map(nbytes, x.values() if isinstance(x, dict) else x))
     return x.nbytes if torch.is_tensor(x) else 0
 
 class cache:
-    def write(blob, path):
-        """torch.save to a temporary name, then a rename: a file with its final name is whole. The first process
-        writes."""
+    def write(blob, path):  # torch.save to a temporary name, then a rename: a file with its final name is whole
         if procs.rank() != 0:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -1363,16 +1334,14 @@ class cache:
         return tensors if not everywhere or procs.agree(tensors is not None, "min") else None
 
     @torch.no_grad()
-    def fingerprint(model):
-        """A cheap digest of the weights (two sums per tensor), enough to tell one checkpoint from another."""
+    def fingerprint(model):  # a cheap digest of the weights (two sums per tensor): tells checkpoints apart
         h = hashlib.sha256()
         for name, p in model.named_parameters():
             x = procs.full(p).float()
             h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
         return h.hexdigest()[:16]
 
-def latest_checkpoint(folder):
-    """(the newest checkpoint, mapped, not read; its path) or (None, None); a damaged one is one sentence."""
+def latest_checkpoint(folder):  # (the newest checkpoint, mapped, not read; its path) or (None, None)
     if not (paths := sorted(glob.glob(os.path.join(folder, "step_*.pt")))):
         return None, None
     try:
@@ -1417,14 +1386,14 @@ class RunFolder:
     def resume(self, log):
         """Weights, optimizer, RNG and state from the newest checkpoint (its options were checked before any work),
         and metrics.jsonl cut back to it; without one, a new state and a new metrics.jsonl."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        from torch.distributed.checkpoint.state_dict import StateDictOptions as Options, set_model_state_dict, \
             set_optimizer_state_dict
         ckpt, self.last = latest_checkpoint(self.folder)
         if ckpt is None:
             log(f"[{self.loss_type}] --resume: no checkpoint in {self.folder}, starting from the beginning")
             self.cut_metrics(-1, log=lambda msg: None)
             return new_state()
-        full = StateDictOptions(full_state_dict=True)  # each process takes its shard from the full tensors
+        full = Options(full_state_dict=True)  # each process takes its shard from the full tensors
         set_model_state_dict(self.model, ckpt["model"], options=full)
         set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=full)
         torch.set_rng_state(ckpt["rng"])
@@ -1441,31 +1410,27 @@ class RunFolder:
         """metrics.jsonl's rows up to `step`; a line a crash cut short, or no file, is reported."""
         if procs.rank() != 0:
             return
-        lines = open(self.metrics).readlines() if os.path.exists(self.metrics) else []
-        if not lines:
+        if not (lines := open(self.metrics).readlines() if os.path.exists(self.metrics) else []):
             log(f"WARNING: {self.metrics} is missing or empty: its rows up to step {step} are lost; new rows go to a "
                 f"new one")
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
         with open(self.metrics, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+            for line in lines:
+                try:
+                    f.write(line if json.loads(line)["step"] <= step else "")
+                except ValueError:
+                    log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
 
-# --- Output: the progress bar, the trained model, summary.json, the table that compares the losses, generations
+# --- Output: the trained model, summary.json, the table that compares the losses, generations
 
 class output:
     def save_model(model, tokenizer, out_dir):
-        """save_pretrained of the model and tokenizer, to a folder of its own first: a file with its final name is
-        whole. With several processes all gather the weights, and the first one writes."""
+        """save_pretrained of the model and tokenizer into a folder of their own, then moved: a file with its final
+        name is whole. With several processes all gather the weights, and the first one writes."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         weights = get_model_state_dict(model, options=procs.full_state_options()) if procs.world() > 1 else None
         if procs.rank() == 0:
             tmp = os.path.join(out_dir, ".model.tmp")
-            needed = nbytes(weights or model.state_dict())
-            with room_for(os.path.join(out_dir, "model.safetensors"), needed, partial=tmp):
+            with room_for(os.path.join(out_dir, "model.safetensors"), nbytes(weights or model.state_dict()), tmp):
                 model.save_pretrained(tmp, state_dict=weights)
                 tokenizer.save_pretrained(tmp)
             for name in os.listdir(tmp):
@@ -1473,8 +1438,8 @@ class output:
             os.rmdir(tmp)
 
     def finish(cfg, state, loss_type, n_pairs, out_dir):
-        """summary.json, written last (it means "done"): first and last evaluation, options, the training steps'
-        throughput; then the checkpoints go (AdamW's state makes one ~3x the model), unless --keep_final_checkpoint."""
+        """summary.json, written last (it means "done"): first and last evaluation, options, throughput; then the
+        checkpoints go (with AdamW's state, one is ~3x the model), unless --keep_final_checkpoint."""
         first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
         summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0],
                    "eval_pairs": n_pairs[1], "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
@@ -1485,7 +1450,7 @@ class output:
                    "train_seconds": seconds, "loop_seconds": state["loop_seconds"], "config": dataclasses.asdict(cfg)}
         if procs.rank() == 0:
             path, text = os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2)
-            with room_for(path, len(text), partial=path), open(path, "w") as f:
+            with room_for(path, len(text), path), open(path, "w") as f:
                 f.write(text)
             if not cfg.keep_final_checkpoint:
                 shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
@@ -1512,8 +1477,7 @@ class output:
     @torch.no_grad()
     def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
         """(text up to the first EOS, whether one came) per prompt; prompts of one length share a batch: no padding."""
-        was_training, eos = model.training, tokenizer.eos_token_id
-        out, by_length = [None] * len(prompts), {}
+        was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
         model.eval()
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
@@ -1536,11 +1500,11 @@ class output:
 
     def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_tokens=128):
         """--generate=N: the first N held-out prompts with greedy completions (for the demo: right or not)."""
-        pairs = pairs[:cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)]
-        prompts = [p.chosen[:p.chosen_start] for p in pairs]
+        prompts = [p.chosen[:p.chosen_start] for p in pairs[:cfg.generate if cfg.generate >= 0 else
+                                                             (5 if cfg.dataset == "demo" else 0)]]
         got = output.greedy_completions(model, prompts, tokenizer, device, max_new_tokens)
-        for p, (text, ended) in zip(pairs, got):
-            prompt = tokenizer.decode(p.chosen[:p.chosen_start], skip_special_tokens=True)
+        for p, (text, ended) in zip(prompts, got):
+            prompt = tokenizer.decode(p, skip_special_tokens=True)
             line = f"{label} {prompt[-200:]!r} -> {text!r}{'' if ended else ' (no EOS)'}"
             if cfg.dataset == "demo":
                 right = demo.is_right(prompt, (text, ended))
@@ -1551,14 +1515,14 @@ class output:
 
 class Guard:
     """What stops training, in one sentence after saving what can be: Ctrl-C or SIGTERM (the step in flight ends and
-    is saved; a second signal stops at once; a signal to one process stops all at one step), out of GPU memory (the
-    last whole step is saved), MAX_BAD_STEPS NaN/inf steps in a row (none made an update; their rows are named)."""
+    is saved; a second one stops at once; one to any process stops all at one step), out of GPU memory (the last
+    whole step is saved), MAX_BAD_STEPS NaN/inf steps in a row (none made an update; their rows are named)."""
 
     MAX_BAD_STEPS = 3
 
     def __init__(self, folder, state, ref, device, say):
-        self.folder, self.state, self.ref, self.device, self.say = folder, state, ref, device, say
-        self.signal, self.old = None, {}
+        self.folder, self.state, self.ref, self.device, self.say, self.signal, self.old = \
+            folder, state, ref, device, say, None, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1584,8 +1548,7 @@ class Guard:
                 f"--max_length={cfg.max_length} tokens: lower --batch_size (raising --grad_accum to keep the batch), "
                 f"set --gradient_checkpointing=true, or lower --max_length{saved}") from None
 
-    def after_step(self, applied, micro):
-        """After a NaN/inf step (no update was made), name its rows; after a signal to any process, save and stop."""
+    def after_step(self, applied, micro):  # NaN/inf (no update made): name its rows; a signal: save and stop
         state, step = self.state, self.state["step"]
         state["bad_steps"] = 0 if applied else state["bad_steps"] + 1
         if not applied:
@@ -1593,11 +1556,10 @@ class Guard:
             self.say(f"[{self.folder.loss_type}] step {step}: WARNING: non-finite loss or gradient, update skipped "
                      f"(training rows: {rows})")
             if state["bad_steps"] >= Guard.MAX_BAD_STEPS:
-                last = (f"The last good checkpoint is {self.folder.last} (--resume=true)." if self.folder.last else
-                        "No checkpoint yet.")
                 raise FocalpoError(f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (the "
-                                   f"last at step {step}, training rows: {rows}): check those rows or lower --lr. "
-                                   f"{last}")
+                                   f"last at step {step}, training rows: {rows}): check those rows or lower --lr. " +
+                                   (f"The last good checkpoint is {self.folder.last} (--resume=true)."
+                                    if self.folder.last else "No checkpoint yet."))
         if procs.agree(self.signal is not None, "max") and step < self.folder.n_steps:  # all stop at this step
             by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
             raise Interrupted(f"stopped by {by} at step {step} of {self.folder.n_steps}; checkpoint saved to "
@@ -1605,8 +1567,8 @@ class Guard:
 
     @torch.no_grad()
     def nonfinite_rows(self, micro):
-        """Where the step's pairs with a NaN/inf loss came from, on every process: their losses again (no update was
-        made, so they are the same)."""
+        """Where the step's pairs with a NaN/inf loss came from, on every process: their losses again (the same, as
+        no update was made)."""
         model, cfg, pairs = self.folder.model, self.folder.cfg, []
         for batch in micro:
             losses, _ = forward_pairs(model, batch, self.ref, cfg, self.folder.loss_type, self.device)
@@ -1623,8 +1585,8 @@ class procs:
         return dist.get_world_size() if dist.is_initialized() else 1
 
     def setup(cfg, log):
-        """(the device, the log: only the first process's speaks); under torchrun the process group too (NCCL on
-        CUDA, gloo on the CPU), with a timeout: a process that hangs stops the others."""
+        """(the device, the log: only the first process speaks); under torchrun, the process group (NCCL on CUDA,
+        gloo on the CPU), whose timeout stops the others when one hangs."""
         device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return device, log
@@ -1634,8 +1596,7 @@ class procs:
                                f"{torch.__version__}: upgrade torch, or run one process")
         if cfg.grad_accum % n:
             raise FocalpoError(f"--grad_accum={cfg.grad_accum} is not a multiple of the {n} processes, which share "
-                               f"each step's micro-batches equally: use "
-                               f"--grad_accum={n * math.ceil(cfg.grad_accum / n)}")
+                               f"each step's micro-batches: use --grad_accum={n * math.ceil(cfg.grad_accum / n)}")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
@@ -1649,14 +1610,13 @@ class procs:
 
     def shard(model, device):
         """FSDP2 over each decoder layer, then the model; fp32 weights compute in bf16 on CUDA, as with autocast.
-        Gradients are SUMMED (each loss is already divided by the step's pairs). The root's weights are gathered
-        around the fast path's body and generate too, which call the model's parts."""
+        Gradients are SUMMED (each loss is already divided by the step's pairs). The root's weights are gathered for
+        the fast path's body and generate too."""
         if procs.world() == 1:
             return model
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-        bf16_compute = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
-        mp = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute
-                                  else {})
+        bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+        mp = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {})
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -1671,44 +1631,37 @@ class procs:
         return model.to(device)
 
     def my_share(items):
-        """Process r of N takes items r, r+N, ... Under FSDP every forward is collective, so all need as many: a
-        short share is padded with repeats, as in DistributedSampler."""
+        """Process r of N takes items r, r+N, ...; a short share is padded with repeats (as in DistributedSampler):
+        under FSDP every forward is collective, so all need as many."""
         n = procs.world()
         return [items[i % len(items)] for i in range(procs.rank(), math.ceil(len(items) / n) * n, n)]
 
-    def all_reduce(t, op="sum"):
-        """t summed (or max'ed, min'ed) over the processes, in place, on the device NCCL needs."""
+    def all_reduce(t, op="sum"):  # t summed (or max'ed, min'ed) over the processes, in place, on the device NCCL needs
         if procs.world() == 1:
             return t
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-        x = t.to(device)
-        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        x = t.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device)
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op.upper()))
         return t.copy_(x)
 
-    def agree(flag, op):
-        """A bool all processes share: any ("max") or all ("min") of theirs."""
+    def agree(flag, op):  # a bool all processes share: any ("max") or all ("min") of theirs
         if procs.world() == 1:
             return bool(flag.item() if torch.is_tensor(flag) else flag)
         return bool(procs.all_reduce(torch.as_tensor(flag, dtype=torch.float32).reshape(1), op).item())
 
-    def gather_scores(model, logps):
-        """Each pair's from the process that scored it (the others hold −inf); the root's weights back in shards."""
+    def gather_scores(model, logps):  # each pair's from the process that scored it (the others hold −inf)
         procs.reshard(model)
         return procs.all_reduce(logps, "max")
 
-    def gather_lists(items):
-        """Every process's list, joined."""
+    def gather_lists(items):  # every process's list, joined
         gathered = [items] * procs.world()
         if procs.world() > 1:
             dist.all_gather_object(gathered, items)
         return sum(gathered, [])
 
-    def full(t):
-        """A sharded tensor (DTensor) whole; any other as it is."""
+    def full(t):  # a sharded tensor (DTensor) whole; any other as it is
         return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    def sync_gradients(model, now):
-        """FSDP: reduce the gradients only when `now` (after a step's last micro-batch), not after each."""
+    def sync_gradients(model, now):  # FSDP: reduce the gradients only `now` (after a step's last micro-batch)
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(now)
 
@@ -1717,16 +1670,14 @@ class procs:
             model.reshard()
 
     @contextlib.contextmanager
-    def rank0_first():
-        """The first process runs the block (and caches what it makes) before the others (which load the cache)."""
+    def rank0_first():  # the first process runs the block (and caches what it makes) before the others
         if procs.rank() != 0:
             dist.barrier()
         yield
         if procs.rank() == 0 and procs.world() > 1:
             dist.barrier()
 
-    def full_state_options():
-        """Full tensors, gathered to the first process's host memory one at a time: any number of processes resumes."""
+    def full_state_options():  # full tensors, gathered to the first one's host memory: any number of processes resumes
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         return StateDictOptions(full_state_dict=procs.world() > 1, cpu_offload=procs.world() > 1)
 
