@@ -6,7 +6,7 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-    python focalpo.py        # the demo: offline, a tiny model built from a config, one to two minutes on 2 CPU cores
+    python focalpo.py        # the demo: offline, a tiny model built from a config, about a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
@@ -27,14 +27,8 @@ stops at "# Appendix". The core calls into it through these names, each one kind
     procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
-Notation (as in the README and the notebook): for a pair (x, y_w, y_l), the log-ratios r_w = log πθ(y_w|x) −
-log π_ref(y_w|x) and r_l (the same for y_l), h = r_w − r_l, p = σ(βh). Conventions (the reference implementations
-disagree on all three):
-  - log π(y|x) is the SUM of the response tokens' log-probs (not the mean), as in the DPO paper.
-  - the rewards are β·r_w and β·r_l, detached (for logging only).
-  - reward accuracy counts a tie (r_w == r_l) as half right: exactly 0.5 at step 0's evaluation, where the policy
-    is the reference. Ranking accuracy (Chen et al. 2024) counts ties as right (≥).
-"Pitfall N" is one of the README's 13 ways DPO implementations have gone wrong, each guarded against here.
+The notation (r_w, r_l, h, p) is preference_loss's, as in the README and the notebook. "Pitfall N" is one of the
+README's 13 ways DPO implementations have gone wrong, each guarded against here.
 """
 
 import argparse
@@ -133,7 +127,7 @@ def run_steps(cfg, n_pairs):
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
-    """Per-pair losses (B,) and the rewards β·r_w (B,) and β·r_l (B,), detached.
+    """Per-pair losses (B,) and the rewards β·r_w (B,) and β·r_l (B,), detached (for logging only).
 
     r_w = log πθ(y_w|x) − log π_ref(y_w|x),  r_l = the same for y_l,  h = r_w − r_l,  p = σ(βh).
       dpo:      L = −log σ(βh)                          Eq. 7 of arXiv 2305.18290
@@ -211,7 +205,7 @@ def load_rows(cfg):
         order = list(range(len(train_rows)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, round(0.05 * len(train_rows))) if len(train_rows) > 1 else 0
-        heldout, train_rows = [train_rows[i] for i in order[:n_eval]], [train_rows[i] for i in order[n_eval:]]
+        heldout, train_rows = ([train_rows[i] for i in part] for part in (order[:n_eval], order[n_eval:]))
         source = f"{cfg.dataset}, held out of training (a seeded 5%; --eval_dataset to choose)"
     return train_rows, heldout, fmt, source
 
@@ -243,10 +237,8 @@ def render_chat(row, tokenizer):
     chosen, rejected = turn(row["chosen"], "assistant"), turn(row["rejected"], "assistant")
     if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
         prompt = chosen[:common_prefix_len(chosen, rejected)]
-    if chosen[:len(prompt)] == prompt:  # chosen/rejected may repeat the prompt turns: keep only what follows
-        chosen = chosen[len(prompt):]
-    if rejected[:len(prompt)] == prompt:
-        rejected = rejected[len(prompt):]
+    after = lambda msgs: msgs[len(prompt):] if msgs[:len(prompt)] == prompt else msgs
+    chosen, rejected = after(chosen), after(rejected)  # chosen/rejected may repeat the prompt turns: what follows
     if not prompt:
         return "no prompt turns"
     if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
@@ -282,7 +274,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     rendered = []
     for row, where in rows:
         r = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
-        if isinstance(r, str):
+        if isinstance(r, str):  # why it is dropped
             stats[r] += 1
         else:
             rendered.append((where, r))
@@ -401,8 +393,9 @@ def _token_logps(head, x, targets):
     return -F.cross_entropy(head(x).float(), targets, reduction="none")  # (N,)
 
 def sequence_logps(model, batch, chunk_size=2048):
-    """Each row's response-token log-probs summed in float64, (R,), and its response tokens, (R,). In its plain form,
-    as in the DPO reference code (test_sequence_logps_equal_the_plain_form holds this function to it):
+    """Each row's response-token log-probs SUMMED (not averaged, as in the DPO paper) in float64, (R,), and its
+    response tokens, (R,). Its plain form, as in the DPO reference code (test_sequence_logps_equal_the_plain_form
+    holds this function to it):
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
@@ -516,10 +509,6 @@ def cache_key(cfg, model, train_pairs, eval_pairs, device):
               "n_train_scored": len(train_pairs), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
     return fields_key(fields), fields
 
-def compute_reference(model, pairs, cfg, pad_id, device, n_pairs=None):
-    """(n_pairs, 2) float64: log π_ref(y_w|x), log π_ref(y_l|x) of `pairs`, by index, by the policy's code path."""
-    return score(model, scoring_batches(pairs, cfg.batch_size, pad_id), n_pairs or len(pairs), device)
-
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
     """The reference log-probs of the held-out pairs and of the training pairs the run uses (−inf for the others: a
     longer run scores anew, as the key holds the pairs), cached under cache_key."""
@@ -531,9 +520,9 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
         + (f" (of {len(train_pairs)}: --max_steps)" if len(used) < len(train_pairs) else "")
         + f" and {len(eval_pairs)} held-out pairs with the initial weights")
-    t0 = time.time()
-    train_ref = compute_reference(model, used, cfg, pad_id, device, len(train_pairs))
-    eval_ref = compute_reference(model, eval_pairs, cfg, pad_id, device)
+    t0, batches = time.time(), lambda pairs: scoring_batches(pairs, cfg.batch_size, pad_id)
+    train_ref = score(model, batches(used), len(train_pairs), device)  # through the policy's own code path
+    eval_ref = score(model, batches(eval_pairs), len(eval_pairs), device)
     cache.write({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
@@ -551,6 +540,7 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     pc, pr = pc.detach(), pr.detach()
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
     ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
+    # reward accuracy: a tie is half right, so it is exactly 0.5 at step 0, where the policy is the reference
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -618,8 +608,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     """One optimizer step over a list of micro-batches (gradient accumulation): (the summed metrics, on the device;
     whether the update was made: a NaN/inf loss or gradient would poison every weight it touched). The CPU waits for
     the GPU once. n_pairs: the whole step's (several processes share one)."""
-    n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
-    total = {}
+    n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce them after the last
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
@@ -787,8 +776,7 @@ def main(argv=None):  # the command line: an error the user can fix ends in one 
 
 # =============================================================================
 # Appendix: optional machinery
-# A first reading can stop here. Each kind of machinery is a class used as a namespace (its functions take no self),
-# so that a call says which machinery it uses: demo.pairs(...).
+# A first reading stops here. Each kind of machinery is a class used as a namespace (no self): demo.pairs(...).
 
 # --- The command line
 
@@ -797,7 +785,7 @@ class _Parser(argparse.ArgumentParser):
         raise FocalpoError(f"{message} (python focalpo.py --help lists every option)")
 
 class cli:
-    # TRL's DPOConfig and transformers' TrainingArguments names: a user who types one is told ours
+    # TRL's and the HF Trainer's names for our options
     FAMILIAR = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
                 "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out_dir",
                 "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
@@ -809,14 +797,12 @@ class cli:
             raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
         return s.lower() in ("1", "true", "yes", "on")
 
-    def option_help():
-        """{option: explanation}, from the comments in Config (a field without one has an empty explanation)."""
+    def option_help():  # {option: explanation}, from the comments in Config ("" where there is none)
         with open(__file__, encoding="utf-8") as f:
             block = f.read().split("\nclass Config:\n")[1].split("\n\n")[0]
         return dict(re.findall(r"^ +(\w+): [^\n=]+= [^\n]*?(?:  # ([^\n]*))?$", block, flags=re.M))
 
-    def parse_args(argv=None):
-        """--key=value for every Config field (a bare --flag means true). A mistake is one sentence."""
+    def parse_args(argv=None):  # --key=value for every Config field (a bare --flag means true)
         parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         helps = cli.option_help()
@@ -839,11 +825,11 @@ class cli:
 
     def exit_code(e):  # one line and an exit code for an error the user can fix, or a stop; the rest is raised
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        if isinstance(e, Interrupted):  # saved already: a late signal (a launcher sends one to every process) must
-            for sig in (signal.SIGINT, signal.SIGTERM):  # not cut the exit short
+        if isinstance(e, Interrupted):  # saved: a late signal (a launcher signals every process) must not cut it short
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
-        if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # a bare KeyboardInterrupt: a second Ctrl-C, or one with
-            kind = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"  # nothing to save
+        if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # KeyboardInterrupt: a second Ctrl-C, nothing to save
+            kind = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"
             print(f"{who}{kind}{f': {e}' if str(e) else ''}", file=sys.stderr)
             return 130 if kind == "interrupted" else 2
         lost = isinstance(e, dist.DistError) or any(s in str(e) for s in (
@@ -855,7 +841,7 @@ class cli:
             return 1
         raise e
 
-# --- Before any work: options, folders, one run per folder, earlier runs, data files, the model's config and memory
+# --- Before any work: options, folders, earlier runs, data files, the model's config and memory
 
 GiB = 2 ** 30
 
@@ -865,7 +851,7 @@ def first_line(e):
 class checks:
     AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
                   "dist_timeout")
-    # options that --resume may change, since they change no result; every other option must be as it was
+    # the options --resume may change (they change no result); the others must be as they were
     FREE_ON_RESUME = ("log_every", "eval_every", "save_every", "progress", "resume", "out_dir", "cache_dir",
                       "keep_final_checkpoint", "dist_timeout", "generate", "save_model", "loss")
 
@@ -891,7 +877,7 @@ class checks:
 
     @contextlib.contextmanager
     def before_work(cfg, device, log):
-        """The checks that need no data or weights; out_dir is locked (one run per folder) while the block runs.
+        """The checks that need no data or weights, with out_dir locked (one run per folder) while the block runs.
         Yields the summaries of the losses --resume finds finished."""
         import fcntl
         checks.options(cfg)
@@ -919,8 +905,7 @@ class checks:
             yield finished
 
     def earlier_run(cfg, loss_type):
-        """A new run needs a folder without results; --resume continues one only with the options that made it.
-        Returns a finished run's summary."""
+        """A new run needs a folder without results; --resume, the options that made it. A finished run's summary."""
         out_dir = loss_dir(cfg, loss_type)
         if not cfg.resume:
             found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -936,8 +921,7 @@ class checks:
         if ckpt is not None:
             checks.same_options(ckpt, cfg, loss_type, path)
 
-    def same_options(recorded, cfg, loss_type, path):
-        """`recorded` (a checkpoint or summary) if it has the options that change the result; else one sentence."""
+    def same_options(recorded, cfg, loss_type, path):  # `recorded` (a checkpoint, a summary) if its options match
         was = recorded.get("config") or {}
         diffs = [f"--{f.name} was {was.get(f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                  if f.name not in checks.FREE_ON_RESUME and was.get(f.name) != getattr(cfg, f.name)]
@@ -948,8 +932,7 @@ class checks:
                                f"continue {path}: run with the original values, or start a new --out_dir")
         return recorded
 
-    def model(cfg, device, log):
-        """The model's config loads, its context holds --max_length, and (on a GPU) the memory plan fits."""
+    def model(cfg, device, log):  # its config loads, its context holds --max_length, and the memory plan fits
         from transformers import AutoConfig
         try:
             config = AutoConfig.from_pretrained(cfg.model)
@@ -972,9 +955,9 @@ class checks:
         return FocalpoError(f"could not load {what} {name!r} ({first_line(e)}): {hint}")
 
     def memory_plan(config, cfg, world_size=1):
-        """(bytes per GPU, a one-line account): an estimate. Per parameter: fp32 weights, gradients, AdamW moments and
-        autocast's bf16 copy (18 bytes; 16 under FSDP), or 8 with --weights=bf16. A layer keeps ~30*H + 8*I bytes per
-        token for backward; with checkpointing only its input, one layer recomputed at a time. Plus a logits chunk."""
+        """(bytes per GPU, a one-line account), estimated. Per parameter: fp32 weights, gradients, AdamW moments and
+        autocast's bf16 copy (18 bytes; 16 under FSDP), or 8 for bf16. A layer keeps ~30*H + 8*I bytes per token for
+        backward; checkpointed, only its input, one layer recomputed at a time. Plus a logits chunk."""
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):  # parameters counted without memory
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -990,8 +973,7 @@ class checks:
             f"~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
 
-    def memory(cfg, config, device, log=print):
-        """On a GPU, before loading the model: print the plan beside the free memory; stop if it cannot fit."""
+    def memory(cfg, config, device, log=print):  # on a GPU: the plan beside the free memory; stop if it cannot fit
         if device.type != "cuda":
             return
         (needed, line), free = checks.memory_plan(config, cfg, procs.world()), torch.cuda.mem_get_info(device)[0]
@@ -1004,7 +986,7 @@ class checks:
                                + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs "
                                "(torchrun)")
 
-# --- Data files and the hub, read by datasets; each row with where it came from
+# --- Data files and the hub, read by datasets
 
 class files:
     def kind(path):  # the datasets loader for a data file's name ("x.JSONL.gz": 'json'), or None
@@ -1029,7 +1011,7 @@ class files:
                                    f".bz2 or .xz compressed), or .parquet")
             try:
                 table = datasets.load_dataset(files.kind(path), data_files=path, split="train").to_list()
-            except Exception as e:  # the library's own words, from the error under its error
+            except Exception as e:  # the library's own words: the error under its error
                 raise FocalpoError(f"could not read {path} ({first_line(e.__cause__ or e)}): fix the file, or give "
                                    f"it the name of what it holds") from None
             rows += [({k: files.as_messages(v, k, f"{path} row {i}") for k, v in row.items()}, f"{path} row {i}")
@@ -1037,8 +1019,8 @@ class files:
         return rows
 
     def as_messages(x, name, where):
-        """x, or the {role, content} messages a CSV file keeps as text: JSON, Python's repr of a list (pandas'
-        to_csv), or numpy's of an array, with no commas between the dicts (datasets' to_csv)."""
+        """x, or the messages a CSV file keeps as text: JSON, Python's repr (pandas' to_csv) or numpy's, with no
+        commas between the dicts (datasets' to_csv)."""
         if not (isinstance(x, str) and x.lstrip().startswith("[{") and "role" in x):
             return x
         numpy_repr = lambda text: ast.literal_eval(re.sub(r"}\s*\n\s*{", "}, {", text))
@@ -1050,12 +1032,12 @@ class files:
                            f"but reads as neither JSON nor a Python list: save the data as .jsonl or .parquet")
 
     def hub(name):
-        """(train rows, held-out rows or None, their source): the 'train[_prefs]' split, and 'test[_prefs]' or
-        'validation' if there is one."""
+        """(train rows, held-out rows or None, their source): split 'train[_prefs]', and 'test[_prefs]' or
+        'validation'."""
         import datasets
         try:
             ds = datasets.load_dataset(name)
-        except Exception as e:  # network errors, unknown names, gated datasets: all end up here
+        except Exception as e:  # network errors, unknown names, gated datasets
             raise checks.load_error("dataset", name, e) from None
         train, test = (next((s for s in names if s in ds), None)
                        for names in (("train", "train_prefs"), ("test", "test_prefs", "validation")))
@@ -1065,7 +1047,7 @@ class files:
         rows = lambda split: [(r, f"dataset {name!r} split {split!r} row {i}") for i, r in enumerate(ds[split], 1)]
         return rows(train), rows(test) if test else None, f"{name}'s {test!r} split"
 
-# --- The demo: a letter-sorting task whose answers can be checked, an SFT stage, generation accuracy
+# --- The demo: a letter-sorting task whose answers can be checked
 
 class demo:
     LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -1084,7 +1066,7 @@ class demo:
 
     def pairs(n, seed):
         """n pairs with distinct prompts ("sort: q d m a =", chosen " a d m q", rejected " a m d q"): half right vs
-        wrong, half one mistake vs two (as in real data, the chosen answer is often just the better of two)."""
+        wrong, half one mistake vs two (as in real data, the chosen is often just the better of two)."""
         rng, pairs, seen = random.Random(seed), [], set()
         while len(pairs) < n:
             letters = rng.sample(demo.LETTERS, rng.randint(4, 8))
@@ -1102,8 +1084,7 @@ class demo:
                           "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
         return pairs
 
-    def answer(prompt):
-        """The right answer to a demo prompt ("sort: q d m a =" -> "a d m q"; a pair's chosen may have a mistake)."""
+    def answer(prompt):  # "sort: q d m a =" -> "a d m q" (a pair's chosen may have a mistake)
         return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in demo.LETTERS))
 
     def tokenizer():  # a word-level tokenizer (one token per letter or word), built offline with `tokenizers`
@@ -1134,8 +1115,8 @@ class demo:
         return [(r["prompt"], " " + demo.answer(r["prompt"])) for r in rows[:demo.SFT_EXAMPLES]]
 
     def sft(model, tokenizer, cfg, device, log=print):
-        """--sft_steps of next-token training on correct sortings, stopped early: the reference (every loss's start)
-        sorts some held-out prompts right and many wrong. Cached (the first process trains; the others load)."""
+        """--sft_steps of next-token training on correct sortings, stopped early: the reference then sorts some
+        held-out prompts right and many wrong. Cached (the first process trains; the others load)."""
         rows = demo.sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
@@ -1170,36 +1151,34 @@ class demo:
                 f"{path}")
             return model
 
-    def is_right(prompt, completion):
-        """A greedy completion (text, ended with EOS) is exactly the right answer to the prompt's text, then stops."""
+    def is_right(prompt, completion):  # a greedy (text, ended with EOS) is the prompt's right answer, then EOS
         return completion[1] and completion[0].strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
-        """The fraction of greedy completions that are exactly the right answer, then EOS. One token past the longest
-        answer is allowed: a completion that runs on shows as one."""
+        """The fraction of greedy completions that are right. One token past the longest answer is allowed: a
+        completion that runs on shows as one."""
         prompts = [p.chosen[:p.chosen_start] for p in pairs]
         longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
         return sum(demo.is_right(tokenizer.decode(p), c) for p, c in zip(prompts, got)) / len(pairs)
 
-# --- The fast log-prob path, used only where it gives the model's own numbers
+# --- The fast log-prob path
 
 class fast:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        """transformers' SDPA attention, given no mask: causal for several queries, full for one."""
+        """transformers' SDPA, given no mask: causal (full for one query)."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
-    def body(model, ids):
-        """(R, T, H): the model's layers without a mask or the output layer (under FSDP: procs.shard's fsdp_body)."""
+    def body(model, ids):  # (R, T, H): the layers without a mask or the output layer (FSDP: procs.shard's fsdp_body)
         body = getattr(model, "fsdp_body", None) or model.base_model
         return body(input_ids=ids, use_cache=False).last_hidden_state
 
     def probe(model, max_length, device):
-        """Does the fast path give the model's own log-probs? It drops the mask (wrong for a window shorter than
-        max_length, or attention not SDPA's) and takes the output layer's logits as they are (wrong where a model
-        scales or caps them). So it is tried on SDPA models without a short window, and kept if it agrees on two
-        random right-padded sequences with logits as large as a trained model's (so that a cap shows)."""
+        """Does the fast path give the model's own log-probs? It drops the mask (wrong for a short window or attention
+        not SDPA's) and takes the output layer's logits as they are (wrong where a model scales or caps them). So it
+        is tried on SDPA models and kept if it agrees on two random right-padded sequences, logits as large as a
+        trained model's (so that a cap shows)."""
         from transformers import AttentionInterface
         window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
         model.fast_logps = False
@@ -1234,7 +1213,7 @@ class fast:
 def stochastic_round_bf16_(x, noise):
     """A flat fp32 tensor -> bf16 that is x in expectation, as a view of x's top halves (x is changed); noise: int32
     in [0, 2^16). bf16 is an fp32's top 16 bits: random low bits added carry into the top half with probability
-    (x - the bf16 below) / spacing. Either sign: the pattern is sign + magnitude, and the addition only grows it."""
+    (x - the bf16 below) / spacing; for either sign, as the pattern is sign + magnitude."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
@@ -1243,13 +1222,13 @@ class AdamWSR(torch.optim.Optimizer):
     arithmetic and stochastic rounding back: round-to-nearest loses a step of lr = 5e-7 on a bf16 weight of 0.02
     (spacing 1.2e-4) every time; stochastic rounding moves it the right amount on average. Pieces of `chunk` elements
     go through reusable buffers (28 bytes an element: 0.875 GiB); one int64 of random bits serves three roundings
-    (bits 0-15, 16-31, 32-47; three draws: 1.3x the time on a CPU). Under FSDP2: the local shard."""
+    (three draws: 1.3x the time on a CPU). Under FSDP2: the local shard."""
 
     chunk = 1 << 25
 
     def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-        self.work = {}  # the reusable buffers, made on the first step
+        self.work = {}  # the reusable buffers
 
     def random_bits(self, n, device):  # n int64s with at least 48 random low bits (a method: tests supply theirs)
         return self.buffer("bits", n, torch.int64, device).random_()
@@ -1290,8 +1269,8 @@ class AdamWSR(torch.optim.Optimizer):
 
 @contextlib.contextmanager
 def room_for(path, needed, partial=None):
-    """A write that fails (a full disk, a quota) is one sentence naming the folder and the space it needs, and leaves
-    no partial file or folder; where the space is short already, nothing is written."""
+    """A failed write (a full disk, a quota) is one sentence naming the folder and the space it needs, and leaves
+    no partial file or folder; where the space is short, nothing is written."""
     folder = os.path.dirname(os.path.abspath(path))
     free, MB = shutil.disk_usage(folder).free, 2 ** 20
     try:
@@ -1322,7 +1301,7 @@ class cache:
 
     def read(path, what, log, everywhere=True):
         """The tensors cached in `path` (its name is their key), or None; a file that cannot be read is reported.
-        everywhere: several processes use them only if all found them (else they compute them together)."""
+        everywhere: several processes use them only if all found them."""
         tensors = None
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
@@ -1352,7 +1331,7 @@ def latest_checkpoint(folder):  # (the newest checkpoint, mapped, not read; its 
 
 class RunFolder:
     """One loss's metrics.jsonl and checkpoints: step_NNNNNNN.pt with model, optimizer, RNG, state, options and loss,
-    as full tensors, so that any number of processes resumes one. The newest two are kept; .last is the newest."""
+    as full tensors (any number of processes resumes one). The newest two are kept; .last is the newest."""
 
     def __init__(self, out_dir, model, optimizer, cfg, loss_type, n_steps):
         self.folder, self.metrics = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
@@ -1384,8 +1363,8 @@ class RunFolder:
         return self.last
 
     def resume(self, log):
-        """Weights, optimizer, RNG and state from the newest checkpoint (its options were checked before any work),
-        and metrics.jsonl cut back to it; without one, a new state and a new metrics.jsonl."""
+        """Weights, optimizer, RNG and state from the newest checkpoint (options checked before any work), and
+        metrics.jsonl cut back to it; or, without one, a new state and metrics.jsonl."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions as Options, set_model_state_dict, \
             set_optimizer_state_dict
         ckpt, self.last = latest_checkpoint(self.folder)
@@ -1406,8 +1385,7 @@ class RunFolder:
         log(f"[{self.loss_type}] resumed from {self.last} at step {state['step']} of {self.n_steps}")
         return state
 
-    def cut_metrics(self, step, log):
-        """metrics.jsonl's rows up to `step`; a line a crash cut short, or no file, is reported."""
+    def cut_metrics(self, step, log):  # metrics.jsonl's rows up to `step`; a torn line, or no file, is reported
         if procs.rank() != 0:
             return
         if not (lines := open(self.metrics).readlines() if os.path.exists(self.metrics) else []):
@@ -1425,7 +1403,7 @@ class RunFolder:
 class output:
     def save_model(model, tokenizer, out_dir):
         """save_pretrained of the model and tokenizer into a folder of their own, then moved: a file with its final
-        name is whole. With several processes all gather the weights, and the first one writes."""
+        name is whole. Several processes gather the weights; the first one writes."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         weights = get_model_state_dict(model, options=procs.full_state_options()) if procs.world() > 1 else None
         if procs.rank() == 0:
@@ -1438,8 +1416,8 @@ class output:
             os.rmdir(tmp)
 
     def finish(cfg, state, loss_type, n_pairs, out_dir):
-        """summary.json, written last (it means "done"): first and last evaluation, options, throughput; then the
-        checkpoints go (with AdamW's state, one is ~3x the model), unless --keep_final_checkpoint."""
+        """summary.json, written last (it means "done"); then the checkpoints go (with AdamW's state, one is ~3x the
+        model), unless --keep_final_checkpoint."""
         first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
         summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0],
                    "eval_pairs": n_pairs[1], "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
@@ -1476,7 +1454,7 @@ class output:
 
     @torch.no_grad()
     def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-        """(text up to the first EOS, whether one came) per prompt; prompts of one length share a batch: no padding."""
+        """(text up to the first EOS, whether one came) per prompt; prompts of a length share a batch: no padding."""
         was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
         model.eval()
         for i, p in enumerate(prompts):
@@ -1515,8 +1493,8 @@ class output:
 
 class Guard:
     """What stops training, in one sentence after saving what can be: Ctrl-C or SIGTERM (the step in flight ends and
-    is saved; a second one stops at once; one to any process stops all at one step), out of GPU memory (the last
-    whole step is saved), MAX_BAD_STEPS NaN/inf steps in a row (none made an update; their rows are named)."""
+    is saved; a second one stops at once; one to any process stops all), out of GPU memory (the last whole step is
+    saved), MAX_BAD_STEPS NaN/inf steps in a row (none made an update; their rows are named)."""
 
     MAX_BAD_STEPS = 3
 
@@ -1567,15 +1545,14 @@ class Guard:
 
     @torch.no_grad()
     def nonfinite_rows(self, micro):
-        """Where the step's pairs with a NaN/inf loss came from, on every process: their losses again (the same, as
-        no update was made)."""
+        """Where the step's pairs with a NaN/inf loss came from, on every process (their losses again: no update)."""
         model, cfg, pairs = self.folder.model, self.folder.cfg, []
         for batch in micro:
             losses, _ = forward_pairs(model, batch, self.ref, cfg, self.folder.loss_type, self.device)
             pairs += [batch["where"][i] for i in (~torch.isfinite(losses)).nonzero()[:, 0].tolist()]
         return procs.gather_lists(pairs)
 
-# --- Several processes (torchrun --nproc_per_node=N focalpo.py ...), FSDP2. With one, each of these is a no-op
+# --- Several processes (torchrun --nproc_per_node=N focalpo.py ...), FSDP2; with one, no-ops
 
 class procs:
     def rank():
@@ -1586,7 +1563,7 @@ class procs:
 
     def setup(cfg, log):
         """(the device, the log: only the first process speaks); under torchrun, the process group (NCCL on CUDA,
-        gloo on the CPU), whose timeout stops the others when one hangs."""
+        gloo on the CPU), whose timeout stops all when one hangs."""
         device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return device, log
@@ -1610,8 +1587,7 @@ class procs:
 
     def shard(model, device):
         """FSDP2 over each decoder layer, then the model; fp32 weights compute in bf16 on CUDA, as with autocast.
-        Gradients are SUMMED (each loss is already divided by the step's pairs). The root's weights are gathered for
-        the fast path's body and generate too."""
+        Gradients are SUMMED (each loss is divided by the step's pairs already)."""
         if procs.world() == 1:
             return model
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -1624,15 +1600,15 @@ class procs:
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)  # sum, do not average
                 m.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction
-        if model.fast_logps:  # the model's own forward goes through FSDP's hooks already
+        if model.fast_logps:  # the root's weights gathered for the body too (the model's forward has FSDP's hooks)
             model.fsdp_body = model.base_model.__call__
             register_fsdp_forward_method(model, "fsdp_body")
         register_fsdp_forward_method(model, "generate")
         return model.to(device)
 
     def my_share(items):
-        """Process r of N takes items r, r+N, ...; a short share is padded with repeats (as in DistributedSampler):
-        under FSDP every forward is collective, so all need as many."""
+        """Process r of N takes items r, r+N, ..., a short share padded with repeats (as in DistributedSampler):
+        under FSDP every forward is collective."""
         n = procs.world()
         return [items[i % len(items)] for i in range(procs.rank(), math.ceil(len(items) / n) * n, n)]
 

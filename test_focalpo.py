@@ -48,6 +48,11 @@ def shared_cache(tmp_path_factory):
     os.makedirs(SHARED["cache"], exist_ok=True)
 
 
+def reference(model, pairs, cfg, pad_id, device):
+    """The reference log-probs of `pairs`, as load_or_compute_reference scores them (without the cache)."""
+    return focalpo.score(model, focalpo.scoring_batches(pairs, cfg.batch_size, pad_id), len(pairs), device)
+
+
 def make_bpe_tokenizer(bos=True, pad=True, template=True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -540,7 +545,7 @@ def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_pat
     cfg = cfg_for(tmp_path)
     model = loaded(cfg, tok)
     pairs = tokenize(focalpo.demo.pairs(16, 0), "plain", tok, cfg)
-    ref = focalpo.compute_reference(model, pairs, cfg, tok.pad_token_id, CPU)
+    ref = reference(model, pairs, cfg, tok.pad_token_id, CPU)
     model.train()
     batch = focalpo.collate(pairs[3:11], tok.pad_token_id)  # a different grouping than the reference pass used
     logps, _ = focalpo.sequence_logps(model, batch)
@@ -600,7 +605,7 @@ def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scor
                        "pairs with the initial weights")
     steps = focalpo.step_stream(train, cfg, skip=0)
     used = sorted({p.idx for _ in range(3) for b in next(steps) for p in b})
-    every = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)
+    every = reference(model, train, cfg, tok.pad_token_id, CPU)
     assert torch.equal(tr[used], every[used]) and torch.isinf(tr).all(1).sum() == 64 - 12
     logs = []
     longer, _ = focalpo.load_or_compute_reference(dataclasses.replace(cfg, max_steps=6), model, train, eval_,
@@ -654,7 +659,7 @@ class RecordingOptimizer:
 
 def moved_away_from_the_reference(tmp_path):
     cfg, tok, model, train, _ = demo_setup(tmp_path, grad_clip=0.0)
-    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)
+    ref = reference(model, train, cfg, tok.pad_token_id, CPU)
     with torch.no_grad():  # move the policy away from the reference so the loss is not at its symmetric point
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -705,7 +710,7 @@ def count_host_syncs(fn):
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 def test_train_step_waits_for_the_device_once_however_many_micro_batches(tmp_path, weights):
     cfg, tok, model, train, _ = demo_setup(tmp_path, weights=weights, batch_size=2)
-    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)
+    ref = reference(model, train, cfg, tok.pad_token_id, CPU)
     model.train()
     # AdamWSR for bf16; for fp32 a stand-in, since torch's CPU AdamW reads each step count with .item() (the fused
     # CUDA AdamW used on a GPU does not)
@@ -728,7 +733,7 @@ def test_train_step_syncs_on_cuda(tmp_path):
     cfg, tok, model, train, _ = demo_setup(tmp_path, weights="bf16", batch_size=2)
     dev = torch.device("cuda")
     model = focalpo.prepare_model(model, cfg, dev)
-    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, dev)
+    ref = reference(model, train, cfg, tok.pad_token_id, dev)
     model.train()
     opt = focalpo.make_optimizer(model, cfg, 1e-3, dev)
     counts = {}
@@ -754,7 +759,7 @@ def test_every_process_always_has_its_share(tmp_path, monkeypatch):
     last batches, too few for a step, are left out), so each process takes grad_accum / 2 of them; scoring pads a
     short share with repeats, and a pair scored twice keeps one value."""
     cfg, tok, model, train, _ = demo_setup(tmp_path, n_train=10, batch_size=2, grad_accum=4)  # 5 batches: 4 + 1
-    alone = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)  # one process scores every pair
+    alone = reference(model, train, cfg, tok.pad_token_id, CPU)  # one process scores every pair
     monkeypatch.setattr(focalpo.procs, "world", lambda: 2)
     monkeypatch.setattr(focalpo.procs, "rank", lambda: 1)
     steps = focalpo.step_stream(train, cfg, skip=0)
@@ -827,7 +832,7 @@ def test_lr_schedule():
 def test_tiny_batch_overfits(tmp_path):
     cfg, tok, model, train, _ = demo_setup(tmp_path, grad_clip=0.0)
     pairs = train[:4]
-    ref = focalpo.compute_reference(model, pairs, cfg, tok.pad_token_id, CPU)
+    ref = reference(model, pairs, cfg, tok.pad_token_id, CPU)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = focalpo.collate(pairs, tok.pad_token_id)
@@ -1888,7 +1893,7 @@ def test_signals_save_and_stop_and_a_folder_holds_one_run_at_a_time(tmp_path, mo
 
 def test_nonfinite_step_is_skipped_and_named(tmp_path):
     cfg, tok, model, train, _ = demo_setup(tmp_path)
-    ref = focalpo.compute_reference(model, train, cfg, tok.pad_token_id, CPU)
+    ref = reference(model, train, cfg, tok.pad_token_id, CPU)
     ref[3, 1] = float("nan")  # one broken reference value
     model.train()
     before = [p.detach().clone() for p in model.parameters()]
