@@ -123,7 +123,7 @@ def steps_per_epoch(cfg, n_pairs):
 def run_steps(cfg, n_pairs):
     return cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, n_pairs)
 
-# --- Losses: pure functions of per-pair summed log-probs, each (B,). Derived in tutorial.ipynb, sections 1-4
+# --- Losses: pure functions of per-pair summed log-probs, each (B,); derived in tutorial.ipynb
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
@@ -152,7 +152,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
     return losses, beta * r_w.detach(), beta * r_l.detach()
 
-# --- Data: rows from the demo, files or a hub dataset, their format, and each row as three texts
+# --- Data: rows from the demo, files or a hub dataset, and each row as three texts
 
 def is_messages(x):
     return isinstance(x, list) and all(isinstance(m, dict) for m in x)
@@ -330,7 +330,7 @@ def prepare_data(cfg, tokenizer, log=print):
                            f"micro-batches of --batch_size={cfg.batch_size}: lower them")
     return out[0], out[1]
 
-# --- Batches: pairs of similar length, two right-padded rows each, and the positions whose next token is scored
+# --- Batches: pairs of similar length, two right-padded rows each, and the positions scored
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
     """Batches of similar length (less padding): shuffle, sort within windows of 64 batches, shuffle the batches;
@@ -467,7 +467,7 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model is kept (pitfall 9)
+# --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model kept (pitfall 9)
 
 def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU does not wait
     cuda = device.type == "cuda"
@@ -832,8 +832,8 @@ class cli:
             kind = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"
             print(f"{who}{kind}{f': {e}' if str(e) else ''}", file=sys.stderr)
             return 130 if kind == "interrupted" else 2
-        lost = isinstance(e, dist.DistError) or any(s in str(e) for s in (
-            "Connection closed by peer", "timed out", "Connection reset by peer", "Timed out", "NCCL"))
+        lost = isinstance(e, dist.DistError) or any(s in str(e).lower() for s in (
+            "connection closed by peer", "connection reset by peer", "timed out", "nccl"))
         if procs.world() > 1 and isinstance(e, RuntimeError) and lost:
             detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
             print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
@@ -1398,7 +1398,7 @@ class RunFolder:
                 except ValueError:
                     log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
 
-# --- Output: the trained model, summary.json, the table that compares the losses, generations
+# --- Output: the trained model, summary.json, the table of losses, generations
 
 class output:
     def save_model(model, tokenizer, out_dir):

@@ -1372,6 +1372,23 @@ def test_bad_options_are_one_sentence(option, message):
         focalpo.cli.parse_args([f"--{option}"])
 
 
+def test_exit_code_says_one_line_for_what_the_user_can_fix_or_stopped(capsys):
+    """A mistake: "error: ..." and 2; a stop after saving: "interrupted: ..." and 130; a second Ctrl-C: "interrupted"
+    and 130; anything else is raised, with its traceback."""
+    import signal as sig
+    assert focalpo.cli.exit_code(FocalpoError("no such file")) == 2
+    assert focalpo.cli.exit_code(KeyboardInterrupt()) == 130
+    handlers = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM)}
+    try:
+        assert focalpo.cli.exit_code(focalpo.Interrupted("stopped by SIGINT")) == 130
+    finally:
+        for s, h in handlers.items():
+            sig.signal(s, h)
+    assert capsys.readouterr().err.splitlines() == ["error: no such file", "interrupted",
+                                                    "interrupted: stopped by SIGINT"]
+    with pytest.raises(ValueError, match="a bug"):
+        focalpo.cli.exit_code(ValueError("a bug"))
+
 def test_a_config_made_in_code_is_checked_too(tmp_path):
     with pytest.raises(FocalpoError, match="^--lr=nan: must be a finite number, at least 0$"):
         focalpo.run(cfg_for(tmp_path, lr=float("nan")))
