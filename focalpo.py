@@ -13,9 +13,9 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     python focalpo.py --help # every option, explained
 
 Reading guide. The core reads in order (Config, losses, data, tokenization, batches, log-probs, model, reference,
-metrics, step, train and run; data and tokenization may be skimmed: out comes a list of Pairs) and a first reading
+metrics, step, train and run; data and tokenization may be skimmed: out come lists of Pairs) and a first reading
 stops at "# Appendix". The core calls into it through these names, each one kind of machinery:
-    checks.    before any work: folders, one run per folder, data files, the model's config and memory
+    checks.    before any work: folders, one run per folder, data files, the model's config and memory; load errors
     files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the fast log-prob path, kept where it gives the model's own numbers
@@ -27,8 +27,9 @@ stops at "# Appendix". The core calls into it through these names, each one kind
     procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
-The notation (r_w, r_l, h, p) is preference_loss's, as in the README and the notebook. "Pitfall N" is one of the
-README's 13 ways DPO implementations have gone wrong, each guarded against here.
+Notation (as in the README and the notebook): for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) −
+log π_ref(y_w|x), r_l the same for y_l, h = r_w − r_l, p = σ(βh). "Pitfall N" is one of the README's 13 ways DPO
+implementations have gone wrong, each guarded against here.
 """
 
 import argparse
@@ -145,7 +146,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp: at r_l = 0 (step 0; exactly, on the CPU) the rejected branch has zero gradient
+        # torch.where, not clamp: at r_l = 0 (as at step 0, up to rounding) the rejected branch gets no gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -238,7 +239,7 @@ def render_chat(row, tokenizer):
     if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
         prompt = chosen[:common_prefix_len(chosen, rejected)]
     after = lambda msgs: msgs[len(prompt):] if msgs[:len(prompt)] == prompt else msgs
-    chosen, rejected = after(chosen), after(rejected)  # chosen/rejected may repeat the prompt turns: what follows
+    chosen, rejected = after(chosen), after(rejected)  # they may repeat the prompt turns: keep what follows
     if not prompt:
         return "no prompt turns"
     if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
@@ -389,13 +390,13 @@ def scoring_batches(pairs, batch_size, pad_id):
 # --- Log-probs: summed over the response tokens only (pitfalls 5, 7)
 
 def _token_logps(head, x, targets):
-    """log π(target | prefix) at N positions: the output layer (or none, for logits), an fp32 log-softmax."""
+    """log π(target | prefix) at N positions: the output layer (Identity, for logits), an fp32 log-softmax."""
     return -F.cross_entropy(head(x).float(), targets, reduction="none")  # (N,)
 
 def sequence_logps(model, batch, chunk_size=2048):
-    """Each row's response-token log-probs SUMMED (not averaged, as in the DPO paper) in float64, (R,), and its
-    response tokens, (R,). Its plain form, as in the DPO reference code (test_sequence_logps_equal_the_plain_form
-    holds this function to it):
+    """Each row's response-token log-probs summed (as in the DPO paper; not averaged) in float64, (R,), and its
+    number of response tokens, (R,). Its plain form, as in the DPO reference code
+    (test_sequence_logps_equal_the_plain_form holds this function to it):
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
@@ -495,18 +496,18 @@ def used_pairs(cfg, train_pairs):
 def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
-def cache_key(cfg, model, train_pairs, eval_pairs, device):
+def cache_key(cfg, model, train_used, eval_pairs, device):
     """A hash of all that changes the values: the model, its weights, every pair's index, tokens and response start
     (data, tokenizer, template, lengths, the pairs a run uses), the forward's device, dtype and path."""
     data = hashlib.sha256()
-    for pairs in (train_pairs, eval_pairs):
+    for pairs in (train_used, eval_pairs):
         for p in pairs:
             data.update(p.chosen.numpy().tobytes() + p.rejected.numpy().tobytes())
             data.update(f"{p.idx},{p.chosen_start},{p.rejected_start};".encode())
         data.update(b"|")
     compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else "own"]
     fields = {"model": cfg.model, "weights": cache.fingerprint(model), "data": data.hexdigest()[:16],
-              "n_train_scored": len(train_pairs), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
+              "n_train_scored": len(train_used), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
     return fields_key(fields), fields
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
@@ -540,7 +541,7 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     pc, pr = pc.detach(), pr.detach()
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
     ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
-    # reward accuracy: a tie is half right, so it is exactly 0.5 at step 0, where the policy is the reference
+    # reward accuracy: a tie is half right, so it is 0.5 at step 0's evaluation, where the policy is the reference
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -563,7 +564,7 @@ def add_metrics(total, m):
 def metrics_to_host(total):  # the sums as floats, in one device -> host copy (one wait)
     if not (keys := sorted(total)):
         return {}
-    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a number: with them
+    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs", a float: to their device
     values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
     return dict(zip(keys, procs.all_reduce(values).tolist()))  # several processes: summed over them
 
@@ -612,8 +613,8 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce them after the last
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches (and processes: FSDP sums them): dividing each one's summed loss by the
-        # step's pair count makes their sum the gradient of the mean over the step's pairs, however split (pitfall 10)
+        # gradients ADD across micro-batches (and processes: procs.shard has FSDP sum them): dividing each one's summed
+        # loss by the step's pair count makes their sum the gradient of the step's mean loss, however split (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
     # the norm before clipping (several processes: of the whole gradient); with max_norm = inf it only measures
@@ -836,9 +837,10 @@ class cli:
             "connection closed by peer", "connection reset by peer", "timed out", "nccl"))
         if procs.world() > 1 and isinstance(e, RuntimeError) and lost:
             detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
+            sys.stdout.flush()
             print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
-                  f"output; the newest checkpoint continues with --resume=true", file=sys.stderr)
-            return 1
+                  f"output; the newest checkpoint continues with --resume=true", file=sys.stderr, flush=True)
+            os._exit(1)  # at once: shutting down a group that lost a process can abort (gloo: "terminate called")
         raise e
 
 # --- Before any work: options, folders, earlier runs, data files, the model's config and memory
