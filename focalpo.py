@@ -15,13 +15,13 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
 Reading guide. The core reads in order (Config, losses, data, tokenization, batches, log-probs, model, reference,
 metrics, step, train and run; data and tokenization may be skimmed: out come lists of Pairs) and a first reading
 stops at "# Appendix". The core calls into it through these names, each one kind of machinery:
-    checks.    before any work: folders, one run per folder, data files, the model's config and memory; load errors
+    checks.    before any work: options, folders, data files, the model's config and memory; load errors
     files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
-    fast.      the fast log-prob path, kept where it gives the model's own numbers
+    fast.      the fast log-prob path, where it is exact
     cache.     files written whole, read back only if whole; a fingerprint of the weights
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
-    RunFolder  metrics.jsonl, and the checkpoints --resume continues from
+    RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      Ctrl-C or SIGTERM, out of memory, NaN/inf steps: save, then stop in one sentence
     output.    the trained model, summary.json, the table that compares the losses
     procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
@@ -64,14 +64,14 @@ from tqdm import tqdm
 @dataclasses.dataclass
 class Config:
     # model and data
-    model: str = "demo"  # "demo" (a tiny model built from a config, offline), a hub name, or a local folder
+    model: str = "demo"  # "demo" (a tiny model built offline), a hub name, or a local folder
     dataset: str = "demo"  # "demo" (a sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet files
     eval_dataset: str = ""  # held-out files; "" = the dataset's test split if it has one, else a seeded 5% of it
     max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
     max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
     max_prompt_length: int = 512  # longer prompts keep their last tokens
-    sft_steps: int = 80  # demo only: next-token training on correct sortings first, so the reference knows something
+    sft_steps: int = 80  # demo only: next-token training on correct sortings first (the reference knows something)
     # loss
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
     beta: float = 0.1  # β, the implicit reward's inverse temperature: larger = stay closer to the reference
@@ -80,9 +80,9 @@ class Config:
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo's tiny model, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
-    grad_accum: int = 2  # micro-batches per optimizer step (shared by several processes): batch_size * grad_accum pairs
+    grad_accum: int = 2  # micro-batches per optimizer step (shared by several processes)
     epochs: int = 1  # passes over the training pairs
-    max_steps: int = 0  # train this many optimizer steps, however many epochs that takes (0 = --epochs of them)
+    max_steps: int = 0  # train this many optimizer steps, however many epochs (0 = --epochs of them)
     warmup_ratio: float = 0.1  # fraction of steps warming up (step s: (s+1)/warmup of the peak), then a cosine to 0
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
@@ -95,8 +95,8 @@ class Config:
     cache_dir: str = "ref_cache"  # cached reference log-probs (and the demo's SFT weights)
     save_model: bool = True  # save the trained model and tokenizer (save_pretrained) at the end
     save_every: int = 100  # checkpoint every this many optimizer steps (and at the end); 0 = only at the end
-    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (by default: model and summary only)
-    resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses: shown, not rerun)
+    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (else: model and summary only)
+    resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses are shown)
     dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops
     progress: bool = True  # show a tqdm progress bar
     generate: int = -1  # at the end, show this many held-out prompts' greedy completions (-1: 5 for the demo, else 0)
@@ -104,7 +104,7 @@ class Config:
 LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
-    """A problem the user can fix: the command line ends with it as one sentence, without a traceback."""
+    """A problem the user can fix: the command line ends with it as one sentence, no traceback."""
 
 class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
@@ -159,7 +159,7 @@ def is_messages(x):
     return isinstance(x, list) and all(isinstance(m, dict) for m in x)
 
 def detect_format(rows):
-    """'plain', 'chat' (message lists) or 'implicit' (no prompt: chosen and rejected begin with it): the first row's."""
+    """The first row's format: 'plain', 'chat' (message lists) or 'implicit' (no prompt: responses begin with it)."""
     if not rows:
         raise FocalpoError("the dataset is empty")
     first, where = rows[0]
@@ -176,8 +176,7 @@ def check_row(row, fmt, where):
         x = row.get(name)
         if fmt != "chat" and not isinstance(x, str):
             raise FocalpoError(f"{where}: {name!r} should be a string, as in the first row ({fmt} format), found "
-                               f"{type(x).__name__}; a file holds one format: plain (prompt, chosen, rejected "
-                               f"strings), chat (message lists) or implicit (chosen, rejected strings only)")
+                               f"{type(x).__name__}; a file holds one format (plain, chat or implicit)")
         if fmt == "chat" and not (isinstance(x, str) or is_messages(x) or (name == "prompt" and x is None)):
             raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages or a string, "
                                f"found {type(x).__name__}")
@@ -187,8 +186,8 @@ def check_row(row, fmt, where):
                                    f"found {m!r:.80}")
 
 def load_rows(cfg):
-    """(train rows, held-out rows, format, where the held-out rows come from); a row is (dict, where it came from).
-    Every row is checked, in file order, against the first training row's format."""
+    """(train rows, held-out rows, format, the held-out rows' source); a row is (dict, where it came from), checked
+    in file order against the first training row's format."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
@@ -265,7 +264,7 @@ def uses_bos(tokenizer):  # does the tokenizer put a BOS token first? (Llama: ye
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
-    """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut, and dropped, for each reason."""
+    """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut or dropped, by reason."""
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
@@ -313,7 +312,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     return pairs
 
 def prepare_data(cfg, tokenizer, log=print):
-    """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was dropped or cut."""
+    """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
     train_rows, eval_rows, fmt, source = load_rows(cfg)
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
@@ -334,8 +333,8 @@ def prepare_data(cfg, tokenizer, log=print):
 # --- Batches: pairs of similar length, two right-padded rows each, and the positions scored
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length (less padding): shuffle, sort within windows of 64 batches, shuffle the batches;
-    or (shuffle=False, for scoring) sorted by length."""
+    """Batches of similar length (less padding): shuffle, sort within windows of 64 batches, shuffle the batches
+    (unshuffled, for scoring: sorted)."""
     length = lambda p: max(len(p.chosen), len(p.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
@@ -350,8 +349,8 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
     return batches
 
 def step_stream(train_pairs, cfg, skip):
-    """Endless seeded steps of --grad_accum batches, reshuffled each epoch, less the `skip` a resumed run made. An
-    epoch's last batches, too few for a step, are left out (so several processes always have equal shares)."""
+    """Endless seeded steps of --grad_accum batches, reshuffled each epoch, less the `skip` a resumed run made; an
+    epoch's last batches, too few for a step, are left out (so several processes get equal shares)."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -364,7 +363,7 @@ def step_stream(train_pairs, cfg, skip):
 def collate_sequences(seqs, starts, pad_id):
     """Rows right-padded (pitfall 6), and `scored`: the (row, t) of every position t whose next token, t + 1, is a
     response token, so t = start - 1 predicts the first one (pitfall 5) and a pad that equals EOS is never scored
-    while the real EOS is (pitfall 4). Listed here on the host: the forward pass needs no nonzero(), a GPU wait."""
+    while the real EOS is (pitfall 4). Listed on the host: no nonzero() (a GPU wait) in the forward."""
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
@@ -378,7 +377,7 @@ def collate_sequences(seqs, starts, pad_id):
             "n_tokens": torch.tensor([len(s) - start for s, start in zip(seqs, starts)])}  # (R,) response tokens
 
 def collate(pairs, pad_id):
-    """B pairs -> 2B rows (the chosen, then the rejected), each pair's index in its split and where it came from."""
+    """B pairs -> 2B rows (the chosen, then the rejected), and each pair's index and where it came from."""
     batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
                               [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs], pad_id)
     return dict(batch, idx=torch.tensor([p.idx for p in pairs]), where=[p.where for p in pairs])
@@ -394,19 +393,18 @@ def _token_logps(head, x, targets):
     return -F.cross_entropy(head(x).float(), targets, reduction="none")  # (N,)
 
 def sequence_logps(model, batch, chunk_size=2048):
-    """Each row's response-token log-probs summed (as in the DPO paper; not averaged) in float64, (R,), and its
-    number of response tokens, (R,). Its plain form, as in the DPO reference code
-    (test_sequence_logps_equal_the_plain_form holds this function to it):
+    """Each row's response-token log-probs summed in float64 (as in the DPO paper; not averaged), (R,), and their
+    number, (R,). Its plain form, the DPO reference code's (test_sequence_logps_equal_the_plain_form holds to it):
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    The same numbers in less memory: the log-softmax at the scored positions only, in chunks recomputed in backward.
-    And where prepare_model found it gives the model's numbers, the model's body runs without a mask (right padding:
-    no scored position sees a pad) and its output layer at the scored positions only, so the (R, T, V) logits are
-    never made (Qwen's 152k vocabulary: ~10 GB in fp32 for 8 pairs of 1,024 tokens)."""
+    The same numbers in less memory: the log-softmax at the scored positions only, in chunks recomputed in backward;
+    where prepare_model found it exact, the body runs without a mask (right padding: no scored position sees a pad)
+    and the output layer at scored positions only: no (R, T, V) logits (~10 GB in fp32 for Qwen's 152k vocabulary,
+    8 pairs of 1,024 tokens)."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     if getattr(model, "fast_logps", False):  # set by prepare_model
         x, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
@@ -456,7 +454,7 @@ def load_model(cfg, tokenizer):  # the weights in --weights' dtype, with the att
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else the policy differs from the reference at step 0), gradient checkpointing if
-    asked, the device and dtype; then the fast log-prob path, where it gives the model's own numbers."""
+    asked, the device and dtype, and the fast log-prob path where it is exact."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -477,8 +475,7 @@ def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU 
 
 @torch.no_grad()
 def score(model, batches, n_pairs, device):
-    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the batches' pairs, by index (−inf for the
-    others)."""
+    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the batches' pairs by index (else −inf)."""
     model.eval()  # as for any evaluation (and HF's gradient checkpointing acts only in training mode)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share
@@ -497,8 +494,8 @@ def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 def cache_key(cfg, model, train_used, eval_pairs, device):
-    """A hash of all that changes the values: the model, its weights, every pair's index, tokens and response start
-    (data, tokenizer, template, lengths, the pairs a run uses), the forward's device, dtype and path."""
+    """A hash of all that changes the values: the model, its weights, each pair's index, tokens and response start
+    (data, tokenizer, template, lengths), the forward's device, dtype and path."""
     data = hashlib.sha256()
     for pairs in (train_used, eval_pairs):
         for p in pairs:
@@ -511,8 +508,8 @@ def cache_key(cfg, model, train_used, eval_pairs, device):
     return fields_key(fields), fields
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the held-out pairs and of the training pairs the run uses (−inf for the others: a
-    longer run scores anew, as the key holds the pairs), cached under cache_key."""
+    """The reference log-probs of the held-out pairs and the training pairs the run uses (−inf for the others: the
+    key holds the pairs, so a longer run scores anew), cached."""
     used = used_pairs(cfg, train_pairs)
     key, fields = cache_key(cfg, model, used, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
@@ -531,8 +528,8 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 # --- Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
-    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each would make
-    the CPU wait for the GPU ~15 times). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
+    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each is a wait).
+    logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
     pc, pr, nc, nr = logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
     losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type,
@@ -573,7 +570,7 @@ def finish_metrics(total):  # sums -> means; the ref-split accuracies within the
     for k, v in total.items():
         if k in ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
             out[k] = int(v)
-        elif k.endswith("_ref_correct") or k.endswith("_ref_incorrect"):
+        elif k.endswith(("_ref_correct", "_ref_incorrect")):
             group = total["pairs_" + k.split("accuracy_")[1]]
             out[k] = v / group if group else None
         else:
@@ -606,9 +603,9 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over a list of micro-batches (gradient accumulation): (the summed metrics, on the device;
-    whether the update was made: a NaN/inf loss or gradient would poison every weight it touched). The CPU waits for
-    the GPU once. n_pairs: the whole step's (several processes share one)."""
+    """One optimizer step over micro-batches (gradient accumulation): (summed metrics, on the device; whether the
+    update was made: a NaN/inf loss or gradient would poison every weight), with one wait for the GPU. n_pairs: the
+    step's (several processes share one)."""
     n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce them after the last
@@ -628,8 +625,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     return total, applied
 
 class HeldOut:
-    """The held-out pairs, batched once, with their reference. Calling it evaluates a model for a loss: one scoring
-    pass, and for the demo the accuracy of greedy generation."""
+    """The held-out pairs, batched once, and their reference; calling it evaluates a model (the demo: generation)."""
 
     def __init__(self, pairs, ref, tokenizer, cfg):
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
@@ -649,7 +645,7 @@ class HeldOut:
 # --- Training: the loop, and run()
 
 def next_step(steps, pad_id):
-    """This process's share of the next step's micro-batches (collated), and the step's pairs and tokens (no pads)."""
+    """This process's share of the next step's micro-batches, collated, and the step's pairs and tokens."""
     step = next(steps)
     pairs = [p for b in step for p in b]
     tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
@@ -671,8 +667,8 @@ def eval_line(loss_type, step, ev):
             + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
 
 def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
-    """Train one loss from the model's weights (with --resume, from the newest checkpoint in out_dir), in the shape
-    of nanoGPT's loop. Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times)."""
+    """Train one loss from the model's weights (--resume: out_dir's newest checkpoint), as nanoGPT's loop does.
+    Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times)."""
     n_steps = run_steps(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)
@@ -704,7 +700,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             metrics, applied = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
             state["train_seconds"] += time.time() - t0
             state["step"] = step = state["step"] + 1
-            if applied:  # (a NaN/inf step made no update: the guard names its rows below)
+            if applied:  # (a NaN/inf step made no update)
                 state["tokens_seen"] += n_tokens
                 add_metrics(state["window"], metrics)  # still on the device
             bar.update(1)
@@ -725,7 +721,7 @@ def loss_dir(cfg, loss_type):  # --out_dir for one loss, --out_dir/<loss> for se
     return cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
 
 def run(cfg, log=print):
-    """The whole job: data, reference, then each loss from the same initial weights. Returns {loss_type: summary}."""
+    """The whole job: data, reference, each loss from the same initial weights. Returns {loss_type: summary}."""
     t0 = time.time()
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all of this, the first one logs
     # a mistake costs one sentence before any work; out_dir is ours until done; finished: what --resume finds done
@@ -747,8 +743,8 @@ def run(cfg, log=print):
             if held_out is None:
                 log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
                     f"{device.type}")
-            # the first loss computes the reference; the others, starting from the same weights, find it in the cache
-            # (its key holds a fingerprint of the weights: a loss that started elsewhere would compute its own)
+            # the first loss computes the reference; the others, from the same weights, find it in the cache (its key
+            # holds a fingerprint of the weights)
             train_ref, eval_ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
                                                             tokenizer.pad_token_id, device, log)
             if held_out is None:
@@ -766,8 +762,8 @@ def run(cfg, log=print):
     return summaries
 
 def main(argv=None):  # the command line: an error the user can fix ends in one sentence and exit code 2
-    for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # the libraries' own bars
-        os.environ.setdefault(bars, "1")  # (loading and saving weights, reading files) would cut through the log
+    for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # the libraries' bars would
+        os.environ.setdefault(bars, "1")  # cut through the log
     try:
         run(cli.parse_args(argv))
         code = 0
@@ -777,7 +773,7 @@ def main(argv=None):  # the command line: an error the user can fix ends in one 
 
 # =============================================================================
 # Appendix: optional machinery
-# A first reading stops here. Each kind of machinery is a class used as a namespace (no self): demo.pairs(...).
+# A first reading stops here. Each kind of machinery is a class used as a namespace: demo.pairs(...).
 
 # --- The command line
 
@@ -798,7 +794,7 @@ class cli:
             raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
         return s.lower() in ("1", "true", "yes", "on")
 
-    def option_help():  # {option: explanation}, from the comments in Config ("" where there is none)
+    def option_help():  # {option: explanation}, from the comments in Config
         with open(__file__, encoding="utf-8") as f:
             block = f.read().split("\nclass Config:\n")[1].split("\n\n")[0]
         return dict(re.findall(r"^ +(\w+): [^\n=]+= [^\n]*?(?:  # ([^\n]*))?$", block, flags=re.M))
@@ -824,7 +820,7 @@ class cli:
         checks.options(cfg)
         return cfg
 
-    def exit_code(e):  # one line and an exit code for an error the user can fix, or a stop; the rest is raised
+    def exit_code(e):  # one line and an exit code for a user's error or a stop; the rest is raised
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         if isinstance(e, Interrupted):  # saved: a late signal (a launcher signals every process) must not cut it short
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -840,7 +836,7 @@ class cli:
             sys.stdout.flush()
             print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
                   f"output; the newest checkpoint continues with --resume=true", file=sys.stderr, flush=True)
-            os._exit(1)  # at once: shutting down a group that lost a process can abort (gloo: "terminate called")
+            os._exit(1)  # at once: shutting down a group that lost a process can abort
         raise e
 
 # --- Before any work: options, folders, earlier runs, data files, the model's config and memory
@@ -853,7 +849,7 @@ def first_line(e):
 class checks:
     AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
                   "dist_timeout")
-    # the options --resume may change (they change no result); the others must be as they were
+    # the options --resume may change (they change no result)
     FREE_ON_RESUME = ("log_every", "eval_every", "save_every", "progress", "resume", "out_dir", "cache_dir",
                       "keep_final_checkpoint", "dist_timeout", "generate", "save_model", "loss")
 
@@ -879,8 +875,7 @@ class checks:
 
     @contextlib.contextmanager
     def before_work(cfg, device, log):
-        """The checks that need no data or weights, with out_dir locked (one run per folder) while the block runs.
-        Yields the summaries of the losses --resume finds finished."""
+        """Checks needing no data or weights, out_dir locked meanwhile (one run per folder); yields finished runs."""
         import fcntl
         checks.options(cfg)
         for name in ("out_dir", "cache_dir"):
@@ -934,7 +929,7 @@ class checks:
                                f"continue {path}: run with the original values, or start a new --out_dir")
         return recorded
 
-    def model(cfg, device, log):  # its config loads, its context holds --max_length, and the memory plan fits
+    def model(cfg, device, log):  # its config loads, holds --max_length, and fits in memory
         from transformers import AutoConfig
         try:
             config = AutoConfig.from_pretrained(cfg.model)
@@ -946,7 +941,7 @@ class checks:
                                f"was built for: lower --max_length (and --max_prompt_length) to at most {context}")
         checks.memory(cfg, config, device, log)
 
-    def load_error(what, name, e):  # one sentence: what could not be loaded, the cause, and what to do
+    def load_error(what, name, e):  # one sentence: what, why, and what to do
         if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             return FocalpoError(f"could not load {what} {name!r}: there is no such folder; check the path")
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -957,9 +952,8 @@ class checks:
         return FocalpoError(f"could not load {what} {name!r} ({first_line(e)}): {hint}")
 
     def memory_plan(config, cfg, world_size=1):
-        """(bytes per GPU, a one-line account), estimated. Per parameter: fp32 weights, gradients, AdamW moments and
-        autocast's bf16 copy (18 bytes; 16 under FSDP), or 8 for bf16. A layer keeps ~30*H + 8*I bytes per token for
-        backward; checkpointed, only its input, one layer recomputed at a time. Plus a logits chunk."""
+        """(bytes per GPU, a one-line account), estimated: 18 bytes a parameter (weights, gradients, AdamW, bf16 copy;
+        16 under FSDP) or 8 (bf16); ~30*H + 8*I bytes a token a layer (checkpointed: one); a logits chunk."""
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):  # parameters counted without memory
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -975,7 +969,7 @@ class checks:
             f"~{acts / GiB:.1f} GiB ({cfg.batch_size} pairs x {cfg.max_length} tokens, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}) = ~{(state + buffers + acts) / GiB:.1f} GiB")
 
-    def memory(cfg, config, device, log=print):  # on a GPU: the plan beside the free memory; stop if it cannot fit
+    def memory(cfg, config, device, log=print):  # on a GPU: the plan beside the free memory
         if device.type != "cuda":
             return
         (needed, line), free = checks.memory_plan(config, cfg, procs.world()), torch.cuda.mem_get_info(device)[0]
@@ -991,7 +985,7 @@ class checks:
 # --- Data files and the hub, read by datasets
 
 class files:
-    def kind(path):  # the datasets loader for a data file's name ("x.JSONL.gz": 'json'), or None
+    def kind(path):  # the datasets loader for a file's name ("x.JSONL.gz": 'json'), or None
         name = re.sub(r"\.(gz|bz2|xz)$", "", path.lower())
         return {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
 
@@ -1004,13 +998,13 @@ class files:
                 raise FocalpoError(f"data file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
         return paths
 
-    def read(spec):  # [(row, where)] from .jsonl, .json, .csv (maybe .gz, .bz2, .xz) or .parquet files
+    def read(spec):  # [(row, where)] from the files
         import datasets
         rows = []
         for path in files.paths(spec):
             if files.kind(path) is None:
-                raise FocalpoError(f"{path}: not a data file this reads; use .jsonl, .json or .csv (each may be .gz, "
-                                   f".bz2 or .xz compressed), or .parquet")
+                raise FocalpoError(f"{path}: not a data file this reads (.jsonl, .json, .csv, each maybe .gz, .bz2 "
+                                   f"or .xz, or .parquet)")
             try:
                 table = datasets.load_dataset(files.kind(path), data_files=path, split="train").to_list()
             except Exception as e:  # the library's own words: the error under its error
@@ -1021,8 +1015,7 @@ class files:
         return rows
 
     def as_messages(x, name, where):
-        """x, or the messages a CSV file keeps as text: JSON, Python's repr (pandas' to_csv) or numpy's, with no
-        commas between the dicts (datasets' to_csv)."""
+        """x, or the messages a CSV file keeps as text (JSON, Python's or numpy's repr: pandas', datasets' to_csv)."""
         if not (isinstance(x, str) and x.lstrip().startswith("[{") and "role" in x):
             return x
         numpy_repr = lambda text: ast.literal_eval(re.sub(r"}\s*\n\s*{", "}, {", text))
@@ -1034,8 +1027,7 @@ class files:
                            f"but reads as neither JSON nor a Python list: save the data as .jsonl or .parquet")
 
     def hub(name):
-        """(train rows, held-out rows or None, their source): split 'train[_prefs]', and 'test[_prefs]' or
-        'validation'."""
+        """(train rows, held-out rows or None, their source): splits train[_prefs], test[_prefs] or validation."""
         import datasets
         try:
             ds = datasets.load_dataset(name)
@@ -1056,7 +1048,7 @@ class demo:
     N_PAIRS = 4400  # 4000 to train on, 400 held out
     SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
-    def mistake(answer, letters, rng):  # two neighbours swapped, or a letter not in the prompt put in (then re-sorted)
+    def mistake(answer, letters, rng):  # two neighbours swapped, or a letter not in the prompt put in
         answer = list(answer)
         i = rng.randrange(len(answer) - 1)
         if rng.random() < 0.5:
@@ -1067,8 +1059,7 @@ class demo:
         return answer
 
     def pairs(n, seed):
-        """n pairs with distinct prompts ("sort: q d m a =", chosen " a d m q", rejected " a m d q"): half right vs
-        wrong, half one mistake vs two (as in real data, the chosen is often just the better of two)."""
+        """n pairs with distinct prompts: half right vs wrong, half one mistake vs two (as in real data)."""
         rng, pairs, seen = random.Random(seed), [], set()
         while len(pairs) < n:
             letters = rng.sample(demo.LETTERS, rng.randint(4, 8))
@@ -1089,7 +1080,7 @@ class demo:
     def answer(prompt):  # "sort: q d m a =" -> "a d m q" (a pair's chosen may have a mistake)
         return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in demo.LETTERS))
 
-    def tokenizer():  # a word-level tokenizer (one token per letter or word), built offline with `tokenizers`
+    def tokenizer():  # a word-level tokenizer, built offline
         from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
         from transformers import PreTrainedTokenizerFast
         specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -1101,7 +1092,7 @@ class demo:
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                        unk_token="<unk>")
 
-    def model(tokenizer, seed):  # a 4-layer Llama-shaped model (0.45M parameters), randomly initialised from `seed`
+    def model(tokenizer, seed):  # a 4-layer Llama-shaped model (0.45M parameters) seeded with `seed`
         from transformers import AutoModelForCausalLM, LlamaConfig
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
@@ -1117,9 +1108,8 @@ class demo:
         return [(r["prompt"], " " + demo.answer(r["prompt"])) for r in rows[:demo.SFT_EXAMPLES]]
 
     def sft(model, tokenizer, cfg, device, log=print):
-        """--sft_steps of next-token training on correct sortings, stopped early: the reference then sorts some
-        held-out prompts right and many wrong. Cached (the first process trains; the others load)."""
-        rows = demo.sft_rows(cfg)  # the word-level tokenizer has no boundary merges (cf. tokenize_pairs)
+        """--sft_steps on correct sortings, stopped early: the reference sorts some prompts right, many wrong."""
+        rows = demo.sft_rows(cfg)  # a word-level tokenizer: no boundary merges (cf. tokenize_pairs)
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
         seqs = [torch.tensor(p + a + [tokenizer.eos_token_id], dtype=torch.int32) for p, a in zip(prompts, answers)]
@@ -1153,12 +1143,11 @@ class demo:
                 f"{path}")
             return model
 
-    def is_right(prompt, completion):  # a greedy (text, ended with EOS) is the prompt's right answer, then EOS
+    def is_right(prompt, completion):  # a greedy (text, ended with EOS) is the right answer, then EOS
         return completion[1] and completion[0].strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
-        """The fraction of greedy completions that are right. One token past the longest answer is allowed: a
-        completion that runs on shows as one."""
+        """The fraction of right greedy completions (one token more allowed, so that running on shows)."""
         prompts = [p.chosen[:p.chosen_start] for p in pairs]
         longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
@@ -1172,15 +1161,13 @@ class fast:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
-    def body(model, ids):  # (R, T, H): the layers without a mask or the output layer (FSDP: procs.shard's fsdp_body)
+    def body(model, ids):  # (R, T, H): no mask, no output layer (FSDP: procs.shard's fsdp_body)
         body = getattr(model, "fsdp_body", None) or model.base_model
         return body(input_ids=ids, use_cache=False).last_hidden_state
 
     def probe(model, max_length, device):
-        """Does the fast path give the model's own log-probs? It drops the mask (wrong for a short window or attention
-        not SDPA's) and takes the output layer's logits as they are (wrong where a model scales or caps them). So it
-        is tried on SDPA models and kept if it agrees on two random right-padded sequences, logits as large as a
-        trained model's (so that a cap shows)."""
+        """Is the fast path exact? It drops the mask (wrong for a short window, or not SDPA) and takes the logits as
+        they are (wrong if scaled or capped): kept if two random right-padded rows agree."""
         from transformers import AttentionInterface
         window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
         model.fast_logps = False
@@ -1202,7 +1189,7 @@ class fast:
                 model.set_attn_implementation("causal_sdpa")
                 model.fast_logps = True  # (sequence_logps reads it)
                 agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
-            except Exception:  # parts that do not fit (a base_model that is the model itself, say)
+            except Exception:  # parts that do not fit (base_model is the model, say)
                 agrees = False
             head.weight.copy_(weight)
         if not agrees:
@@ -1213,18 +1200,15 @@ class fast:
 # --- --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
 
 def stochastic_round_bf16_(x, noise):
-    """A flat fp32 tensor -> bf16 that is x in expectation, as a view of x's top halves (x is changed); noise: int32
-    in [0, 2^16). bf16 is an fp32's top 16 bits: random low bits added carry into the top half with probability
-    (x - the bf16 below) / spacing; for either sign, as the pattern is sign + magnitude."""
+    """Flat fp32 x -> bf16 that is x in expectation, as a view of x's top halves (x changes); noise: int32 in [0,
+    2^16). Random low bits carry into the top 16 with probability (x - the bf16 below) / spacing; sign + magnitude."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
 class AdamWSR(torch.optim.Optimizer):
-    """AdamW (no weight decay) with its state in the parameters' dtype (bf16: 6 bytes per weight, not 12), fp32
-    arithmetic and stochastic rounding back: round-to-nearest loses a step of lr = 5e-7 on a bf16 weight of 0.02
-    (spacing 1.2e-4) every time; stochastic rounding moves it the right amount on average. Pieces of `chunk` elements
-    go through reusable buffers (28 bytes an element: 0.875 GiB); one int64 of random bits serves three roundings
-    (three draws: 1.3x the time on a CPU). Under FSDP2: the local shard."""
+    """AdamW (no weight decay), state in the parameters' dtype (bf16: 6 bytes a weight, not 12), fp32 math, rounded
+    back stochastically: to nearest, a step of lr = 5e-7 on a bf16 weight of 0.02 (spacing 1.2e-4) is always lost.
+    Pieces of `chunk` use reusable buffers (28 bytes an element)."""
 
     chunk = 1 << 25
 
@@ -1232,7 +1216,7 @@ class AdamWSR(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.work = {}  # the reusable buffers
 
-    def random_bits(self, n, device):  # n int64s with at least 48 random low bits (a method: tests supply theirs)
+    def random_bits(self, n, device):  # n int64s with 48 random low bits (a method: tests supply theirs)
         return self.buffer("bits", n, torch.int64, device).random_()
 
     def buffer(self, name, n, dtype, device):
@@ -1241,7 +1225,7 @@ class AdamWSR(torch.optim.Optimizer):
         return self.work[name][:n]
 
     @torch.no_grad()
-    def step(self, closure=None):  # closure: unused, accepted because torch.distributed.checkpoint passes it
+    def step(self, closure=None):  # closure: unused (torch.distributed.checkpoint passes it)
         for group in self.param_groups:
             for p in [p for p in group["params"] if p.grad is not None]:
                 state = self.state[p]
@@ -1253,26 +1237,25 @@ class AdamWSR(torch.optim.Optimizer):
                 for pieces in zip(*(t.view(-1).split(self.chunk) for t in tensors)):
                     self.update(*pieces, group, state["step"])
 
-    def update(self, w_, g_, m_, v_, group, t):  # one piece of weight, gradient, moments: fp32, AdamW, rounded back
+    def update(self, w_, g_, m_, v_, group, t):  # one piece: fp32, AdamW, rounded back
         (beta1, beta2), n, device = group["betas"], w_.numel(), w_.device
         w, g, m, v = (self.buffer(k, n, torch.float32, device).copy_(x) for k, x in zip("wgmv", (w_, g_, m_, v_)))
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = torch.div(v, 1 - beta2 ** t, out=g).sqrt_().add_(group["eps"])  # g is no longer needed: reuse it
         w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
-        words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # each int64 as two 32-bit words
+        words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # an int64 serves three roundings
         noise = self.buffer("noise", n, torch.int32, device)
         for k, (x, dst) in enumerate(((w, w_), (m, m_), (v, v_))):
             word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
             bf16 = dst.dtype == torch.bfloat16
             dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)) if bf16 else x)
 
-# --- Files written whole (caches, checkpoints, the model), and the run's folder
+# --- Files written whole, and the run's folder
 
 @contextlib.contextmanager
 def room_for(path, needed, partial=None):
-    """A failed write (a full disk, a quota) is one sentence naming the folder and the space it needs, and leaves
-    no partial file or folder; where the space is short, nothing is written."""
+    """A failed write (a full disk) is one sentence naming the folder and the space it needs; no partial file stays."""
     folder = os.path.dirname(os.path.abspath(path))
     free, MB = shutil.disk_usage(folder).free, 2 ** 20
     try:
@@ -1286,13 +1269,13 @@ def room_for(path, needed, partial=None):
                            f"has {free / MB:.1f} MB free and the write needs about {needed / MB:.1f} MB; make room "
                            f"(or choose another folder), then run the same command with --resume=true") from None
 
-def nbytes(x):  # the bytes of the tensors in nested dicts and lists (what torch.save writes, nearly)
+def nbytes(x):  # the bytes of the tensors in nested dicts and lists
     if isinstance(x, (dict, list, tuple)):
         return sum(map(nbytes, x.values() if isinstance(x, dict) else x))
     return x.nbytes if torch.is_tensor(x) else 0
 
 class cache:
-    def write(blob, path):  # torch.save to a temporary name, then a rename: a file with its final name is whole
+    def write(blob, path):  # to a temporary name, then renamed: a file with its final name is whole
         if procs.rank() != 0:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -1302,8 +1285,7 @@ class cache:
         os.replace(tmp, path)  # a crash mid-save leaves the file before it as it was
 
     def read(path, what, log, everywhere=True):
-        """The tensors cached in `path` (its name is their key), or None; a file that cannot be read is reported.
-        everywhere: several processes use them only if all found them."""
+        """The tensors cached in `path` (its name is their key), or None; everywhere: if all processes have them."""
         tensors = None
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
@@ -1315,7 +1297,7 @@ class cache:
         return tensors if not everywhere or procs.agree(tensors is not None, "min") else None
 
     @torch.no_grad()
-    def fingerprint(model):  # a cheap digest of the weights (two sums per tensor): tells checkpoints apart
+    def fingerprint(model):  # a cheap digest of the weights (two sums a tensor)
         h = hashlib.sha256()
         for name, p in model.named_parameters():
             x = procs.full(p).float()
@@ -1332,8 +1314,7 @@ def latest_checkpoint(folder):  # (the newest checkpoint, mapped, not read; its 
                            f"the one before, or start a new --out_dir") from None
 
 class RunFolder:
-    """One loss's metrics.jsonl and checkpoints: step_NNNNNNN.pt with model, optimizer, RNG, state, options and loss,
-    as full tensors (any number of processes resumes one). The newest two are kept; .last is the newest."""
+    """One loss's metrics.jsonl and checkpoints, full tensors (any number of processes resumes); the newest two kept."""
 
     def __init__(self, out_dir, model, optimizer, cfg, loss_type, n_steps):
         self.folder, self.metrics = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
@@ -1347,11 +1328,9 @@ class RunFolder:
                 f.write(line)
 
     def save(self, state, keep=2):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         state["window"] = metrics_to_host(state["window"])  # floats (with several processes, their sums)
-        options = procs.full_state_options()
-        blob = {"model": get_model_state_dict(self.model, options=options),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+        weights, optimizer = procs.full_state(self.model, self.optimizer)
+        blob = {"model": weights, "optimizer": optimizer,
                 "state": state, "config": dataclasses.asdict(self.cfg), "loss_type": self.loss_type,
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -1365,8 +1344,7 @@ class RunFolder:
         return self.last
 
     def resume(self, log):
-        """Weights, optimizer, RNG and state from the newest checkpoint (options checked before any work), and
-        metrics.jsonl cut back to it; or, without one, a new state and metrics.jsonl."""
+        """The newest checkpoint's weights, optimizer, RNG and state, metrics.jsonl cut back to it; or a new state."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions as Options, set_model_state_dict, \
             set_optimizer_state_dict
         ckpt, self.last = latest_checkpoint(self.folder)
@@ -1381,13 +1359,13 @@ class RunFolder:
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         state = ckpt["state"]
-        if procs.rank() != 0:  # the saved window holds the sums of all processes: the first one carries them, once
+        if procs.rank() != 0:  # the saved sums are all processes': the first carries them
             state["window"] = {}
         self.cut_metrics(state["step"], log)
         log(f"[{self.loss_type}] resumed from {self.last} at step {state['step']} of {self.n_steps}")
         return state
 
-    def cut_metrics(self, step, log):  # metrics.jsonl's rows up to `step`; a torn line, or no file, is reported
+    def cut_metrics(self, step, log):  # metrics.jsonl's rows up to `step`; a torn line or no file is said
         if procs.rank() != 0:
             return
         if not (lines := open(self.metrics).readlines() if os.path.exists(self.metrics) else []):
@@ -1404,10 +1382,8 @@ class RunFolder:
 
 class output:
     def save_model(model, tokenizer, out_dir):
-        """save_pretrained of the model and tokenizer into a folder of their own, then moved: a file with its final
-        name is whole. Several processes gather the weights; the first one writes."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        weights = get_model_state_dict(model, options=procs.full_state_options()) if procs.world() > 1 else None
+        """save_pretrained into a folder of its own, then moved: a file with its final name is whole."""
+        weights = procs.full_state(model)[0] if procs.world() > 1 else None
         if procs.rank() == 0:
             tmp = os.path.join(out_dir, ".model.tmp")
             with room_for(os.path.join(out_dir, "model.safetensors"), nbytes(weights or model.state_dict()), tmp):
@@ -1418,8 +1394,7 @@ class output:
             os.rmdir(tmp)
 
     def finish(cfg, state, loss_type, n_pairs, out_dir):
-        """summary.json, written last (it means "done"); then the checkpoints go (with AdamW's state, one is ~3x the
-        model), unless --keep_final_checkpoint."""
+        """summary.json, written last (it means "done"); then the checkpoints (each ~3x the model) go, unless kept."""
         first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
         summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0],
                    "eval_pairs": n_pairs[1], "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
@@ -1494,9 +1469,8 @@ class output:
 # --- What stops a run: signals, out of GPU memory, NaN/inf steps
 
 class Guard:
-    """What stops training, in one sentence after saving what can be: Ctrl-C or SIGTERM (the step in flight ends and
-    is saved; a second one stops at once; one to any process stops all), out of GPU memory (the last whole step is
-    saved), MAX_BAD_STEPS NaN/inf steps in a row (none made an update; their rows are named)."""
+    """Stops training in one sentence after saving what can be: Ctrl-C or SIGTERM (the step ends; a second one stops
+    at once), out of GPU memory, MAX_BAD_STEPS NaN/inf steps in a row (no update made; rows named)."""
 
     MAX_BAD_STEPS = 3
 
@@ -1528,7 +1502,7 @@ class Guard:
                 f"--max_length={cfg.max_length} tokens: lower --batch_size (raising --grad_accum to keep the batch), "
                 f"set --gradient_checkpointing=true, or lower --max_length{saved}") from None
 
-    def after_step(self, applied, micro):  # NaN/inf (no update made): name its rows; a signal: save and stop
+    def after_step(self, applied, micro):
         state, step = self.state, self.state["step"]
         state["bad_steps"] = 0 if applied else state["bad_steps"] + 1
         if not applied:
@@ -1554,7 +1528,7 @@ class Guard:
             pairs += [batch["where"][i] for i in (~torch.isfinite(losses)).nonzero()[:, 0].tolist()]
         return procs.gather_lists(pairs)
 
-# --- Several processes (torchrun --nproc_per_node=N focalpo.py ...), FSDP2; with one, no-ops
+# --- Several processes (torchrun), FSDP2; with one, no-ops
 
 class procs:
     def rank():
@@ -1564,8 +1538,7 @@ class procs:
         return dist.get_world_size() if dist.is_initialized() else 1
 
     def setup(cfg, log):
-        """(the device, the log: only the first process speaks); under torchrun, the process group (NCCL on CUDA,
-        gloo on the CPU), whose timeout stops all when one hangs."""
+        """(device, log: the first process's only); under torchrun, the group (NCCL or gloo; a timeout ends hangs)."""
         device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return device, log
@@ -1588,8 +1561,7 @@ class procs:
         return device, log
 
     def shard(model, device):
-        """FSDP2 over each decoder layer, then the model; fp32 weights compute in bf16 on CUDA, as with autocast.
-        Gradients are SUMMED (each loss is divided by the step's pairs already)."""
+        """FSDP2 over each decoder layer, then the model; bf16 compute on CUDA as with autocast; gradients SUMMED."""
         if procs.world() == 1:
             return model
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -1602,19 +1574,18 @@ class procs:
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)  # sum, do not average
                 m.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction
-        if model.fast_logps:  # the root's weights gathered for the body too (the model's forward has FSDP's hooks)
+        if model.fast_logps:  # the root's weights gathered for the body too
             model.fsdp_body = model.base_model.__call__
             register_fsdp_forward_method(model, "fsdp_body")
         register_fsdp_forward_method(model, "generate")
         return model.to(device)
 
     def my_share(items):
-        """Process r of N takes items r, r+N, ..., a short share padded with repeats (as in DistributedSampler):
-        under FSDP every forward is collective."""
+        """Items r, r+N, ... for process r of N, a short share padded (under FSDP each forward is collective)."""
         n = procs.world()
         return [items[i % len(items)] for i in range(procs.rank(), math.ceil(len(items) / n) * n, n)]
 
-    def all_reduce(t, op="sum"):  # t summed (or max'ed, min'ed) over the processes, in place, on the device NCCL needs
+    def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place, via the device NCCL needs
         if procs.world() == 1:
             return t
         x = t.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device)
@@ -1626,7 +1597,7 @@ class procs:
             return bool(flag.item() if torch.is_tensor(flag) else flag)
         return bool(procs.all_reduce(torch.as_tensor(flag, dtype=torch.float32).reshape(1), op).item())
 
-    def gather_scores(model, logps):  # each pair's from the process that scored it (the others hold −inf)
+    def gather_scores(model, logps):  # the others hold −inf: max
         procs.reshard(model)
         return procs.all_reduce(logps, "max")
 
@@ -1639,7 +1610,7 @@ class procs:
     def full(t):  # a sharded tensor (DTensor) whole; any other as it is
         return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    def sync_gradients(model, now):  # FSDP: reduce the gradients only `now` (after a step's last micro-batch)
+    def sync_gradients(model, now):
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(now)
 
@@ -1648,16 +1619,19 @@ class procs:
             model.reshard()
 
     @contextlib.contextmanager
-    def rank0_first():  # the first process runs the block (and caches what it makes) before the others
+    def rank0_first():  # the first process runs the block (and caches) before the others
         if procs.rank() != 0:
             dist.barrier()
         yield
         if procs.rank() == 0 and procs.world() > 1:
             dist.barrier()
 
-    def full_state_options():  # full tensors, gathered to the first one's host memory: any number of processes resumes
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-        return StateDictOptions(full_state_dict=procs.world() > 1, cpu_offload=procs.world() > 1)
+    def full_state(model, optimizer=None):  # (model, optimizer) state dicts, full tensors in host memory
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+            get_optimizer_state_dict
+        options = StateDictOptions(full_state_dict=procs.world() > 1, cpu_offload=procs.world() > 1)
+        return (get_model_state_dict(model, options=options),
+                optimizer and get_optimizer_state_dict(model, optimizer, options=options))
 
 if __name__ == "__main__":
     main()
