@@ -10,11 +10,10 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
-    python focalpo.py --help # every option, explained
 
-Reading guide. The core reads in order (Config, losses, data, tokenization, batches, log-probs, model, reference,
-metrics, step, train and run; data and tokenization may be skimmed: out come lists of Pairs) and a first reading
-stops at "# Appendix". The core calls into it through these names, each one kind of machinery:
+Reading guide. The core reads top to bottom, in data-flow order (data and tokenization may be skimmed: out come
+lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names, one for each
+kind of machinery:
     checks.    before any work: options, folders, data files, the model's config and memory; load errors
     files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
@@ -93,7 +92,7 @@ class Config:
     log_every: int = 5  # a line in metrics.jsonl every this many optimizer steps
     out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ for several losses)
     cache_dir: str = "ref_cache"  # cached reference log-probs (and the demo's SFT weights)
-    save_model: bool = True  # save the trained model and tokenizer (save_pretrained) at the end
+    save_model: bool = True  # save_pretrained the trained model and tokenizer at the end
     save_every: int = 100  # checkpoint every this many optimizer steps (and at the end); 0 = only at the end
     keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (else: model and summary only)
     resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses are shown)
@@ -186,8 +185,7 @@ def check_row(row, fmt, where):
                                    f"found {m!r:.80}")
 
 def load_rows(cfg):
-    """(train rows, held-out rows, format, the held-out rows' source); a row is (dict, where it came from), checked
-    in file order against the first training row's format."""
+    """(train rows, held-out rows, format, held-out source); each row, (dict, where), in the first row's format."""
     if cfg.dataset == "demo":
         rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
         return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
@@ -268,7 +266,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
-                           "instruct/chat model's tokenizer, or plain-text prompt/chosen/rejected data")
+                           "instruct/chat model's tokenizer, or plain-text data")
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
     rendered = []
@@ -466,7 +464,7 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model kept (pitfall 9)
+# --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model (pitfall 9)
 
 def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU does not wait
     cuda = device.type == "cuda"
@@ -532,9 +530,9 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
     pc, pr, nc, nr = logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
-    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type,
-                                                               beta=cfg.beta, gamma=cfg.gamma,
-                                                               focal_detach=cfg.focal_detach)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
+        focal_detach=cfg.focal_detach)
     pc, pr = pc.detach(), pr.detach()
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
     ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
@@ -591,7 +589,7 @@ def make_optimizer(model, cfg, lr, device):
     """AdamW; for bf16 weights AdamWSR (plain AdamW loses DPO-sized updates to bf16 rounding: pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    # betas (0.9, 0.95): the usual ones for language models (nanoGPT's, Llama's); no weight decay, as in AdamWSR
+    # betas (0.9, 0.95): the usual ones for language models (nanoGPT's, Llama's); no weight decay, like AdamWSR
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
                              fused=device.type == "cuda")
 
@@ -603,9 +601,8 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over micro-batches (gradient accumulation): (summed metrics, on the device; whether the
-    update was made: a NaN/inf loss or gradient would poison every weight), with one wait for the GPU. n_pairs: the
-    step's (several processes share one)."""
+    """One optimizer step over micro-batches (gradient accumulation), one wait for the GPU: (summed metrics, on the
+    device; whether the update was made: NaN/inf would poison every weight). n_pairs: the step's, all processes'."""
     n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce them after the last
@@ -745,8 +742,8 @@ def run(cfg, log=print):
                     f"{device.type}")
             # the first loss computes the reference; the others, from the same weights, find it in the cache (its key
             # holds a fingerprint of the weights)
-            train_ref, eval_ref = load_or_compute_reference(cfg, model, train_pairs, eval_pairs,
-                                                            tokenizer.pad_token_id, device, log)
+            train_ref, eval_ref = load_or_compute_reference(
+                cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
             if held_out is None:
                 right = int((eval_ref[:, 0] >= eval_ref[:, 1]).sum())
                 log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= "
@@ -822,7 +819,7 @@ class cli:
 
     def exit_code(e):  # one line and an exit code for a user's error or a stop; the rest is raised
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        if isinstance(e, Interrupted):  # saved: a late signal (a launcher signals every process) must not cut it short
+        if isinstance(e, Interrupted):  # saved: a late signal (launchers signal every process) must not cut it short
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
         if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # KeyboardInterrupt: a second Ctrl-C, nothing to save
@@ -918,7 +915,7 @@ class checks:
         if ckpt is not None:
             checks.same_options(ckpt, cfg, loss_type, path)
 
-    def same_options(recorded, cfg, loss_type, path):  # `recorded` (a checkpoint, a summary) if its options match
+    def same_options(recorded, cfg, loss_type, path):  # `recorded` (checkpoint or summary) if its options match
         was = recorded.get("config") or {}
         diffs = [f"--{f.name} was {was.get(f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                  if f.name not in checks.FREE_ON_RESUME and was.get(f.name) != getattr(cfg, f.name)]
@@ -1101,7 +1098,7 @@ class demo:
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
-    def sft_rows(cfg):  # correct sortings of letter sets no preference pair uses
+    def sft_rows(cfg):  # correct sortings of letter sets no pair uses
         letters = lambda row: frozenset(row["prompt"].split()[1:-1])
         taken = {letters(r) for r in demo.pairs(demo.N_PAIRS, cfg.seed)}
         rows = [r for r in demo.pairs(demo.SFT_EXAMPLES + 500, cfg.seed + 1) if letters(r) not in taken]
@@ -1369,8 +1366,7 @@ class RunFolder:
         if procs.rank() != 0:
             return
         if not (lines := open(self.metrics).readlines() if os.path.exists(self.metrics) else []):
-            log(f"WARNING: {self.metrics} is missing or empty: its rows up to step {step} are lost; new rows go to a "
-                f"new one")
+            log(f"WARNING: {self.metrics} is missing or empty: its rows up to step {step} are lost")
         with open(self.metrics, "w") as f:
             for line in lines:
                 try:
@@ -1396,10 +1392,9 @@ class output:
     def finish(cfg, state, loss_type, n_pairs, out_dir):
         """summary.json, written last (it means "done"); then the checkpoints (each ~3x the model) go, unless kept."""
         first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
-        summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0],
-                   "eval_pairs": n_pairs[1], "lr": peak_lr(cfg), "eval_loss_start": first["loss"],
-                   "eval_reward_accuracy_start": first["reward_accuracy"],
-                   "eval_generation_accuracy_start": first.get("generation_accuracy"),
+        summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
+                   "lr": peak_lr(cfg), **{f"eval_{k}_start": first.get(k) for k in
+                                          ("loss", "reward_accuracy", "generation_accuracy")},
                    **{f"eval_{k}": v for k, v in last.items()},
                    "train_tokens_per_second": state["tokens_seen"] / seconds if seconds else None,
                    "train_seconds": seconds, "loop_seconds": state["loop_seconds"], "config": dataclasses.asdict(cfg)}
@@ -1425,8 +1420,8 @@ class output:
                  f"{'loss':<19}" + "".join(f"{output.TABLE[k]:>{w}}" for k, w in cols.items())]
         for lt, s in summaries.items():
             name = lt + (" (detached)" if lt == "focalpo" and s["config"]["focal_detach"] else "")
-            lines.append(f"{name:<19}" + "".join(f"{'-' if s.get(k) is None else format(s[k], '.3f'):>{w}}"
-                                                  for k, w in cols.items()))
+            cells = (f"{'-' if s.get(k) is None else format(s[k], '.3f'):>{w}}" for k, w in cols.items())
+            lines.append(f"{name:<19}" + "".join(cells))
         return "\n".join(lines)
 
     @torch.no_grad()
@@ -1455,8 +1450,8 @@ class output:
 
     def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_tokens=128):
         """--generate=N: the first N held-out prompts with greedy completions (for the demo: right or not)."""
-        prompts = [p.chosen[:p.chosen_start] for p in pairs[:cfg.generate if cfg.generate >= 0 else
-                                                             (5 if cfg.dataset == "demo" else 0)]]
+        n = cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)
+        prompts = [p.chosen[:p.chosen_start] for p in pairs[:n]]
         got = output.greedy_completions(model, prompts, tokenizer, device, max_new_tokens)
         for p, (text, ended) in zip(prompts, got):
             prompt = tokenizer.decode(p, skip_special_tokens=True)
