@@ -836,7 +836,7 @@ class cli:
             os._exit(1)  # at once: shutting down a group that lost a process can abort
         raise e
 
-# --- Before any work: options, folders, earlier runs, data files, the model's config and memory
+# --- Before any work: options, folders, earlier runs, data files, the model
 
 GiB = 2 ** 30
 
@@ -872,7 +872,7 @@ class checks:
 
     @contextlib.contextmanager
     def before_work(cfg, device, log):
-        """Checks needing no data or weights, out_dir locked meanwhile (one run per folder); yields finished runs."""
+        """Checks needing no data or weights, with out_dir locked (one run per folder); yields finished summaries."""
         import fcntl
         checks.options(cfg)
         for name in ("out_dir", "cache_dir"):
@@ -899,7 +899,7 @@ class checks:
             yield finished
 
     def earlier_run(cfg, loss_type):
-        """A new run needs a folder without results; --resume, the options that made it. A finished run's summary."""
+        """A new run needs a folder without results, --resume the options that made it; a finished run's summary."""
         out_dir = loss_dir(cfg, loss_type)
         if not cfg.resume:
             found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -1056,7 +1056,7 @@ class demo:
         return answer
 
     def pairs(n, seed):
-        """n pairs with distinct prompts: half right vs wrong, half one mistake vs two (as in real data)."""
+        """n pairs with distinct prompts: half right vs wrong, half one mistake vs two (the chosen just better)."""
         rng, pairs, seen = random.Random(seed), [], set()
         while len(pairs) < n:
             letters = rng.sample(demo.LETTERS, rng.randint(4, 8))
@@ -1194,11 +1194,11 @@ class fast:
         model.train(was_training)
         return agrees
 
-# --- --weights=bf16 (pitfall 12): AdamW with fp32 math, stochastic rounding back to bf16
+# --- --weights=bf16 (pitfall 12): AdamW in fp32, rounded back to bf16 stochastically
 
 def stochastic_round_bf16_(x, noise):
     """Flat fp32 x -> bf16 that is x in expectation, as a view of x's top halves (x changes); noise: int32 in [0,
-    2^16). Random low bits carry into the top 16 with probability (x - the bf16 below) / spacing; sign + magnitude."""
+    2^16). Random low bits carry into the top 16 with probability (x - the bf16 below) / spacing, either sign."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
@@ -1374,7 +1374,7 @@ class RunFolder:
                 except ValueError:
                     log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
 
-# --- Output: the trained model, summary.json, the table of losses, generations
+# --- Output: the model, summary.json, the table, generations
 
 class output:
     def save_model(model, tokenizer, out_dir):
@@ -1592,7 +1592,7 @@ class procs:
             return bool(flag.item() if torch.is_tensor(flag) else flag)
         return bool(procs.all_reduce(torch.as_tensor(flag, dtype=torch.float32).reshape(1), op).item())
 
-    def gather_scores(model, logps):  # the others hold −inf: max
+    def gather_scores(model, logps):  # a pair's score is on one process, −inf on the others: max
         procs.reshard(model)
         return procs.all_reduce(logps, "max")
 
