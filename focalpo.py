@@ -9,7 +9,7 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     python focalpo.py        # the demo: offline, a tiny model built from a config, about a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
-    torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8    # several GPUs (FSDP2)
+    torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
 
 Reading guide. The core reads top to bottom, in data-flow order (data and tokenization may be skimmed: out come
 lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names, one for each
@@ -70,12 +70,12 @@ class Config:
     max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
     max_prompt_length: int = 512  # longer prompts keep their last tokens
-    sft_steps: int = 80  # demo only: next-token training on correct sortings first (the reference knows something)
+    sft_steps: int = 80  # demo only: first, next-token training on correct sortings (SFT)
     # loss
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
     beta: float = 0.1  # β, the implicit reward's inverse temperature: larger = stay closer to the reference
     gamma: float = 0.05  # FocalPO's γ (0 = DPO). 0.05 is THIS PROJECT's default, not a value from the paper
-    focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (gradient weight p^γ(1-p), never negative)
+    focal_detach: bool = False  # FocalPO variant: p^γ a constant weight, so the gradient weight p^γ(1-p) is never < 0
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo's tiny model, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
@@ -145,7 +145,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp: at r_l = 0 (as at step 0, up to rounding) the rejected branch gets no gradient
+        # torch.where, not clamp (its gradient is 1 at 0): at r_l = 0, as at step 0, the rejected branch gets none
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -170,7 +170,7 @@ def detect_format(rows):
     return "plain" if first.get("prompt") is not None else "implicit"
 
 def check_row(row, fmt, where):
-    """One sentence naming the row unless it has the first row's format (chat rows may mix strings and messages)."""
+    """An error naming the row unless it has the first row's format (chat rows may mix strings and messages)."""
     for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
         x = row.get(name)
         if fmt != "chat" and not isinstance(x, str):
@@ -291,7 +291,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
             p, resp = full[:n], full[n:]
             if fmt != "chat":
                 resp = resp + [eos]  # teach the model to stop; chat templates close the turn themselves (pitfall 3)
-            if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS) (pitfall 11)
+            if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS)
                 p = ([bos] if add_bos else []) + p[len(p) - cfg.max_prompt_length + add_bos:]
                 notes.add("prompt truncated")
             if len(p) + len(resp) > cfg.max_length:
@@ -300,7 +300,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
             if not p:
                 reason = "empty prompt and no BOS token"
             elif not resp:
-                reason = "empty response after tokenization"
+                reason = "empty response after tokenization"  # pitfall 11
             out.append((torch.tensor(p + resp, dtype=torch.int32), len(p)))
         if reason is None and torch.equal(out[0][0], out[1][0]):
             reason = "chosen == rejected after truncation"
@@ -384,15 +384,15 @@ def scoring_batches(pairs, batch_size, pad_id):
     """Collated batches sorted by length, for a no-grad pass (reference, evaluation)."""
     return [collate(b, pad_id) for b in length_grouped_batches(pairs, batch_size, 0, shuffle=False)]
 
-# --- Log-probs: summed over the response tokens only (pitfalls 5, 7)
+# --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
 
 def _token_logps(head, x, targets):
     """log π(target | prefix) at N positions: the output layer (Identity, for logits), an fp32 log-softmax."""
     return -F.cross_entropy(head(x).float(), targets, reduction="none")  # (N,)
 
 def sequence_logps(model, batch, chunk_size=2048):
-    """Each row's response-token log-probs summed in float64 (as in the DPO paper; not averaged), (R,), and their
-    number, (R,). Its plain form, the DPO reference code's (test_sequence_logps_equal_the_plain_form holds to it):
+    """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
+    number, (R,). Its plain form, the DPO reference code's in float64 (test_sequence_logps_equal_the_plain_form):
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
@@ -400,7 +400,7 @@ def sequence_logps(model, batch, chunk_size=2048):
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
     The same numbers in less memory: the log-softmax at the scored positions only, in chunks recomputed in backward;
-    where prepare_model found it exact, the body runs without a mask (right padding: no scored position sees a pad)
+    where prepare_model found it exact, the model runs without a mask (right padding: no scored position sees a pad)
     and the output layer at scored positions only: no (R, T, V) logits (~10 GB in fp32 for Qwen's 152k vocabulary,
     8 pairs of 1,024 tokens)."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
@@ -464,7 +464,7 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: one no-grad pass with the initial weights, cached; no reference model (pitfall 9)
+# --- Reference log-probs: one no-grad pass with the initial weights, cached by what changes them (pitfall 9)
 
 def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU does not wait
     cuda = device.type == "cuda"
@@ -506,15 +506,15 @@ def cache_key(cfg, model, train_used, eval_pairs, device):
     return fields_key(fields), fields
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the held-out pairs and the training pairs the run uses (−inf for the others: the
-    key holds the pairs, so a longer run scores anew), cached."""
+    """The reference log-probs of the training pairs the run uses (−inf for the others: the key holds the pairs, so
+    a longer run scores anew) and of the held-out pairs, cached."""
     used = used_pairs(cfg, train_pairs)
     key, fields = cache_key(cfg, model, used, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    if (cached := cache.read(path, "reference", log)) is not None:
+    if (cached := cache.read(path, "reference", log)) is not None:  # the saved "tensors"
         return cached["train"], cached["eval"]
     log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
-        + (f" (of {len(train_pairs)}: --max_steps)" if len(used) < len(train_pairs) else "")
+        + (f" (of {len(train_pairs)})" if len(used) < len(train_pairs) else "")
         + f" and {len(eval_pairs)} held-out pairs with the initial weights")
     t0, batches = time.time(), lambda pairs: scoring_batches(pairs, cfg.batch_size, pad_id)
     train_ref = score(model, batches(used), len(train_pairs), device)  # through the policy's own code path
@@ -523,7 +523,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
 
-# --- Metrics: summed over pairs, averaged at the end, so a mean over micro-batches is exact
+# --- Metrics (pitfall 13): summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each is a wait).
@@ -559,7 +559,7 @@ def add_metrics(total, m):
 def metrics_to_host(total):  # the sums as floats, in one device -> host copy (one wait)
     if not (keys := sorted(total)):
         return {}
-    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs", a float: to their device
+    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" (a float) too
     values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
     return dict(zip(keys, procs.all_reduce(values).tolist()))  # several processes: summed over them
 
@@ -687,7 +687,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         state["first_eval"] = state["last_eval"] = evaluate(0)
     steps = step_stream(train_pairs, cfg, skip=state["step"])
     t_start, loop_before = time.time(), state["loop_seconds"]
-    with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to name a NaN/inf step's rows
+    with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to recompute NaN/inf rows
         while state["step"] < n_steps:
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -754,6 +754,7 @@ def run(cfg, log=print):
                 output.save_model(model, tokenizer, out_dir)
             summaries[loss_type] = output.finish(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
             output.show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
+            del model  # before the next loss's model loads: one in memory at a time
     log(output.comparison_table(summaries))
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
@@ -817,7 +818,7 @@ class cli:
         checks.options(cfg)
         return cfg
 
-    def exit_code(e):  # one line and an exit code for a user's error or a stop; the rest is raised
+    def exit_code(e):  # a user's error or a stop: one line and an exit code
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         if isinstance(e, Interrupted):  # saved: a late signal (launchers signal every process) must not cut it short
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1042,7 +1043,7 @@ class files:
 
 class demo:
     LETTERS = "abcdefghijklmnopqrstuvwxyz"
-    N_PAIRS = 4400  # 4000 to train on, 400 held out
+    N_PAIRS = 4400
     SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
     def mistake(answer, letters, rng):  # two neighbours swapped, or a letter not in the prompt put in
@@ -1074,7 +1075,7 @@ class demo:
                           "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
         return pairs
 
-    def answer(prompt):  # "sort: q d m a =" -> "a d m q" (a pair's chosen may have a mistake)
+    def answer(prompt):  # "sort: q d m a =" -> "a d m q" (a chosen may be wrong)
         return " ".join(sorted(w for w in prompt.split() if len(w) == 1 and w in demo.LETTERS))
 
     def tokenizer():  # a word-level tokenizer, built offline
@@ -1089,7 +1090,7 @@ class demo:
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                        unk_token="<unk>")
 
-    def model(tokenizer, seed):  # a 4-layer Llama-shaped model (0.45M parameters) seeded with `seed`
+    def model(tokenizer, seed):  # a 4-layer Llama-shaped model (0.45M parameters)
         from transformers import AutoModelForCausalLM, LlamaConfig
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,

@@ -601,7 +601,7 @@ def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scor
                                                batch_size=2, grad_accum=2)
     logs = []
     tr, _ = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
-    assert logs[0] == ("reference: scoring the 12 training pairs the 3 steps use (of 64: --max_steps) and 32 held-out "
+    assert logs[0] == ("reference: scoring the 12 training pairs the 3 steps use (of 64) and 32 held-out "
                        "pairs with the initial weights")
     steps = focalpo.step_stream(train, cfg, skip=0)
     used = sorted({p.idx for _ in range(3) for b in next(steps) for p in b})
@@ -1388,6 +1388,21 @@ def test_exit_code_says_one_line_for_what_the_user_can_fix_or_stopped(capsys):
                                                     "interrupted: stopped by SIGINT"]
     with pytest.raises(ValueError, match="a bug"):
         focalpo.cli.exit_code(ValueError("a bug"))
+
+def test_one_model_in_memory_at_a_time(tmp_path, monkeypatch):
+    """When the next loss's model loads, the last loss's model is gone: a 7B model twice would not fit one GPU."""
+    import gc
+    import weakref
+    made, real_load = [], focalpo.load_model
+    def load_model(cfg, tokenizer):
+        gc.collect()
+        assert all(ref() is None for ref in made), "the last loss's model is still in memory"
+        model = real_load(cfg, tokenizer)
+        made.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(focalpo, "load_model", load_model)
+    focalpo.run(short_cfg(tmp_path, loss="dpo,minordpo", max_steps=2, save_every=0, generate=0), log=quiet)
+    assert len(made) == 2
 
 def test_a_config_made_in_code_is_checked_too(tmp_path):
     with pytest.raises(FocalpoError, match="^--lr=nan: must be a finite number, at least 0$"):
