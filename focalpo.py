@@ -203,7 +203,7 @@ def load_rows(cfg):
         order = list(range(len(train_rows)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, round(0.05 * len(train_rows))) if len(train_rows) > 1 else 0
-        heldout, train_rows = ([train_rows[i] for i in part] for part in (order[:n_eval], order[n_eval:]))
+        heldout, train_rows = [train_rows[i] for i in order[:n_eval]], [train_rows[i] for i in order[n_eval:]]
         source = f"{cfg.dataset}, held out of training (a seeded 5%; --eval_dataset to choose)"
     return train_rows, heldout, fmt, source
 
@@ -873,7 +873,6 @@ class checks:
 
     @contextlib.contextmanager
     def before_work(cfg, device, log):
-        """Checks needing no data or weights, with out_dir locked (one run per folder); yields finished summaries."""
         import fcntl
         checks.options(cfg)
         for name in ("out_dir", "cache_dir"):
@@ -883,9 +882,11 @@ class checks:
             except OSError as e:
                 raise FocalpoError(f"--{name}={folder} is not a folder that can be written ({e.strerror}): "
                                    f"choose another") from None
-        with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:  # let go when it closes, however the process ends
+        with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:
             try:
-                free = procs.rank() != 0 or fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB) is None
+                if procs.rank() == 0:  # the system lets go when the file closes, however the process ends
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free = True
             except BlockingIOError:
                 free = False
             if not procs.agree(free, "min"):
@@ -1008,8 +1009,9 @@ class files:
             except Exception as e:  # the library's own words: the error under its error
                 raise FocalpoError(f"could not read {path} ({first_line(e.__cause__ or e)}): fix the file, or give "
                                    f"it the name of what it holds") from None
-            rows += [({k: files.as_messages(v, k, f"{path} row {i}") for k, v in row.items()}, f"{path} row {i}")
-                     for i, row in enumerate(table, 1)]
+            for i, row in enumerate(table, 1):
+                where = f"{path} row {i}"
+                rows.append(({k: files.as_messages(v, k, where) for k, v in row.items()}, where))
         return rows
 
     def as_messages(x, name, where):
@@ -1185,7 +1187,7 @@ class fast:
             own, n = sequence_logps(model, probe)
             try:
                 model.set_attn_implementation("causal_sdpa")
-                model.fast_logps = True  # (sequence_logps reads it)
+                model.fast_logps = True
                 agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
             except Exception:  # parts that do not fit (base_model is the model, say)
                 agrees = False
@@ -1245,9 +1247,11 @@ class AdamWSR(torch.optim.Optimizer):
         words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # an int64 serves three roundings
         noise = self.buffer("noise", n, torch.int32, device)
         for k, (x, dst) in enumerate(((w, w_), (m, m_), (v, v_))):
+            if dst.dtype != torch.bfloat16:
+                dst.copy_(x)
+                continue
             word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
-            bf16 = dst.dtype == torch.bfloat16
-            dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)) if bf16 else x)
+            dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)))
 
 # --- Files written whole, and the run's folder
 
