@@ -105,7 +105,7 @@ def measure(args, cfg, device):
                          cfg.max_length, cfg.max_prompt_length, cfg.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    ref = focalpo.score(model, focalpo.scoring_batches(pairs, cfg.batch_size, 0), len(pairs), device)
+    ref = focalpo.pair_logps(model, focalpo.scoring_batches(pairs, cfg.batch_size, 0), len(pairs), device)
     sync()
     ref_seconds = time.perf_counter() - t0
     all_tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)

@@ -6,22 +6,24 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-    python focalpo.py        # the demo: offline, a tiny model built from a config, about a minute on 2 CPU cores
+    python focalpo.py        # the demo: offline, a tiny model built from a config, under a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
 
-Reading guide. The core reads top to bottom, in data-flow order (data and tokenization may be skimmed: out come
-lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names, one for each
-kind of machinery:
-    checks.    before any work: options, folders, data files, the model's config and memory; load errors
-    files.     rows from .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset
+Reading guide. The core reads top to bottom, in data-flow order (rendering and tokenization may be skimmed: out
+come lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names, one for
+each kind of machinery:
+    checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
+    files.     rows from the demo, .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset; the
+               format each row must have; the held-out split
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
-    fast.      the fast log-prob path, where it is exact
+    fast.      the fast log-prob path: the same numbers as the model's own forward, in less memory
     cache.     files written whole, read back only if whole; a fingerprint of the weights
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
-    Guard      Ctrl-C or SIGTERM, out of memory, NaN/inf steps: save, then stop in one sentence
+    Guard      what stops training in one sentence: Ctrl-C or SIGTERM and out of memory (after a checkpoint),
+               three NaN/inf steps in a row (each skipped, its rows named)
     output.    the trained model, summary.json, the table that compares the losses
     procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
@@ -152,60 +154,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
     return losses, beta * r_w.detach(), beta * r_l.detach()
 
-# --- Data: rows from the demo, files or a hub dataset, and each row as three texts
-
-def is_messages(x):
-    return isinstance(x, list) and all(isinstance(m, dict) for m in x)
-
-def detect_format(rows):
-    """The first row's format: 'plain', 'chat' (message lists) or 'implicit' (no prompt: responses begin with it)."""
-    if not rows:
-        raise FocalpoError("the dataset is empty")
-    first, where = rows[0]
-    if not {"chosen", "rejected"} <= set(first):
-        raise FocalpoError(f"{where}: expected columns 'chosen' and 'rejected' (and optionally 'prompt'), "
-                           f"found: {', '.join(sorted(first)) or 'none'}")
-    if any(is_messages(first.get(k)) for k in ("prompt", "chosen", "rejected")):
-        return "chat"
-    return "plain" if first.get("prompt") is not None else "implicit"
-
-def check_row(row, fmt, where):
-    """An error naming the row unless it has the first row's format (chat rows may mix strings and messages)."""
-    for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
-        x = row.get(name)
-        if fmt != "chat" and not isinstance(x, str):
-            raise FocalpoError(f"{where}: {name!r} should be a string, as in the first row ({fmt} format), found "
-                               f"{type(x).__name__}; a file holds one format (plain, chat or implicit)")
-        if fmt == "chat" and not (isinstance(x, str) or is_messages(x) or (name == "prompt" and x is None)):
-            raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages or a string, "
-                               f"found {type(x).__name__}")
-        for m in x if is_messages(x) else []:
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise FocalpoError(f"{where} {name!r}: each message needs a 'role' and a string 'content', "
-                                   f"found {m!r:.80}")
-
-def load_rows(cfg):
-    """(train rows, held-out rows, format, held-out source); each row, (dict, where), in the first row's format."""
-    if cfg.dataset == "demo":
-        rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
-        return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
-    local = files.is_local(cfg.dataset)
-    train_rows, heldout, source = (files.read(cfg.dataset), None, None) if local else files.hub(cfg.dataset)
-    if cfg.eval_dataset:
-        heldout, source = files.read(cfg.eval_dataset), cfg.eval_dataset
-    fmt = detect_format(train_rows)
-    if heldout and detect_format(heldout) != fmt:  # each held-out row would be rendered wrong
-        raise FocalpoError(f"the training rows are in {fmt} format ({train_rows[0][1]}) and the held-out rows in "
-                           f"{detect_format(heldout)} format ({heldout[0][1]}): give both in one format")
-    for row, where in train_rows + (heldout or []):  # a wrong row is named before any other work
-        check_row(row, fmt, where)
-    if heldout is None:  # hold out a seeded 5%
-        order = list(range(len(train_rows)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, round(0.05 * len(train_rows))) if len(train_rows) > 1 else 0
-        heldout, train_rows = [train_rows[i] for i in order[:n_eval]], [train_rows[i] for i in order[n_eval:]]
-        source = f"{cfg.dataset}, held out of training (a seeded 5%; --eval_dataset to choose)"
-    return train_rows, heldout, fmt, source
+# --- Data: rows (files.load: the demo, files or a hub dataset, one format), each rendered as three texts
 
 def common_prefix_len(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -261,62 +210,66 @@ def uses_bos(tokenizer):  # does the tokenizer put a BOS token first? (Llama: ye
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
+def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
+    """One sequence's token ids and where its response starts, prompt and response cut to fit; `notes` collects
+    what was done. full: prompt and response tokenized as one string; prompt_alone: the prompt tokenized alone."""
+    n = common_prefix_len(prompt_alone, full)
+    if n < len(prompt_alone):  # a token merged across the boundary (pitfall 1): the response starts where they part
+        notes.add("boundary token merged")
+    prompt, response = full[:n], full[n:]
+    if fmt != "chat":
+        response = response + [eos]  # teach the model to stop; chat templates close the turn themselves (pitfall 3)
+    if len(prompt) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS)
+        keep = cfg.max_prompt_length - (bos is not None)
+        prompt = ([bos] if bos is not None else []) + prompt[len(prompt) - keep:]
+        notes.add("prompt truncated")
+    if len(prompt) + len(response) > cfg.max_length:
+        response = response[:cfg.max_length - len(prompt)]
+        notes.add("response truncated")
+    return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
+
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut or dropped, by reason."""
-    add_bos, bos, eos = uses_bos(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = tokenizer.bos_token_id if uses_bos(tokenizer) else None, tokenizer.eos_token_id
     if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
                            "instruct/chat model's tokenizer, or plain-text data")
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
-    rendered = []
+    kept, texts = [], []  # where each kept row came from, and its (prompt, prompt + chosen, prompt + rejected)
     for row, where in rows:
-        r = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
-        if isinstance(r, str):  # why it is dropped
-            stats[r] += 1
+        rendered = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
+        if isinstance(rendered, str):  # the reason it is dropped
+            stats[rendered] += 1
         else:
-            rendered.append((where, r))
-    # add_special_tokens=False: BOS is decided once below; a chat template that writes "<s>" has it (pitfall 2)
-    ids = tokenizer([t for _, r in rendered for t in r], add_special_tokens=False)["input_ids"] if rendered else []
+            kept.append(where)
+            texts.append(rendered)
+    # the prompts, then the chosen, then the rejected texts, each in one call (fast tokenizers batch them);
+    # add_special_tokens=False: BOS is added once below, and a chat template that writes "<s>" has it (pitfall 2)
+    ids = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in zip(*texts)] or [[]] * 3
     pairs = []
-    for k, (where, _) in enumerate(rendered):
-        prompt, seqs = ids[3 * k], ids[3 * k + 1: 3 * k + 3]
-        if add_bos and (not prompt or prompt[0] != bos):
-            prompt, seqs = [bos] + prompt, [[bos] + s for s in seqs]
-        out, notes, reason = [], set(), None  # notes: what happened to this row, counted once
-        for full in seqs:
-            n = common_prefix_len(prompt, full)
-            if n < len(prompt):  # a token merged across the boundary (pitfall 1): the response starts where they part
-                notes.add("boundary token merged")
-            p, resp = full[:n], full[n:]
-            if fmt != "chat":
-                resp = resp + [eos]  # teach the model to stop; chat templates close the turn themselves (pitfall 3)
-            if len(p) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS)
-                p = ([bos] if add_bos else []) + p[len(p) - cfg.max_prompt_length + add_bos:]
-                notes.add("prompt truncated")
-            if len(p) + len(resp) > cfg.max_length:
-                resp = resp[:cfg.max_length - len(p)]
-                notes.add("response truncated")
-            if not p:
-                reason = "empty prompt and no BOS token"
-            elif not resp:
-                reason = "empty response after tokenization"  # pitfall 11
-            out.append((torch.tensor(p + resp, dtype=torch.int32), len(p)))
-        if reason is None and torch.equal(out[0][0], out[1][0]):
-            reason = "chosen == rejected after truncation"
+    for where, prompt, chosen, rejected in zip(kept, *ids):
+        if bos is not None and prompt[:1] != [bos]:
+            prompt, chosen, rejected = [bos] + prompt, [bos] + chosen, [bos] + rejected
+        notes = set()  # what happened to this row, counted once
+        c, c_start = split_response(prompt, chosen, fmt, cfg, bos, eos, notes)
+        r, r_start = split_response(prompt, rejected, fmt, cfg, bos, eos, notes)
+        reason = ("empty prompt and no BOS token" if 0 in (c_start, r_start) else
+                  "empty response after tokenization" if len(c) == c_start or len(r) == r_start else  # pitfall 11
+                  "chosen == rejected after truncation" if torch.equal(c, r) else None)
         stats.update(notes | ({reason} if reason else set()))
         if reason is None:
-            pairs.append(Pair(len(pairs), out[0][0], out[0][1], out[1][0], out[1][1], where))
+            pairs.append(Pair(len(pairs), c, c_start, r, r_start, where))
     return pairs
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = load_rows(cfg)
+    train_rows, eval_rows, fmt, source = files.load(cfg)
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        notes = ", ".join(f"{v} {k}" for k, v in sorted(stats.items()))
+        notes = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()))
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
             + (f" of {source}" if name == "eval" else "") + (f"; rows with {notes}" if notes else ""))
         if not pairs:
@@ -386,11 +339,7 @@ def scoring_batches(pairs, batch_size, pad_id):
 
 # --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
 
-def _token_logps(head, x, targets):
-    """log π(target | prefix) at N positions: the output layer (Identity, for logits), an fp32 log-softmax."""
-    return -F.cross_entropy(head(x).float(), targets, reduction="none")  # (N,)
-
-def sequence_logps(model, batch, chunk_size=2048):
+def sequence_logps(model, batch):
     """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
     number, (R,). Its plain form, the DPO reference code's in float64 (test_sequence_logps_equal_the_plain_form):
 
@@ -399,24 +348,16 @@ def sequence_logps(model, batch, chunk_size=2048):
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    The same numbers in less memory: the log-softmax at the scored positions only, in chunks recomputed in backward;
-    where prepare_model found it exact, the model runs without a mask (right padding: no scored position sees a pad)
-    and the output layer at scored positions only: no (R, T, V) logits (~10 GB in fp32 for Qwen's 152k vocabulary,
-    8 pairs of 1,024 tokens)."""
+    Here the log-softmax is taken at the scored positions only, which gives the same numbers."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
-    if getattr(model, "fast_logps", False):  # set by prepare_model
-        x, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
-    else:
-        out = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits  # (R, T, V)
-        x, head = out[rows, cols], torch.nn.Identity()  # (N, V): only the scored positions' logits
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    pieces = []
-    for i in range(0, len(targets), chunk_size):
-        args = (head, x[i:i + chunk_size], targets[i:i + chunk_size])
-        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else _token_logps(*args))
-    logps = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
-    return logps.index_add(0, rows, torch.cat(pieces).double()), batch["n_tokens"]  # (R,), (R,)
+    if getattr(model, "fast_logps", False):  # set by prepare_model where it gives the same numbers
+        token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,), without (R, T, V) logits
+    else:  # the model's own forward
+        logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
+        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    sums = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add(0, rows, token_logps.double())
+    return sums, batch["n_tokens"]  # (R,), (R,)
 
 # --- Model and tokenizer
 
@@ -458,7 +399,7 @@ def prepare_model(model, cfg, device):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):  # attention kernels read this, not a module
             m.attention_dropout = 0.0
-    if cfg.gradient_checkpointing:  # the method's name since transformers 5.25, else the old one
+    if cfg.gradient_checkpointing:  # the method's name since transformers 5.23, else the old one
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
@@ -472,8 +413,9 @@ def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU 
             for k, v in batch.items()}
 
 @torch.no_grad()
-def score(model, batches, n_pairs, device):
-    """(n_pairs, 2) float64 on the host: log π(y_w|x), log π(y_l|x) of the batches' pairs by index (else −inf)."""
+def pair_logps(model, batches, n_pairs, device):
+    """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`.
+    A pair not in them keeps −inf: no step uses it (and under several processes, a max picks who scored it)."""
     model.eval()  # as for any evaluation (and HF's gradient checkpointing acts only in training mode)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share
@@ -484,9 +426,10 @@ def score(model, batches, n_pairs, device):
 
 def used_pairs(cfg, train_pairs):
     """The training pairs the run's steps will use (known in advance: the steps are seeded)."""
-    steps = step_stream(train_pairs, cfg, skip=0)
-    used = {p.idx for _ in range(run_steps(cfg, len(train_pairs))) for batch in next(steps) for p in batch}
-    return [p for p in train_pairs if p.idx in used]
+    steps, used = step_stream(train_pairs, cfg, skip=0), set()
+    for _ in range(run_steps(cfg, len(train_pairs))):
+        used.update(pair.idx for batch in next(steps) for pair in batch)
+    return [pair for pair in train_pairs if pair.idx in used]
 
 def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -517,8 +460,8 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
         + (f" (of {len(train_pairs)})" if len(used) < len(train_pairs) else "")
         + f" and {len(eval_pairs)} held-out pairs with the initial weights")
     t0, batches = time.time(), lambda pairs: scoring_batches(pairs, cfg.batch_size, pad_id)
-    train_ref = score(model, batches(used), len(train_pairs), device)  # through the policy's own code path
-    eval_ref = score(model, batches(eval_pairs), len(eval_pairs), device)
+    train_ref = pair_logps(model, batches(used), len(train_pairs), device)  # through the policy's own code path
+    eval_ref = pair_logps(model, batches(eval_pairs), len(eval_pairs), device)
     cache.write({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
@@ -529,13 +472,13 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each is a wait).
     logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
-    pc, pr, nc, nr = logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
+    chosen, rejected = logps[:B], logps[B:]  # log πθ(y_w|x), log πθ(y_l|x)
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        pc, pr, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
+        chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
-    pc, pr = pc.detach(), pr.detach()
-    ref_right = ref[:, 0] >= ref[:, 1]  # the reference already ranks the pair correctly (FocalPO's split)
-    ranked = pc >= pr  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
+    chosen, rejected = chosen.detach(), rejected.detach()
+    ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
+    ranked = chosen >= rejected  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
     # reward accuracy: a tie is half right, so it is 0.5 at step 0's evaluation, where the policy is the reference
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
@@ -543,9 +486,9 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         "pairs": float(B), "loss": losses.detach().float().sum(),
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
-        "logps/chosen": pc.sum(), "logps/rejected": pr.sum(),
+        "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
         "ranking_accuracy": count(ranked),
-        "ranking_accuracy_norm": count(pc / nc >= pr / nr),  # mean token log-prob version
+        "ranking_accuracy_norm": count(chosen / n_tokens[:B] >= rejected / n_tokens[B:]),  # mean token log-probs
         "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
         "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right),
         "response_tokens": count(n_tokens),
@@ -575,7 +518,7 @@ def finish_metrics(total):  # sums -> means; the ref-split accuracies within the
             out[k] = v / n
     return out
 
-# --- One optimizer step, and evaluation
+# --- One optimizer step, and the held-out evaluation
 
 def lr_at(step, total_steps, cfg, peak):
     """Linear warm-up (step s at (s+1)/warmup of the peak), then a cosine decay to 0."""
@@ -601,20 +544,22 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over micro-batches (gradient accumulation), one wait for the GPU: (summed metrics, on the
-    device; whether the update was made: NaN/inf would poison every weight). n_pairs: the step's, all processes'."""
+    """One optimizer step over micro-batches (gradient accumulation), with one wait for the device. Returns the
+    step's summed metrics (left on the device) and whether the update was made (a NaN/inf would poison every
+    weight). n_pairs: the step's pair count (several processes: all of theirs)."""
     n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
     for i, batch in enumerate(micro_batches):
-        procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce them after the last
+        procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce after the last only
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches (and processes: procs.shard has FSDP sum them): dividing each one's summed
-        # loss by the step's pair count makes their sum the gradient of the step's mean loss, however split (pitfall 10)
+        # gradients ADD across micro-batches (and several processes' are summed): dividing each one's summed loss by
+        # the step's pair count makes their sum the gradient of the step's mean loss, however it is split (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
-    # the norm before clipping (several processes: of the whole gradient); with max_norm = inf it only measures
-    norm = procs.full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
+    # the norm before clipping; with max_norm = inf it only measures
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    norm = procs.full(norm)  # several processes: the norm of the whole gradient
     total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: finish_metrics divides each by the pairs
-    # the step's one wait for the device; several processes: all of them make the step, or none
+    # the step's one wait for the device (several processes: all make the update, or none)
     applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
         optimizer.step()
@@ -631,7 +576,7 @@ class HeldOut:
                                      [len(p.rejected) - p.rejected_start for p in pairs])
 
     def __call__(self, model, cfg, loss_type, device):
-        logps = score(model, self.batches, len(self.pairs), device)  # (N, 2)
+        logps = pair_logps(model, self.batches, len(self.pairs), device)  # (N, 2)
         _, m = loss_and_metrics(logps.T.reshape(-1), self.n_tokens, self.ref, cfg, loss_type)  # (2N,): chosen first
         out = finish_metrics({k: float(v) for k, v in m.items()})
         if cfg.dataset == "demo":
@@ -648,9 +593,12 @@ def next_step(steps, pad_id):
     tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
     return [collate(b, pad_id) for b in procs.my_share(step)], len(pairs), tokens  # several processes: a share each
 
-def new_state():  # what a resumed run needs besides weights, optimizer and RNG
-    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "loop_seconds": 0.0, "window": {}, "bad_steps": 0,
-            "first_eval": None, "last_eval": None}
+def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
+    return {"step": 0,  # optimizer steps made
+            "tokens_seen": 0, "train_seconds": 0.0,  # non-pad tokens, and the steps' own time: the throughput
+            "loop_seconds": 0.0,  # the loop's whole time, evaluations and checkpoints included
+            "window": {},  # the summed metrics of the steps since the last metrics.jsonl row
+            "first_eval": None, "last_eval": None}  # the held-out metrics at step 0 and at the latest evaluation
 
 def train_row(state, step, lr):
     """The metrics.jsonl row of the steps since the last row (their one wait), and the throughput so far."""
@@ -668,26 +616,28 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times)."""
     n_steps = run_steps(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
-    folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)
+    folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)  # metrics.jsonl and the checkpoints
     state = folder.resume(log) if cfg.resume else new_state()
     bar = tqdm(total=n_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False,
                disable=not cfg.progress or procs.rank() != 0)  # several processes: the first one's bar only
     say = log if bar.disable else bar.write  # log lines above the bar, not through it
 
-    def evaluate(step):  # the held-out metrics: a metrics.jsonl row and a line
+    def evaluate(step):  # the held-out metrics at `step`: a row of metrics.jsonl and a line of the log
         bar.set_description(f"{loss_type} (evaluating)")
         ev = held_out(model, cfg, loss_type, device)
+        bar.set_description(loss_type)
         folder.append({"step": step, "split": "eval", **ev})
         say(eval_line(loss_type, step, ev))
-        bar.set_description(loss_type)
         return ev
 
     model.train()
-    if state["first_eval"] is None:  # a new run: where it starts
+    if state["step"] == 0:  # a new run: where it starts
         state["first_eval"] = state["last_eval"] = evaluate(0)
     steps = step_stream(train_pairs, cfg, skip=state["step"])
     t_start, loop_before = time.time(), state["loop_seconds"]
-    with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to recompute NaN/inf rows
+    # Guard stops the loop in one sentence (a signal or out of memory: after a checkpoint); it recomputes a NaN/inf
+    # step's losses to name its rows, so it needs the reference
+    with Guard(folder, state, train_ref, device, say) as guard, bar:
         while state["step"] < n_steps:
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -711,7 +661,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             state["loop_seconds"] = loop_before + time.time() - t_start
             if (cfg.save_every and step % cfg.save_every == 0) or step == n_steps:
                 folder.save(state)
-            guard.after_step(applied, micro)  # NaN/inf: name the rows, 3 in a row stop; a signal: save and stop
+            guard.after_step(applied, micro)  # NaN/inf: its rows named, three in a row stop; a signal: save, stop
     return state
 
 def loss_dir(cfg, loss_type):  # --out_dir for one loss, --out_dir/<loss> for several
@@ -721,12 +671,12 @@ def run(cfg, log=print):
     """The whole job: data, reference, each loss from the same initial weights. Returns {loss_type: summary}."""
     t0 = time.time()
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all of this, the first one logs
-    # a mistake costs one sentence before any work; out_dir is ours until done; finished: what --resume finds done
-    with checks.before_work(cfg, device, log) as finished:
+    with checks.lock(cfg):  # out_dir is this run's until it ends, however it ends
+        finished = checks.before_work(cfg, device, log)  # a mistake costs one sentence here; --resume: losses done
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
-        summaries, held_out = {}, None
+        summaries, first = {}, True  # first: no loss trained yet in this run
         for loss_type in loss_types(cfg):
             out_dir = loss_dir(cfg, loss_type)
             if loss_type in finished:  # --resume of a finished run, with the same options (checked)
@@ -737,18 +687,18 @@ def run(cfg, log=print):
             if cfg.model == "demo" and cfg.sft_steps:  # as a real model would come SFT'd
                 model = demo.sft(model, tokenizer, cfg, device, log)
             model = procs.shard(model, device)  # several processes: FSDP2
-            if held_out is None:
+            if first:
                 log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
                     f"{device.type}")
             # the first loss computes the reference; the others, from the same weights, find it in the cache (its key
             # holds a fingerprint of the weights)
             train_ref, eval_ref = load_or_compute_reference(
                 cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
-            if held_out is None:
+            if first:
                 right = int((eval_ref[:, 0] >= eval_ref[:, 1]).sum())
                 log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= "
                     f"π_ref(y_l|x)) and {len(eval_pairs) - right} wrong")
-                held_out = HeldOut(eval_pairs, eval_ref, tokenizer, cfg)
+            held_out, first = HeldOut(eval_pairs, eval_ref, tokenizer, cfg), False
             state = train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log)
             if cfg.save_model:
                 output.save_model(model, tokenizer, out_dir)
@@ -872,9 +822,11 @@ class checks:
                                f"--max_length={cfg.max_length}: make it smaller")
 
     @contextlib.contextmanager
-    def before_work(cfg, device, log):
+    def lock(cfg):
+        """Holds --out_dir for this run (the system lets go when the file closes, however the process ends); another
+        run there now, a bad option or a folder that cannot be written is one sentence."""
         import fcntl
-        checks.options(cfg)
+        checks.options(cfg)  # before any folder is made
         for name in ("out_dir", "cache_dir"):
             try:
                 os.makedirs(folder := getattr(cfg, name), exist_ok=True)
@@ -884,7 +836,7 @@ class checks:
                                    f"choose another") from None
         with open(os.path.join(cfg.out_dir, ".lock"), "a") as lock:
             try:
-                if procs.rank() == 0:  # the system lets go when the file closes, however the process ends
+                if procs.rank() == 0:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 free = True
             except BlockingIOError:
@@ -892,13 +844,18 @@ class checks:
             if not procs.agree(free, "min"):
                 raise FocalpoError(f"another run is using {cfg.out_dir} now: wait for it to end, or pass another "
                                    f"--out_dir")
-            finished = {lt: s for lt in loss_types(cfg) if (s := checks.earlier_run(cfg, lt)) is not None}
-            for spec in (cfg.dataset, cfg.eval_dataset):
-                if spec != "demo" and files.is_local(spec):
-                    files.paths(spec)
-            if cfg.model != "demo":
-                checks.model(cfg, device, log)
-            yield finished
+            yield
+
+    def before_work(cfg, device, log):
+        """Earlier runs in out_dir, the data files, the model's config and memory: a mistake is one sentence before
+        any work. Returns {loss: summary} of the losses --resume finds finished."""
+        finished = {lt: s for lt in loss_types(cfg) if (s := checks.earlier_run(cfg, lt)) is not None}
+        for spec in (cfg.dataset, cfg.eval_dataset):
+            if spec != "demo" and files.is_local(spec):
+                files.paths(spec)
+        if cfg.model != "demo":
+            checks.model(cfg, device, log)
+        return finished
 
     def earlier_run(cfg, loss_type):
         """A new run needs a folder without results, --resume the options that made it; a finished run's summary."""
@@ -981,9 +938,64 @@ class checks:
                                + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs "
                                "(torchrun)")
 
-# --- Data files and the hub, read by datasets
+# --- Data: the rows, from the demo, files (read by datasets) or the hub
 
 class files:
+    def load(cfg):
+        """(train rows, held-out rows, format, where the held-out rows come from); each row a (dict, where) tuple,
+        checked to have the first row's format (a wrong row is named before any other work)."""
+        if cfg.dataset == "demo":
+            rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
+            return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
+        local = files.is_local(cfg.dataset)
+        train_rows, heldout, source = (files.read(cfg.dataset), None, None) if local else files.hub(cfg.dataset)
+        if cfg.eval_dataset:
+            heldout, source = files.read(cfg.eval_dataset), cfg.eval_dataset
+        fmt = files.detect_format(train_rows)
+        if heldout and files.detect_format(heldout) != fmt:  # each held-out row would be rendered wrong
+            raise FocalpoError(f"the training rows are in {fmt} format ({train_rows[0][1]}) and the held-out rows "
+                               f"in {files.detect_format(heldout)} format ({heldout[0][1]}): give both in one format")
+        for row, where in train_rows + (heldout or []):
+            files.check_row(row, fmt, where)
+        if heldout is None:  # hold out a seeded 5%
+            order = list(range(len(train_rows)))
+            random.Random(cfg.seed).shuffle(order)
+            n_eval = max(1, round(0.05 * len(train_rows))) if len(train_rows) > 1 else 0
+            heldout, train_rows = [train_rows[i] for i in order[:n_eval]], [train_rows[i] for i in order[n_eval:]]
+            source = f"{cfg.dataset}, held out of training (a seeded 5%; --eval_dataset to choose)"
+        return train_rows, heldout, fmt, source
+
+    def is_messages(x):
+        return isinstance(x, list) and all(isinstance(m, dict) for m in x)
+
+    def detect_format(rows):
+        """The first row's format: 'plain', 'chat' (message lists) or 'implicit' (no prompt: responses begin with
+        it)."""
+        if not rows:
+            raise FocalpoError("the dataset is empty")
+        first, where = rows[0]
+        if not {"chosen", "rejected"} <= set(first):
+            raise FocalpoError(f"{where}: expected columns 'chosen' and 'rejected' (and optionally 'prompt'), "
+                               f"found: {', '.join(sorted(first)) or 'none'}")
+        if any(files.is_messages(first.get(k)) for k in ("prompt", "chosen", "rejected")):
+            return "chat"
+        return "plain" if first.get("prompt") is not None else "implicit"
+
+    def check_row(row, fmt, where):
+        """An error naming the row unless it has the first row's format (chat rows may mix strings and messages)."""
+        for name in ("chosen", "rejected") if fmt == "implicit" else ("prompt", "chosen", "rejected"):
+            x = row.get(name)
+            if fmt != "chat" and not isinstance(x, str):
+                raise FocalpoError(f"{where}: {name!r} should be a string, as in the first row ({fmt} format), "
+                                   f"found {type(x).__name__}; a file holds one format (plain, chat or implicit)")
+            if fmt == "chat" and not (isinstance(x, str) or files.is_messages(x) or (name == "prompt" and x is None)):
+                raise FocalpoError(f"{where}: {name!r} should be a list of {{role, content}} messages or a string, "
+                                   f"found {type(x).__name__}")
+            for m in x if files.is_messages(x) else []:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise FocalpoError(f"{where} {name!r}: each message needs a 'role' and a string 'content', "
+                                       f"found {m!r:.80}")
+
     def kind(path):  # the datasets loader for a file's name ("x.JSONL.gz": 'json'), or None
         name = re.sub(r"\.(gz|bz2|xz)$", "", path.lower())
         return {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
@@ -1021,7 +1033,7 @@ class files:
         numpy_repr = lambda text: ast.literal_eval(re.sub(r"}\s*\n\s*{", "}, {", text))
         for parse in (json.loads, ast.literal_eval, numpy_repr):
             with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
-                if is_messages(messages := parse(x)) and all({"role", "content"} <= set(m) for m in messages):
+                if files.is_messages(messages := parse(x)) and all({"role", "content"} <= set(m) for m in messages):
                     return messages
         raise FocalpoError(f"{where}: {name!r} is text that looks like a list of messages (as a CSV file keeps one) "
                            f"but reads as neither JSON nor a Python list: save the data as .jsonl or .parquet")
@@ -1156,6 +1168,23 @@ class demo:
 # --- The fast log-prob path
 
 class fast:
+    CHUNK = 2048  # scored positions per piece of the output layer
+
+    def token_logps(model, ids, rows, cols, targets):
+        """sequence_logps's (N,) token log-probs in less memory: no mask (right padding: no scored position sees a
+        pad), the output layer at the scored positions only, in chunks recomputed in backward; so no (R, T, V) logits
+        (~10 GB in fp32 for Qwen's 152k vocabulary, 8 pairs of 1,024 tokens)."""
+        hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
+        pieces = []
+        for i in range(0, len(targets), fast.CHUNK):
+            args = (head, hidden[i:i + fast.CHUNK], targets[i:i + fast.CHUNK])
+            pieces.append(checkpoint(fast.head_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else fast.head_logps(*args))
+        return torch.cat(pieces)
+
+    def head_logps(head, hidden, targets):  # the output layer, then an fp32 log-softmax: (N,)
+        return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
     def attention(module, query, key, value, attention_mask, **kwargs):
         """transformers' SDPA, given no mask: causal (full for one query)."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -1183,7 +1212,8 @@ class fast:
         AttentionInterface.register("causal_sdpa", fast.attention)
         with torch.no_grad(), autocast(device):
             logits = model(probe["input_ids"], use_cache=False).logits.float()
-            head.weight.mul_(max(1.0, 10 / float(logits.std())))  # logits' std: 10
+            # logits as large as a trained model's: scaled up to a std of 10 (tied embeddings: the input's too)
+            head.weight.mul_(max(1.0, 10 / float(logits.std())))
             own, n = sequence_logps(model, probe)
             try:
                 model.set_attn_implementation("causal_sdpa")
@@ -1216,7 +1246,7 @@ class AdamWSR(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.work = {}  # the reusable buffers
 
-    def random_bits(self, n, device):  # n int64s with 48 random low bits (a method: tests supply theirs)
+    def random_bits(self, n, device):  # n int64s, each 63 random bits, of which update uses 48 (tests supply theirs)
         return self.buffer("bits", n, torch.int64, device).random_()
 
     def buffer(self, name, n, dtype, device):
@@ -1475,8 +1505,8 @@ class Guard:
     MAX_BAD_STEPS = 3
 
     def __init__(self, folder, state, ref, device, say):
-        self.folder, self.state, self.ref, self.device, self.say, self.signal, self.old = \
-            folder, state, ref, device, say, None, {}
+        self.folder, self.state, self.ref, self.device, self.say = folder, state, ref, device, say
+        self.signal, self.old, self.bad_steps = None, {}, 0  # bad_steps: NaN/inf steps in a row
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1504,13 +1534,13 @@ class Guard:
 
     def after_step(self, applied, micro):
         state, step = self.state, self.state["step"]
-        state["bad_steps"] = 0 if applied else state["bad_steps"] + 1
+        self.bad_steps = 0 if applied else self.bad_steps + 1
         if not applied:
             rows = ", ".join(self.nonfinite_rows(micro)) or "none: the gradient only"
             self.say(f"[{self.folder.loss_type}] step {step}: WARNING: non-finite loss or gradient, update skipped "
                      f"(training rows: {rows})")
-            if state["bad_steps"] >= Guard.MAX_BAD_STEPS:
-                raise FocalpoError(f"{state['bad_steps']} consecutive steps had a non-finite loss or gradient (the "
+            if self.bad_steps >= Guard.MAX_BAD_STEPS:
+                raise FocalpoError(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (the "
                                    f"last at step {step}, training rows: {rows}): check those rows or lower --lr. " +
                                    (f"The last good checkpoint is {self.folder.last} (--resume=true)."
                                     if self.folder.last else "No checkpoint yet."))
@@ -1626,7 +1656,7 @@ class procs:
         if procs.rank() == 0 and procs.world() > 1:
             dist.barrier()
 
-    def full_state(model, optimizer=None):  # (model, optimizer) state dicts, full tensors in host memory
+    def full_state(model, optimizer=None):  # (model, optimizer) state dicts; several processes: full, on the host
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
             get_optimizer_state_dict
         options = StateDictOptions(full_state_dict=procs.world() > 1, cpu_offload=procs.world() > 1)

@@ -50,7 +50,7 @@ def shared_cache(tmp_path_factory):
 
 def reference(model, pairs, cfg, pad_id, device):
     """The reference log-probs of `pairs`, as load_or_compute_reference scores them (without the cache)."""
-    return focalpo.score(model, focalpo.scoring_batches(pairs, cfg.batch_size, pad_id), len(pairs), device)
+    return focalpo.pair_logps(model, focalpo.scoring_batches(pairs, cfg.batch_size, pad_id), len(pairs), device)
 
 
 def make_bpe_tokenizer(bos=True, pad=True, template=True):
@@ -389,8 +389,9 @@ def test_sequence_logps_match_naive_loop_and_padding_does_not_matter(prepared):
     if prepared:
         model = focalpo.prepare_model(model, Config(), CPU).eval()
         assert model.fast_logps and model.config._attn_implementation == "causal_sdpa"
-    with torch.no_grad():
-        logps, n_tokens = focalpo.sequence_logps(model, focalpo.collate(pairs, tok.pad_token_id), chunk_size=3)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(focalpo.fast, "CHUNK", 3)  # the fast path's output layer in pieces of 3 positions
+        logps, n_tokens = focalpo.sequence_logps(model, focalpo.collate(pairs, tok.pad_token_id))
     for i, (ids, start) in enumerate(seqs):
         assert logps[i].item() == pytest.approx(naive[tuple(ids.tolist())], abs=1e-4)
         assert n_tokens[i] == len(ids) - start
@@ -404,8 +405,8 @@ def test_sequence_logps_sums_each_sequence_in_float64(monkeypatch):
     ids = torch.randint(3, 50, (4000,), generator=torch.Generator().manual_seed(0)).int()
     batch = focalpo.collate_sequences([ids, ids[:100]], [1, 1], pad_id=0)
     values = torch.rand(3999 + 99, generator=torch.Generator().manual_seed(1)) * -12  # fp32 "token log-probs"
-    pieces = iter(values.split(2048))  # sequence_logps asks for them chunk by chunk, in order
-    monkeypatch.setattr(focalpo, "_token_logps", lambda head, x, targets: next(pieces))
+    model.fast_logps = True  # whose token log-probs are replaced by the values
+    monkeypatch.setattr(focalpo.fast, "token_logps", lambda model, ids, rows, cols, targets: values)
     with torch.no_grad():
         logps, _ = focalpo.sequence_logps(model, batch)
     exact = [math.fsum(values[:3999].tolist()), math.fsum(values[3999:].tolist())]
@@ -434,7 +435,9 @@ def test_sequence_logps_equal_the_plain_form(fast):
     model.fast_logps = fast
     pairs = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there, hello"}], "plain", tok, Config())
     batch = focalpo.collate(pairs, tok.pad_token_id)
-    logps, n_tokens = focalpo.sequence_logps(model, batch, chunk_size=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(focalpo.fast, "CHUNK", 2)  # the fast path's output layer in pieces, recomputed in backward
+        logps, n_tokens = focalpo.sequence_logps(model, batch)
     g1 = torch.autograd.grad(logps.sum(), list(model.parameters()))
     model.fast_logps = False
     plain, plain_n = plain_sequence_logps(model, batch)
@@ -769,7 +772,7 @@ def test_every_process_always_has_its_share(tmp_path, monkeypatch):
     assert focalpo.procs.my_share(["a", "b", "c"]) == ["b", "a"]  # rank 1 of 2: item 1, then a repeat of item 0
     monkeypatch.setattr(focalpo.procs, "all_reduce", lambda t, op="sum": t)  # this process's own scores
     batches = [focalpo.collate(train[i:i + 2], tok.pad_token_id) for i in (0, 2, 4)]
-    mine = focalpo.score(model, batches, 10, CPU)
+    mine = focalpo.pair_logps(model, batches, 10, CPU)
     scored = [2, 3, 0, 1]  # batch 1 (pairs 2, 3) and the repeat of batch 0 (pairs 0, 1)
     assert torch.allclose(mine[scored], alone[scored], atol=1e-6) and torch.isinf(mine[[4, 5, 6, 7, 8, 9]]).all()
 
@@ -872,7 +875,7 @@ def test_epochs_never_mix_and_throughput_counts_training_steps_only(tmp_path, mo
     """19 training pairs in micro-batches of 2 make 10 batches an epoch: 2 steps of 4 batches, and 2 batches left out.
     Each epoch's steps hold distinct pairs (15 or 16: one batch has a single pair). Tokens/s counts every non-pad token of the training steps over their time
     alone: evaluation (made slow here) does not count."""
-    real_step, real_score, seen = focalpo.train_step, focalpo.score, []
+    real_step, real_score, seen = focalpo.train_step, focalpo.pair_logps, []
     def recording_step(model, opt, micro, *a, **kw):
         seen.append([i for b in micro for i in b["idx"].tolist()])
         return real_step(model, opt, micro, *a, **kw)
@@ -880,7 +883,7 @@ def test_epochs_never_mix_and_throughput_counts_training_steps_only(tmp_path, mo
         time.sleep(0.5)
         return real_score(*a, **kw)
     monkeypatch.setattr(focalpo, "train_step", recording_step)
-    monkeypatch.setattr(focalpo, "score", slow_score)
+    monkeypatch.setattr(focalpo, "pair_logps", slow_score)
     cfg = cfg_for(tmp_path, model=saved_model(tmp_path / "m"), dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN),
                   loss="dpo", epochs=2, batch_size=2, grad_accum=4, eval_every=1, lr=1e-3)
     s = focalpo.run(cfg, log=quiet)["dpo"]
@@ -1144,10 +1147,10 @@ def test_eval_dataset_works_with_a_hub_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: real(name, **kw) if kw else
                         {"train": PLAIN[:16], "test": PLAIN[16:18]})  # the hub's answer, for a name alone
     held = write_jsonl(tmp_path / "held.jsonl", PLAIN[18:])
-    train_rows, eval_rows, fmt, _ = focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs", eval_dataset=held))
+    train_rows, eval_rows, fmt, _ = focalpo.files.load(cfg_for(tmp_path, dataset="someone/pairs", eval_dataset=held))
     assert [r for r, _ in eval_rows] == PLAIN[18:] and eval_rows[0][1] == f"{held} row 1"
     assert len(train_rows) == 16 and train_rows[0][1] == "dataset 'someone/pairs' split 'train' row 1"
-    assert [r for r, _ in focalpo.load_rows(cfg_for(tmp_path, dataset="someone/pairs"))[1]] == PLAIN[16:18]
+    assert [r for r, _ in focalpo.files.load(cfg_for(tmp_path, dataset="someone/pairs"))[1]] == PLAIN[16:18]
 
 
 def test_chat_rows_give_the_same_pairs_from_csv_parquet_and_jsonl(tmp_path):
