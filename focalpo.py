@@ -265,16 +265,23 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
     train_rows, eval_rows, fmt, source = files.load(cfg)
+    tokens = lambda pair: (pair.chosen.numpy().tobytes(), pair.rejected.numpy().tobytes())
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        notes = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()))
+        if name == "eval":  # a held-out pair that is also a training pair measures memory, not generalisation
+            trained = {tokens(pair) for pair in out[0]}
+            stats["also in training"] = overlap = sum(tokens(pair) in trained for pair in pairs)
+        notes = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
             + (f" of {source}" if name == "eval" else "") + (f"; rows with {notes}" if notes else ""))
         if not pairs:
             raise FocalpoError(f"no usable {name} pairs are left after filtering ({notes or 'no rows'}): "
                                f"check the data, or raise --max_length / --max_prompt_length")
+        if name == "eval" and overlap == len(pairs):
+            raise FocalpoError(f"every held-out pair is also a training pair ({source}): its results would measure "
+                               f"memory, not what was learned; pass --eval_dataset rows that training does not use")
         out.append(pairs)
     if steps_per_epoch(cfg, len(out[0])) == 0:
         raise FocalpoError(f"{len(out[0])} training pairs do not fill one step of --grad_accum={cfg.grad_accum} "

@@ -140,6 +140,20 @@ def naive_logps(model, ids, start):
     return sum(logp[t - 1, int(ids[t])].item() for t in range(start, len(ids)))
 
 
+def independent_eval(policy, reference, pairs, beta):
+    """The held-out metrics computed the obvious way, pair by pair (naive_logps under each model): means over pairs."""
+    rows = []
+    for p in pairs:
+        pc, pr = naive_logps(policy, p.chosen, p.chosen_start), naive_logps(policy, p.rejected, p.rejected_start)
+        rc, rr = naive_logps(reference, p.chosen, p.chosen_start), naive_logps(reference, p.rejected, p.rejected_start)
+        nc, nr = len(p.chosen) - p.chosen_start, len(p.rejected) - p.rejected_start
+        cw, cl = beta * (pc - rc), beta * (pr - rr)
+        rows.append({"logps/chosen": pc, "logps/rejected": pr, "rewards/chosen": cw, "rewards/rejected": cl,
+                     "rewards/margin": cw - cl, "reward_accuracy": 1.0 if cw > cl else 0.5 if cw == cl else 0.0,
+                     "ranking_accuracy": float(pc >= pr), "ranking_accuracy_norm": float(pc / nc >= pr / nr)})
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
 def crash_at_step(monkeypatch, n):
     """train_step raises at its n-th call; returns the real train_step."""
     real_step, calls = focalpo.train_step, {"n": 0}
@@ -320,6 +334,13 @@ def test_exactly_one_bos_plain_and_chat():
     no_bos = make_bpe_tokenizer(bos=False)
     p = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", no_bos, cfg)[0]
     assert not focalpo.uses_bos(no_bos) and p.chosen[0] != bos
+    # GPT-2 and Pythia style: a BOS token defined, never added by the tokenizer: the text is scored as it tokenizes
+    gpt2_style = make_bpe_tokenizer(bos=False)
+    gpt2_style.bos_token = "<s>"
+    assert gpt2_style.bos_token_id == bos and gpt2_style("hello")["input_ids"][0] != bos
+    p = tokenize([{"prompt": "hello", "chosen": " world", "rejected": " there"}], "plain", gpt2_style, cfg)[0]
+    assert not focalpo.uses_bos(gpt2_style) and bos not in p.chosen.tolist() + p.rejected.tolist()
+    assert p.chosen.tolist() == gpt2_style("hello world")["input_ids"] + [gpt2_style.eos_token_id]
 
 
 def test_eos_appended_to_plain_text_but_not_doubled_on_chat():
@@ -481,7 +502,8 @@ def arch_configs():
 
 def test_every_architecture_gives_its_own_log_probs():
     """The training path (prepare_model, then sequence_logps on a right-padded batch) against the model's own
-    forward on each sequence alone, for 23 architectures with the output layer scaled so that the logits are as
+    forward on each sequence alone, for 22 architectures (23 configs: Mistral with and without a short window),
+    each to 1e-4 relative and 1e-3 nats absolute, with the output layer scaled so that the logits are as
     large as a trained model's (std ~10). Where the fast path would differ (a head that scales or soft-caps the
     logits, a short sliding window, eager-only attention) the model's own forward is used; Llama and Qwen keep it."""
     import transformers
@@ -517,14 +539,16 @@ def test_a_soft_capped_model_trains_on_its_own_log_probs(tmp_path):
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=1024)).save_pretrained(tmp_path / "m")
     cfg = cfg_for(tmp_path, model=str(tmp_path / "m"), dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN), loss="dpo",
-                  max_steps=4, batch_size=2, lr=1e-3, max_length=256, max_prompt_length=128)
+                  max_steps=4, batch_size=2, lr=1e-3, max_length=256, max_prompt_length=128,
+                  eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN2[:8]))
     model = focalpo.load_model(cfg, tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model = focalpo.prepare_model(model, cfg, CPU)
     assert not model.fast_logps and model.config._attn_implementation in ("eager", "sdpa")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     s = focalpo.run(cfg, log=quiet)["dpo"]
-    assert s["eval_loss_start"] == pytest.approx(math.log(2), abs=1e-6) and s["eval_loss"] != s["eval_loss_start"]
+    assert s["eval_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
+    assert s["eval_loss"] < s["eval_loss_start"] - 0.05 and s["eval_rewards/margin"] > 0  # it learns, the right way
 
 
 def test_collate_pads_on_the_right():
@@ -634,12 +658,18 @@ def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
 
 
 def test_eval_reference_is_the_initial_model_not_the_trained_one(tmp_path):
-    """trl #1107: eval-set reference computed with the trained policy makes eval margins read 0."""
-    s = focalpo.run(short_cfg(tmp_path, max_steps=15, eval_every=100, lr=1e-3), log=quiet)["dpo"]
+    """trl #1107: an eval-set reference computed with the trained policy makes every eval reward 0. The final eval
+    metrics equal those computed pair by pair from the saved model against the initial one."""
+    from transformers import AutoModelForCausalLM
+    cfg = short_cfg(tmp_path, max_steps=15, eval_every=100, lr=1e-3, save_model=True)
+    s = focalpo.run(cfg, log=quiet)["dpo"]
     assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
-    # with a reference from the trained policy every reward would be exactly 0 (all ties): they are not
-    assert s["eval_rewards/margin"] != 0 and s["eval_rewards/chosen"] != 0 and s["eval_rewards/rejected"] != 0
-    assert s["eval_reward_accuracy"] != 0.5
+    tok = focalpo.demo.tokenizer()
+    initial, trained = focalpo.demo.model(tok, cfg.seed).eval(), AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = independent_eval(trained.eval(), initial, focalpo.prepare_data(cfg, tok, quiet)[1], cfg.beta)
+    for k, v in expected.items():
+        assert s["eval_" + k] == pytest.approx(v, abs=1e-4), k
+    assert abs(s["eval_rewards/margin"]) > 0.01
 
 
 # -----------------------------------------------------------------------------
@@ -869,6 +899,14 @@ def test_demo_learns_and_writes_its_outputs(tmp_path):
         assert not (run_dir / "checkpoints").exists()  # a finished run keeps its model and summary, not its checkpoints
     s = out["dpo"]  # the ranking-accuracy split covers every eval pair exactly once
     assert s["eval_pairs_ref_correct"] + s["eval_pairs_ref_incorrect"] == 200
+    # the final held-out metrics, pair by pair: each saved model against the SFT model, the reference
+    from transformers import AutoModelForCausalLM
+    tok = focalpo.demo.tokenizer()
+    sft, eval_pairs = loaded(cfg, tok).eval(), focalpo.prepare_data(cfg, tok, quiet)[1]
+    for lt, s in out.items():
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / lt).eval()
+        for k, v in independent_eval(trained, sft, eval_pairs, cfg.beta).items():
+            assert s["eval_" + k] == pytest.approx(v, abs=1e-4), (lt, k)
 
 
 def test_epochs_never_mix_and_throughput_counts_training_steps_only(tmp_path, monkeypatch):
@@ -914,7 +952,7 @@ def test_names_say_what_they_count_and_the_saved_config_is_the_one_loaded(tmp_pa
 
 def test_too_few_pairs_for_one_step_is_one_sentence(tmp_path):
     cfg = cfg_for(tmp_path, dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN), batch_size=8, grad_accum=4,
-                  eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN[:2]))
+                  eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN2[:2]))
     with pytest.raises(FocalpoError, match="^20 training pairs do not fill one step of --grad_accum=4 micro-batches "
                                            "of --batch_size=8: lower them$"):
         focalpo.prepare_data(cfg, make_bpe_tokenizer(), quiet)
@@ -1042,7 +1080,7 @@ def test_generate_prints_held_out_prompts_with_completions(tmp_path):
     logs = []
     focalpo.run(cfg_for(tmp_path / "real", model=saved_model(tmp_path / "m"), loss="dpo", max_steps=1, batch_size=2,
                         dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN), generate=2,
-                        eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN[:4])), log=logs.append)
+                        eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN2[:4])), log=logs.append)
     lines = [l for l in logs if l.startswith("[dpo] '")]
     assert len(lines) == 2 and all(" -> '" in l and "expected" not in l for l in lines)
     assert not any("generation accuracy" in l for l in logs)  # no task metric for a real dataset
@@ -1073,6 +1111,7 @@ def run_on_files(tmp_path, train_rows, suffix=".jsonl", eval_rows=None, **kw):
 
 
 PLAIN = [{"prompt": f"Question {i}: hello", "chosen": " world", "rejected": f" there {i}"} for i in range(20)]
+PLAIN2 = [{"prompt": f"Question {i}: hello again", "chosen": " world", "rejected": f" there {i}"} for i in range(20)]
 CHAT = [{"prompt": [{"role": "user", "content": f"hi {i}"}],
          "chosen": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello, how can I help?"}],
          "rejected": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "go away"}]}
@@ -1485,6 +1524,182 @@ def test_the_real_command_line_says_one_sentence_and_importing_writes_nothing(tm
 
 
 # -----------------------------------------------------------------------------
+# promises the README makes, each pinned by a test that fails when its line in focalpo.py breaks
+
+
+def test_held_out_rows_never_train_and_both_make_the_whole(tmp_path):
+    """Without --eval_dataset a seeded 5% is held out: of 400 rows, 20. The held-out and training rows share none,
+    together they are every row of the file, and another seed holds out others."""
+    rows = [{"prompt": f"Question {i}:", "chosen": " yes", "rejected": f" no {i}"} for i in range(400)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, held, _, source = focalpo.files.load(cfg_for(tmp_path, dataset=path))
+    names = lambda part: [where for _, where in part]
+    assert (len(train), len(held)) == (380, 20) and "a seeded 5%" in source
+    assert not set(names(train)) & set(names(held))
+    assert sorted(names(train) + names(held)) == sorted(f"{path} row {i}" for i in range(1, 401))
+    assert set(names(focalpo.files.load(cfg_for(tmp_path, dataset=path, seed=1))[1])) != set(names(held))
+
+
+def test_held_out_pairs_that_are_training_pairs_are_counted_and_only_such_pairs_refused(tmp_path, capsys):
+    """The same tokens in both splits: counted in the data: eval line; when every held-out pair is one (the same
+    file given twice), one sentence before any work on the model."""
+    train = write_jsonl(tmp_path / "d.jsonl", PLAIN)
+    cfg = cfg_for(tmp_path, model=saved_model(tmp_path / "m"), dataset=train, loss="dpo", max_steps=1,
+                  batch_size=2, eval_dataset=write_jsonl(tmp_path / "e.jsonl", PLAIN[:3] + PLAIN2[:5]))
+    logs = []
+    focalpo.prepare_data(cfg, focalpo.load_tokenizer(cfg), logs.append)
+    assert logs[1].endswith("8 pairs from 8 rows (plain format) of " + cfg.eval_dataset + "; rows with 3 also in "
+                            "training")
+    assert "also in training" not in logs[0]
+    code, err = main_says(capsys, f"--model={cfg.model}", f"--dataset={train}", f"--eval_dataset={train}",
+                          f"--out_dir={tmp_path / 'out2'}", f"--cache_dir={tmp_path / 'cache'}", "--progress=false")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: every held-out pair is also a training pair ({train}): its results would measure memory, not what "
+        f"was learned; pass --eval_dataset rows that training does not use")
+
+
+def test_the_reference_cache_is_not_reused_for_other_held_out_pairs_of_the_same_count(tmp_path):
+    """The model, the training pairs and the pair count the same, only the held-out pairs other: another key, and
+    the run scores them anew instead of loading the values of the first ones."""
+    cfg, tok, model, train, eval_a = demo_setup(tmp_path, n_train=64, n_eval=32, cache_dir=str(tmp_path / "cache"))
+    eval_b = tokenize(focalpo.demo.pairs(128, 0)[96:], "plain", tok, cfg)
+    assert len(eval_a) == len(eval_b) == 32
+    assert focalpo.cache_key(cfg, model, train, eval_a, CPU)[0] != focalpo.cache_key(cfg, model, train, eval_b, CPU)[0]
+    focalpo.load_or_compute_reference(cfg, model, train, eval_a, tok.pad_token_id, CPU, quiet)
+    logs = []
+    _, ev = focalpo.load_or_compute_reference(cfg, model, train, eval_b, tok.pad_token_id, CPU, logs.append)
+    assert logs[0].startswith("reference: scoring") and not any("loaded cached" in l for l in logs)
+    assert torch.equal(ev, reference(model, eval_b, cfg, tok.pad_token_id, CPU))
+
+
+def test_the_optimizer_steps_at_the_scheduled_rate_and_metrics_log_it(tmp_path, monkeypatch):
+    """Each update is made at the rate of the schedule (linear warm-up over 10% of the steps, then a cosine to 0),
+    written here from its definition: the rate the optimizer holds when it steps, and the lr of each metrics row."""
+    seen, real_make = [], focalpo.make_optimizer
+    def recording_make(*a, **kw):
+        optimizer = real_make(*a, **kw)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+        return optimizer
+    monkeypatch.setattr(focalpo, "make_optimizer", recording_make)
+    focalpo.run(short_cfg(tmp_path, max_steps=20, log_every=1, lr=1e-3), log=quiet)
+    warmup = 2  # 10% of 20 steps
+    schedule = [1e-3 * (s + 1) / warmup if s < warmup else
+                1e-3 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (20 - warmup))) for s in range(20)]
+    assert seen == pytest.approx(schedule, rel=1e-12, abs=1e-18)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 21))
+    assert [r["lr"] for r in rows if r["split"] == "train"] == pytest.approx(schedule, rel=1e-12, abs=1e-18)
+
+
+def test_a_real_model_trains_at_5e_7_unless_told(tmp_path, monkeypatch):
+    """A model that is not the demo's: the peak rate is 5e-7 (7B DPO recipes' rate) when --lr is not given; the
+    demo's tiny model takes 3e-4."""
+    seen, real_make = [], focalpo.make_optimizer
+    monkeypatch.setattr(focalpo, "make_optimizer", lambda *a, **kw: seen.append(a[2]) or real_make(*a, **kw))
+    cfg = cfg_for(tmp_path, model=saved_model(tmp_path / "m"), dataset=write_jsonl(tmp_path / "d.jsonl", PLAIN),
+                  loss="dpo", max_steps=2, batch_size=2)
+    assert focalpo.run(cfg, log=quiet)["dpo"]["lr"] == 5e-7 and seen == [5e-7]
+    assert focalpo.peak_lr(Config()) == 3e-4
+
+
+def test_resume_refuses_other_data_and_another_seed(tmp_path, monkeypatch):
+    """The options that choose the pairs and their order: --resume with another value of any is one sentence."""
+    cfg = short_cfg(tmp_path, max_steps=4, save_every=2)
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        focalpo.run(cfg, log=quiet)
+    monkeypatch.undo()
+    other = write_jsonl(tmp_path / "other.jsonl", PLAIN)
+    for option, value in (("dataset", other), ("eval_dataset", other), ("max_train_pairs", 300), ("seed", 1)):
+        with pytest.raises(FocalpoError, match=f"--{option} was {getattr(cfg, option)!r}, now {value!r}\\) would "
+                                               f"not continue .*step_0000002.pt"):
+            focalpo.run(dataclasses.replace(cfg, resume=True, **{option: value}), log=quiet)
+    assert focalpo.run(dataclasses.replace(cfg, resume=True), log=quiet)["dpo"]["steps"] == 4
+
+
+def test_the_comparison_table_prints_what_summary_json_holds(tmp_path):
+    """Each column under its label, each cell the summary.json value it names, for each loss."""
+    logs = []
+    focalpo.run(short_cfg(tmp_path, loss="dpo,minordpo", max_steps=10), log=logs.append)
+    columns = {"reward acc @0": "eval_reward_accuracy_start", "reward acc": "eval_reward_accuracy",
+               "margin": "eval_rewards/margin", "rank acc": "eval_ranking_accuracy",
+               "rank acc (ref right)": "eval_ranking_accuracy_ref_correct",
+               "rank acc (ref wrong)": "eval_ranking_accuracy_ref_incorrect", "logp chosen": "eval_logps/chosen",
+               "logp rejected": "eval_logps/rejected", "gen acc @0": "eval_generation_accuracy_start",
+               "gen acc": "eval_generation_accuracy"}
+    table = next(l for l in logs if "held-out results" in l).strip().splitlines()
+    assert table[0] == "held-out results (64 pairs)"
+    assert re.split(r"\s{2,}", table[1].strip()) == ["loss", *columns]
+    for line, loss in zip(table[2:], ("dpo", "minordpo"), strict=True):
+        summary = json.loads((tmp_path / "out" / loss / "summary.json").read_text())
+        name, *cells = line.split()
+        assert name == loss and cells == [format(summary[k], ".3f") for k in columns.values()]
+
+
+def test_the_memory_plan_refuses_exactly_what_does_not_fit_and_shares_the_state_over_processes(monkeypatch):
+    """The plan against the free memory: a run that needs 0.1 GiB more than is free is refused, one that needs 0.1
+    GiB less goes on. Over 2 processes FSDP holds half the training state on each: a run too big for one GPU goes
+    on when the half fits."""
+    from transformers import MistralConfig
+    cfg, config, cuda = Config(model="x", weights="bf16", gradient_checkpointing=True), MistralConfig(), torch.device("cuda")
+    one, _ = focalpo.checks.memory_plan(config, cfg, 1)
+    two, _ = focalpo.checks.memory_plan(config, cfg, 2)
+    assert two == pytest.approx(one - 7_241_732_096 * 8 / 2)  # the state (8 bytes a parameter), halved
+    def free(gib):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib * 2 ** 30, 141 * 2 ** 30))
+    for processes, needed in ((1, one), (2, two)):
+        monkeypatch.setattr(focalpo.procs, "world", lambda: processes)
+        free(needed / 2 ** 30 + 0.1)
+        focalpo.checks.memory(cfg, config, cuda, log=quiet)  # fits
+        free(needed / 2 ** 30 - 0.1)
+        with pytest.raises(FocalpoError, match=f"needs about {needed / 2 ** 30:.1f} GiB but the GPU has "):
+            focalpo.checks.memory(cfg, config, cuda, log=quiet)
+    free(one / 2 ** 30 - 0.1)  # too little for one process, enough for each of two
+    focalpo.checks.memory(cfg, config, cuda, log=quiet)
+
+
+def test_every_write_first_checks_for_the_room_it_will_take(tmp_path, monkeypatch):
+    """Before each file is written, the space it needs is compared with the free space (a full disk is then one
+    sentence: test_a_full_disk_...). Here the space each write asks for is set beside the size it took: the
+    reference cache, a checkpoint, summary.json, the model and every metrics.jsonl line."""
+    asked, real_room = collections.defaultdict(list), focalpo.room_for
+    def recording_room(path, needed, partial=None):
+        asked[os.path.basename(path)].append(needed)
+        return real_room(path, needed, partial)
+    monkeypatch.setattr(focalpo, "room_for", recording_room)
+    cache = tmp_path / "cache"
+    focalpo.run(short_cfg(tmp_path, cache_dir=str(cache), max_steps=5, save_model=True, keep_final_checkpoint=True),
+                log=quiet)
+    out = tmp_path / "out"
+    written = {"step_0000005.pt": out / "checkpoints" / "step_0000005.pt", "summary.json": out / "summary.json",
+               "model.safetensors": out / "model.safetensors", next(iter(os.listdir(cache))): cache / os.listdir(cache)[0]}
+    for name, path in written.items():
+        size = os.path.getsize(path)
+        assert len(asked[name]) == 1 and 0.5 * size <= asked[name][0] <= 1.2 * size, (name, asked[name], size)
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert asked["metrics.jsonl"] == [len(line) for line in lines]
+
+
+def test_loss_and_metrics_against_numbers_worked_by_hand():
+    """Three pairs, every metric from numbers worked out by hand (β = 0.1): the log-probs, the rewards and their
+    margin, DPO's loss, and the ranking accuracy of mean token log-probs (every pair right) beside the raw one."""
+    logps = torch.tensor([-10.0, -20.0, -6.0, -12.0, -15.0, -6.0], dtype=torch.float64)  # chosen, then rejected
+    n_tokens = torch.tensor([5, 10, 3, 4, 5, 2])  # per token: chosen -2, -2, -2; rejected -3, -3, -3
+    ref = torch.tensor([[-11.0, -11.0], [-19.0, -16.0], [-6.0, -7.0]], dtype=torch.float64)
+    # r_w = 1, -1, 0; r_l = -1, 1, 1; margins h = 2, -2, -1
+    _, m = focalpo.loss_and_metrics(logps, n_tokens, ref, Config(beta=0.1), "dpo")
+    m = focalpo.finish_metrics({k: float(v) for k, v in m.items()})
+    sp = lambda x: math.log1p(math.exp(x))  # −log σ(t) = softplus(−t)
+    expected = {"logps/chosen": -12.0, "logps/rejected": -11.0, "rewards/chosen": 0.0, "rewards/rejected": 0.1 / 3,
+                "rewards/margin": -0.1 / 3, "loss": (sp(-0.2) + sp(0.2) + sp(0.1)) / 3,
+                "reward_accuracy": 1 / 3, "ranking_accuracy": 2 / 3, "ranking_accuracy_norm": 1.0,
+                "ranking_accuracy_ref_correct": 1.0, "ranking_accuracy_ref_incorrect": 0.0,
+                "pairs_ref_correct": 2, "pairs_ref_incorrect": 1, "response_tokens": 29}  # counts, not means
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-6), k
+
+
+# -----------------------------------------------------------------------------
 # bf16 weights: stochastic rounding (pitfall 12)
 
 
@@ -1527,8 +1742,10 @@ def test_bf16_adamw_loses_a_small_update_and_stochastic_rounding_keeps_it():
     assert (results["bf16"] != 0).sum().item() == 0  # round-to-nearest: not one weight moved
     moved = (results["bf16+sr"] != 0).float().mean().item()
     assert 0.01 < moved < 0.5  # each weight moves a whole bf16 step now and then
-    # and on average exactly as far as fp32: the SR noise per weight is ~1e-4, so the mean of 1e6 is within ~3e-7
-    assert results["bf16+sr"].mean().item() == pytest.approx(results["fp32"].mean().item(), abs=1e-6)
+    # and on average as far as fp32: the SR noise per weight is ~1e-4, so the mean of 1e6 has a spread of ~1e-7
+    fp32, sr = results["fp32"].mean().item(), results["bf16+sr"].mean().item()
+    print(f"mean move of 1M weights in 10 steps at lr 5e-7: fp32 {fp32:.3e}, bf16 with stochastic rounding {sr:.3e}")
+    assert sr == pytest.approx(fp32, abs=5e-7)  # 10% of the move
 
 
 def reference_adamw_sr(params, grads, bits, lr=1e-2, betas=(0.9, 0.95), eps=1e-8):
@@ -1625,6 +1842,12 @@ def test_training_with_bf16_weights(tmp_path):
     # the reference ran in bf16 too, so step 0 is still a tie everywhere (pitfall 8)
     assert s["eval_reward_accuracy_start"] == 0.5 and s["eval_loss_start"] == pytest.approx(2 ** -0.05 * math.log(2), abs=1e-6)
     assert s["eval_loss"] < s["eval_loss_start"] and s["eval_rewards/margin"] > 0  # it trains
+    # at a small rate, as fp32 does: the same held-out margin after 4 steps within 10% (1.4% when this was written;
+    # plain AdamW on bf16 weights loses most of each update to rounding and reached 0.29 of fp32's margin)
+    small = dict(loss="dpo", max_steps=4, eval_every=4, lr=1e-5, batch_size=4, max_train_pairs=192, max_eval_pairs=32)
+    margin = {w: focalpo.run(short_cfg(tmp_path / w, weights=w, **small), log=quiet)["dpo"]["eval_rewards/margin"]
+              for w in ("fp32", "bf16")}
+    assert margin["bf16"] == pytest.approx(margin["fp32"], rel=0.1) and margin["fp32"] > 0
 
 
 # -----------------------------------------------------------------------------
