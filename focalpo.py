@@ -8,23 +8,20 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
 
     python focalpo.py        # the demo: offline, a tiny model built from a config, under a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
-    python focalpo.py --model=path/to/model --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
+    python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
 
 Reading guide. The core reads top to bottom, in data-flow order (rendering and tokenization may be skimmed: out
-come lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names, one for
-each kind of machinery:
+come lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names:
     checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
-    files.     rows from the demo, .jsonl/.json/.csv/.parquet files (read by `datasets`) or a hub dataset; the
-               format each row must have; the held-out split
+    files.     rows from the demo, files (read by `datasets`) or the hub, each in one format; the held-out split
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
-    fast.      the fast log-prob path: the same numbers as the model's own forward, in less memory
+    fast.      the model's own log-probs in less memory
     cache.     files written whole, read back only if whole; a fingerprint of the weights
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
-    Guard      what stops training in one sentence: Ctrl-C or SIGTERM and out of memory (after a checkpoint),
-               three NaN/inf steps in a row (each skipped, its rows named)
-    output.    the trained model, summary.json, the table that compares the losses
+    Guard      a stop in one sentence: a signal or out of memory (after a checkpoint), 3 NaN/inf steps in a row
+    output.    the trained model, summary.json, the table that compares the losses, curves.png
     procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
@@ -65,7 +62,7 @@ from tqdm import tqdm
 @dataclasses.dataclass
 class Config:
     # model and data
-    model: str = "demo"  # "demo" (a tiny model built offline), a hub name, or a local folder
+    model: str = "demo"  # "demo" (a tiny model built offline), a hub name, a local folder or a .gguf file
     dataset: str = "demo"  # "demo" (a sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet files
     eval_dataset: str = ""  # held-out files; "" = the dataset's test split if it has one, else a seeded 5% of it
     max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
@@ -211,8 +208,8 @@ def uses_bos(tokenizer):  # does the tokenizer put a BOS token first? (Llama: ye
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
-    """One sequence's token ids and where its response starts, prompt and response cut to fit; `notes` collects
-    what was done. full: prompt and response tokenized as one string; prompt_alone: the prompt tokenized alone."""
+    """(token ids, where the response starts) of `full`, prompt and response tokenized as one string, cut to fit;
+    `notes` collects what was done."""
     n = common_prefix_len(prompt_alone, full)
     if n < len(prompt_alone):  # a token merged across the boundary (pitfall 1): the response starts where they part
         notes.add("boundary token merged")
@@ -236,7 +233,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
                            "instruct/chat model's tokenizer, or plain-text data")
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
-    kept, texts = [], []  # where each kept row came from, and its (prompt, prompt + chosen, prompt + rejected)
+    kept, texts = [], []  # where each kept row came from; its (prompt, prompt + chosen, prompt + rejected)
     for row, where in rows:
         rendered = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
         if isinstance(rendered, str):  # the reason it is dropped
@@ -244,8 +241,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         else:
             kept.append(where)
             texts.append(rendered)
-    # the prompts, then the chosen, then the rejected texts, each in one call (fast tokenizers batch them);
-    # add_special_tokens=False: BOS is added once below, and a chat template that writes "<s>" has it (pitfall 2)
+    # the prompts, the chosen and the rejected texts in a call each; BOS is added once below (pitfall 2)
     ids = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in zip(*texts)] or [[]] * 3
     pairs = []
     for where, prompt, chosen, rejected in zip(kept, *ids):
@@ -270,7 +266,7 @@ def prepare_data(cfg, tokenizer, log=print):
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        if name == "eval":  # a held-out pair that is also a training pair measures memory, not generalisation
+        if name == "eval":  # a held-out pair that is also a training pair measures memory
             trained = {tokens(pair) for pair in out[0]}
             stats["also in training"] = overlap = sum(tokens(pair) in trained for pair in pairs)
         notes = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
@@ -291,17 +287,17 @@ def prepare_data(cfg, tokenizer, log=print):
 # --- Batches: pairs of similar length, two right-padded rows each, and the positions scored
 
 def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length (less padding): shuffle, sort within windows of 64 batches, shuffle the batches
+    """Batches of similar length (less padding): shuffle, sort within pools of 64 batches, shuffle the batches
     (unshuffled, for scoring: sorted)."""
-    length = lambda p: max(len(p.chosen), len(p.rejected))
+    length = lambda pair: max(len(pair.chosen), len(pair.rejected))
     if not shuffle:
         order = sorted(pairs, key=length)
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng = random.Random(seed)
     order = list(pairs)
     rng.shuffle(order)
-    window = 64 * batch_size
-    order = [p for w in range(0, len(order), window) for p in sorted(order[w:w + window], key=length)]
+    pool = 64 * batch_size
+    order = [pair for i in range(0, len(order), pool) for pair in sorted(order[i:i + pool], key=length)]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -372,15 +368,20 @@ def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
 
 def autocast(device):  # fp32 weights compute in bf16 on CUDA
-
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+def from_pretrained(auto_class, name, **kw):  # a hub name, a folder, or a .gguf file (llama.cpp's)
+    if name.endswith(".gguf"):
+        kw["gguf_file"] = path = os.path.abspath(name)
+        name = os.path.dirname(path)
+    return auto_class.from_pretrained(name, **kw)
 
 def load_tokenizer(cfg):
     if cfg.model == "demo":
         return demo.tokenizer()
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.model)
+        tok = from_pretrained(AutoTokenizer, cfg.model)
     except Exception as e:
         raise checks.load_error("the tokenizer of", cfg.model, e) from None
     if tok.pad_token_id is None:  # no pad is ever scored (all sit right of the response): any id will do
@@ -392,9 +393,12 @@ def load_tokenizer(cfg):
 def load_model(cfg, tokenizer):  # the weights in --weights' dtype, with the attention the model picks
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
-    from transformers import AutoModelForCausalLM
+    import transformers
+    # a .gguf file's weights unpacked: transformers 5 may keep them packed (not trainable, not saveable)
+    unpacked = {"quantization_config": transformers.GgufConfig(dequantize=True)} \
+        if cfg.model.endswith(".gguf") and hasattr(transformers, "GgufConfig") else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights_dtype(cfg))
+        return from_pretrained(transformers.AutoModelForCausalLM, cfg.model, dtype=weights_dtype(cfg), **unpacked)
     except Exception as e:
         raise checks.load_error("model", cfg.model, e) from None
 
@@ -551,9 +555,8 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over micro-batches (gradient accumulation), with one wait for the device. Returns the
-    step's summed metrics (left on the device) and whether the update was made (a NaN/inf would poison every
-    weight). n_pairs: the step's pair count (several processes: all of theirs)."""
+    """One optimizer step over micro-batches, one wait for the device: (the summed metrics, on the device; whether
+    the update was made: NaN/inf would poison every weight). n_pairs: the step's (several processes: all of theirs)."""
     n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce after the last only
@@ -566,7 +569,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     norm = procs.full(norm)  # several processes: the norm of the whole gradient
     total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: finish_metrics divides each by the pairs
-    # the step's one wait for the device (several processes: all make the update, or none)
+    # the step's one wait for the device (several processes: all update, or none)
     applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
         optimizer.step()
@@ -601,11 +604,10 @@ def next_step(steps, pad_id):
     return [collate(b, pad_id) for b in procs.my_share(step)], len(pairs), tokens  # several processes: a share each
 
 def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
-    return {"step": 0,  # optimizer steps made
-            "tokens_seen": 0, "train_seconds": 0.0,  # non-pad tokens, and the steps' own time: the throughput
-            "loop_seconds": 0.0,  # the loop's whole time, evaluations and checkpoints included
-            "window": {},  # the summed metrics of the steps since the last metrics.jsonl row
-            "first_eval": None, "last_eval": None}  # the held-out metrics at step 0 and at the latest evaluation
+    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' own time: the throughput
+            "loop_seconds": 0.0,  # evaluations and checkpoints included
+            "window": {},  # the metric sums of the steps since the last metrics.jsonl row
+            "first_eval": None, "last_eval": None}  # held-out metrics
 
 def train_row(state, step, lr):
     """The metrics.jsonl row of the steps since the last row (their one wait), and the throughput so far."""
@@ -642,9 +644,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         state["first_eval"] = state["last_eval"] = evaluate(0)
     steps = step_stream(train_pairs, cfg, skip=state["step"])
     t_start, loop_before = time.time(), state["loop_seconds"]
-    # Guard stops the loop in one sentence (a signal or out of memory: after a checkpoint); it recomputes a NaN/inf
-    # step's losses to name its rows, so it needs the reference
-    with Guard(folder, state, train_ref, device, say) as guard, bar:
+    with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to name NaN/inf rows
         while state["step"] < n_steps:
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -713,6 +713,7 @@ def run(cfg, log=print):
             output.show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
             del model  # before the next loss's model loads: one in memory at a time
     log(output.comparison_table(summaries))
+    output.plot(cfg, log)
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
 
@@ -829,9 +830,7 @@ class checks:
                                f"--max_length={cfg.max_length}: make it smaller")
 
     @contextlib.contextmanager
-    def lock(cfg):
-        """Holds --out_dir for this run (the system lets go when the file closes, however the process ends); another
-        run there now, a bad option or a folder that cannot be written is one sentence."""
+    def lock(cfg):  # --out_dir for this run alone (the system lets go when the file closes, however the run ends)
         import fcntl
         checks.options(cfg)  # before any folder is made
         for name in ("out_dir", "cache_dir"):
@@ -853,9 +852,7 @@ class checks:
                                    f"--out_dir")
             yield
 
-    def before_work(cfg, device, log):
-        """Earlier runs in out_dir, the data files, the model's config and memory: a mistake is one sentence before
-        any work. Returns {loss: summary} of the losses --resume finds finished."""
+    def before_work(cfg, device, log):  # earlier runs, data files, the model; {loss: summary} of finished ones
         finished = {lt: s for lt in loss_types(cfg) if (s := checks.earlier_run(cfg, lt)) is not None}
         for spec in (cfg.dataset, cfg.eval_dataset):
             if spec != "demo" and files.is_local(spec):
@@ -895,7 +892,7 @@ class checks:
     def model(cfg, device, log):  # its config loads, holds --max_length, and fits in memory
         from transformers import AutoConfig
         try:
-            config = AutoConfig.from_pretrained(cfg.model)
+            config = from_pretrained(AutoConfig, cfg.model)
         except Exception as e:
             raise checks.load_error("the config of", cfg.model, e) from None
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -905,10 +902,14 @@ class checks:
         checks.memory(cfg, config, device, log)
 
     def load_error(what, name, e):  # one sentence: what, why, and what to do
-        if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            return FocalpoError(f"could not load {what} {name!r}: there is no such folder; check the path")
+        gguf = name.endswith(".gguf")
+        if not os.path.exists(name) and (gguf or name.startswith((".", "/", "~")) or name.count("/") > 1):
+            return FocalpoError(f"could not load {what} {name!r}: there is no such {'file' if gguf else 'folder'}; "
+                                f"check the path")
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = (f"check that {name} holds what save_pretrained writes" if os.path.exists(name) else
+        hint = ("check that it is whole, of an architecture transformers knows, and that gguf and accelerate are "
+                "installed" if gguf else
+                f"check that {name} holds what save_pretrained writes" if os.path.exists(name) else
                 "check the name; HF_HUB_OFFLINE is set, so only the local cache is read; or pass a local path"
                 if offline else
                 "check the name and your network (set HF_HUB_OFFLINE=1 to fail at once), or pass a local path")
@@ -949,8 +950,7 @@ class checks:
 
 class files:
     def load(cfg):
-        """(train rows, held-out rows, format, where the held-out rows come from); each row a (dict, where) tuple,
-        checked to have the first row's format (a wrong row is named before any other work)."""
+        """(train rows, held-out rows, format, the held-out rows' source); each row (dict, where), of one format."""
         if cfg.dataset == "demo":
             rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
             return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
@@ -975,9 +975,7 @@ class files:
     def is_messages(x):
         return isinstance(x, list) and all(isinstance(m, dict) for m in x)
 
-    def detect_format(rows):
-        """The first row's format: 'plain', 'chat' (message lists) or 'implicit' (no prompt: responses begin with
-        it)."""
+    def detect_format(rows):  # the first row's: 'plain', 'chat' (message lists) or 'implicit' (no prompt)
         if not rows:
             raise FocalpoError("the dataset is empty")
         first, where = rows[0]
@@ -1178,9 +1176,9 @@ class fast:
     CHUNK = 2048  # scored positions per piece of the output layer
 
     def token_logps(model, ids, rows, cols, targets):
-        """sequence_logps's (N,) token log-probs in less memory: no mask (right padding: no scored position sees a
-        pad), the output layer at the scored positions only, in chunks recomputed in backward; so no (R, T, V) logits
-        (~10 GB in fp32 for Qwen's 152k vocabulary, 8 pairs of 1,024 tokens)."""
+        """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB in fp32 for Qwen's vocabulary, 8
+        pairs of 1,024 tokens): no mask (right padding: no scored position sees a pad), the output layer at the scored
+        positions only, in chunks recomputed in backward."""
         hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
         pieces = []
         for i in range(0, len(targets), fast.CHUNK):
@@ -1465,6 +1463,31 @@ class output:
             cells = (f"{'-' if s.get(k) is None else format(s[k], '.3f'):>{w}}" for k, w in cols.items())
             lines.append(f"{name:<19}" + "".join(cells))
         return "\n".join(lines)
+
+    CURVES = {"reward_accuracy": "reward accuracy", "rewards/margin": "margin β·(r_w − r_l)",
+              "logps/chosen": "log π(y_w|x)", "logps/rejected": "log π(y_l|x)"}
+
+    def plot(cfg, log):  # curves.png: each loss's metrics, held-out (solid) and metrics.jsonl's train rows
+        if procs.rank() != 0:
+            return
+        try:
+            from matplotlib.figure import Figure  # not pyplot: no window, no global state
+        except ImportError:
+            return log("no curves.png: matplotlib is not installed")
+        fig, path = Figure(figsize=(16, 3.4), layout="constrained"), os.path.join(cfg.out_dir, "curves.png")
+        axes = fig.subplots(1, 4)
+        for i, lt in enumerate(loss_types(cfg)):
+            rows = [json.loads(line) for line in open(os.path.join(loss_dir(cfg, lt), "metrics.jsonl"))]
+            for split, style in (("eval", "-"), ("train", "--")):
+                part = [r for r in rows if r["split"] == split]
+                for ax, (k, title) in zip(axes, output.CURVES.items()):
+                    ax.plot([r["step"] for r in part], [r[k] for r in part], style, color=f"C{i}", marker=".",
+                            label=f"{lt}, {'held-out' if split == 'eval' else 'training'}")
+                    ax.set(title=title, xlabel="step")
+        axes[0].legend(fontsize="small")
+        with room_for(path, 2 ** 20, path):
+            fig.savefig(path, dpi=100)
+        log(f"curves: {path}")
 
     @torch.no_grad()
     def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):

