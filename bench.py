@@ -1,7 +1,9 @@
 """
-Benchmark focalpo's real training step on random-init models of named shapes (no download, no dataset).
+Benchmark focalpo's real training step on random-init models of named shapes (no download, no dataset), or on a
+real model and real pairs (--model and --dataset, as focalpo.py takes them).
 
     python bench.py --shape=tiny                                        # one row: CPU smoke test, seconds
+    python bench.py --model=path/to/model.gguf --dataset=pairs.jsonl --max_length=160 --max_prompt_length=128
     python bench.py --shape=mistral-7b --weights=bf16 --gradient_checkpointing=true --batch_size=8 --grad_accum=2
     python bench.py --trl --shape=qwen2.5-0.5b --batch_size=8 --grad_accum=2   # the same pairs through TRL
     python bench.py --suite --out=bench_suite.json                      # the GPU results table, one process per row
@@ -16,10 +18,13 @@ the time to save one checkpoint. Any other focalpo option (--weights, --gradient
 
 --trl: the same pairs, batch, accumulation, checkpointing and bf16 autocast through TRL's DPOTrainer with
 precomputed reference log-probs (needs `pip install trl`; only fp32 master weights, as TRL has no bf16-weight
-AdamW). Its own tokenization is skipped: the pairs are token ids already.
+AdamW). Its own tokenization is skipped: the pairs are token ids already. A real model runs in TRL as it loads
+(its own attention). The row also holds step 0 both ways: the largest difference between TRL's reference log-probs
+of the pairs and focalpo's, and the first batch's DPO loss by each.
 """
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -89,6 +94,21 @@ def build(shape, cfg, device):
     return config, focalpo.prepare_model(model, cfg, device)
 
 
+def setup(args, cfg, device, prepare=True):
+    """(config, model, pairs, pad id): a named shape and seeded random pairs, or --model (a folder, a hub name, a
+    .gguf file) and the training pairs of --dataset, repeated to fill the steps. prepare: as focalpo trains it."""
+    n = cfg.batch_size * cfg.grad_accum * (args.warmup + args.steps)
+    if cfg.model == "demo":
+        config, model = build(args.shape, cfg, device)
+        return config, model, random_pairs(n, config.vocab_size, cfg.max_length, cfg.max_prompt_length, cfg.seed), 0
+    tok = focalpo.load_tokenizer(cfg)
+    train, _ = focalpo.prepare_data(cfg, tok, log=lambda msg: None)
+    pairs = [dataclasses_replace(train[i % len(train)], idx=i) for i in range(n)]
+    model = focalpo.load_model(cfg, tok).to(device)
+    model = focalpo.prepare_model(model, cfg, device) if prepare else model.eval()
+    return model.config, model, pairs, tok.pad_token_id
+
+
 def peak_flops(args, device):
     if args.peak_tflops:
         return args.peak_tflops * 1e12
@@ -99,13 +119,11 @@ def peak_flops(args, device):
 
 def measure(args, cfg, device):
     """One row: the reference pass, then timed train_step calls, then one checkpoint save."""
-    config, model = build(args.shape, cfg, device)
+    config, model, pairs, pad = setup(args, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
-    pairs = random_pairs(cfg.batch_size * cfg.grad_accum * (args.warmup + args.steps), config.vocab_size,
-                         cfg.max_length, cfg.max_prompt_length, cfg.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    ref = focalpo.pair_logps(model, focalpo.scoring_batches(pairs, cfg.batch_size, 0), len(pairs), device)
+    ref = focalpo.pair_logps(model, focalpo.scoring_batches(pairs, cfg.batch_size, pad), len(pairs), device)
     sync()
     ref_seconds = time.perf_counter() - t0
     all_tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
@@ -126,7 +144,7 @@ def measure(args, cfg, device):
         torch.cuda.reset_peak_memory_stats()
     tokens = padded = 0
     for i, step in enumerate(steps):
-        micro = [focalpo.collate(b, 0) for b in step]
+        micro = [focalpo.collate(b, pad) for b in step]
         if i == args.warmup:
             sync()
             t0, optimizer_seconds[0] = time.perf_counter(), 0.0
@@ -147,7 +165,7 @@ def measure(args, cfg, device):
         shutil.rmtree(where)
     tok_s = tokens / seconds
     flops = peak_flops(args, device)
-    return {"impl": "focalpo", "shape": args.shape, "params": n_params, "weights": cfg.weights,
+    return {"impl": "focalpo", "shape": shape_name(args, cfg), "params": n_params, "weights": cfg.weights,
             "gradient_checkpointing": cfg.gradient_checkpointing, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "steps": args.steps,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -185,16 +203,23 @@ def measure_trl(args, cfg, device):
         def _prepare_dataset(self, dataset, *a, **kw):
             return dataset
 
-    config, model = build(args.shape, dataclasses_replace(cfg, weights="fp32", gradient_checkpointing=False), device)
+    plain = dataclasses_replace(cfg, weights="fp32", gradient_checkpointing=False)
+    # a real model runs in TRL as it loads (its own attention); a named shape as focalpo's build() makes it
+    config, model, pairs, pad = setup(args, plain, device, prepare=cfg.model == "demo")
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
-    n_pairs = cfg.batch_size * cfg.grad_accum * (args.warmup + args.steps)
-    pairs = random_pairs(n_pairs, config.vocab_size, cfg.max_length, cfg.max_prompt_length, cfg.seed)
     rows = [{"prompt_ids": p.chosen[:p.chosen_start].tolist(), "chosen_ids": p.chosen[p.chosen_start:].tolist(),
              "rejected_ids": p.rejected[p.rejected_start:].tolist()} for p in pairs]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2},
-                                                                               unk_token="<unk>")),
-                                  pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = focalpo.load_tokenizer(cfg) if cfg.model != "demo" else PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>")),
+        pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    # focalpo's own numbers for the same pairs at step 0, from a copy of the model prepared as focalpo trains it
+    mine = focalpo.prepare_model(copy.deepcopy(model), plain, device)
+    mine_ref = focalpo.pair_logps(mine, focalpo.scoring_batches(pairs, cfg.batch_size, pad), len(pairs), device)
+    first = focalpo.collate(pairs[:cfg.batch_size], pad)
+    with torch.no_grad():
+        mine_loss, mine_metrics = focalpo.forward_pairs(mine.train(), first, mine_ref, cfg, "dpo", device)
+    del mine
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     marks = {}
 
@@ -207,7 +232,7 @@ def measure_trl(args, cfg, device):
                     torch.cuda.reset_peak_memory_stats()
 
     counted = []  # non-pad tokens of each micro-batch, in the order the collator made them
-    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0, max_length=cfg.max_length)
+    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=pad, max_length=cfg.max_length)
     def counting_collator(examples):
         batch = collator(examples)
         counted.append(int(batch["attention_mask"].sum()))
@@ -230,6 +255,16 @@ def measure_trl(args, cfg, device):
     trainer.get_train_dataloader()
     sync()
     ref_seconds = time.perf_counter() - t0
+    # step 0 both ways: TRL's reference log-probs of every pair against focalpo's, and the loss of the first batch
+    ds = trainer.train_dataset
+    theirs_ref = torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float64).T
+    with torch.no_grad():
+        theirs_loss = float(trainer.compute_loss(model, trainer._prepare_inputs(collator([ds[i] for i in
+                                                                                          range(cfg.batch_size)]))))
+    step0 = {"step0_logps_max_abs_diff": float((theirs_ref - mine_ref).abs().max()),
+             "step0_logps_mean": float(mine_ref.mean()), "step0_loss_trl": theirs_loss,
+             "step0_loss_focalpo": float(mine_loss.mean())}
+    model.train()
     counted.clear()
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -237,7 +272,7 @@ def measure_trl(args, cfg, device):
     tokens = sum(counted[-args.steps * cfg.grad_accum:])  # the timed steps' micro-batches are the last ones
     tok_s = tokens / seconds
     flops = peak_flops(args, device)
-    return {"impl": "trl", "trl_version": trl.__version__, "shape": args.shape, "params": n_params,
+    return {"impl": "trl", "trl_version": trl.__version__, "shape": shape_name(args, cfg), "params": n_params, **step0,
             "weights": "fp32", "gradient_checkpointing": cfg.gradient_checkpointing, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "steps": args.steps,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -245,6 +280,10 @@ def measure_trl(args, cfg, device):
             "mfu": 6 * n_params * tok_s / flops if flops else None,
             "peak_gib": torch.cuda.max_memory_allocated() / focalpo.GiB if device.type == "cuda" else None,
             "ref_tokens_per_second": sum(len(p.chosen) + len(p.rejected) for p in pairs) / ref_seconds}
+
+
+def shape_name(args, cfg):
+    return args.shape if cfg.model == "demo" else os.path.basename(cfg.model.rstrip("/"))
 
 
 def dataclasses_replace(cfg, **kw):

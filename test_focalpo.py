@@ -1937,10 +1937,14 @@ def test_bench_row_in_its_own_process(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("trl"), reason="trl is not installed (optional)")
-def test_bench_trl_row_times_the_same_pairs():
+def test_bench_trl_row_times_the_same_pairs_and_agrees_with_focalpo_at_step_0():
+    """TRL's DPOTrainer on the same pairs: its reference log-probs of every pair are focalpo's (sums of ~900 nats, to
+    fp32 rounding) and so is its first batch's loss, ln 2 at step 0."""
     import bench
     row = bench.main(TINY + ["--trl"])
     assert row["impl"] == "trl" and row["tokens_per_second"] > 0 and row["ref_tokens_per_second"] > 0, row
+    assert row["step0_logps_max_abs_diff"] < 1e-3 and abs(row["step0_logps_mean"]) > 100, row
+    assert row["step0_loss_trl"] == pytest.approx(math.log(2), abs=1e-6) == row["step0_loss_focalpo"], row
 
 
 # -----------------------------------------------------------------------------
