@@ -1,12 +1,13 @@
 """
 focalpo: preference optimisation beyond DPO, in one readable file.
 
-Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) with one of three losses:
+Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) with three losses, each from the
+same start (--loss picks):
     DPO       Rafailov et al. 2023, arXiv 2305.18290
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-    python focalpo.py        # the demo: offline, a tiny model built from a config, under a minute on 2 CPU cores
+    python focalpo.py        # the demo: offline, a tiny model, under a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
@@ -14,20 +15,20 @@ Trains a Hugging Face causal LM on preference pairs (prompt, chosen, rejected) w
 Reading guide. The core reads top to bottom, in data-flow order (rendering and tokenization may be skimmed: out
 come lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names:
     checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
-    files.     rows from the demo, files (read by `datasets`) or the hub, each in one format; the held-out split
+    files.     rows from the demo, files or the hub, in one format (plain, chat or implicit); the held-out split
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the model's own log-probs in less memory
     cache.     files written whole, read back only if whole; a fingerprint of the weights
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
-    Guard      a stop in one sentence: a signal or out of memory (after a checkpoint), 3 NaN/inf steps in a row
-    output.    the trained model, summary.json, the table that compares the losses, curves.png
-    procs.     several processes (torchrun), a no-op for one: its lines say "several processes"
+    Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
+    output.    the trained model, summary.json, the table that compares the losses, curves.png, generations
+    procs.     several processes (torchrun); with one, nothing. Its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
-Notation (as in the README and the notebook): for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) −
-log π_ref(y_w|x), r_l the same for y_l, h = r_w − r_l, p = σ(βh). "Pitfall N" is one of the README's 13 ways DPO
-implementations have gone wrong, each guarded against here.
+Notation (the README's and the notebook's): for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) −
+log π_ref(y_w|x), r_l the same for y_l, h = r_w − r_l, p = σ(βh). "Pitfall N": the README's list of 13 ways DPO
+implementations went wrong.
 """
 
 import argparse
@@ -65,8 +66,8 @@ class Config:
     model: str = "demo"  # "demo" (a tiny model built offline), a hub name, a local folder or a .gguf file
     dataset: str = "demo"  # "demo" (a sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet files
     eval_dataset: str = ""  # held-out files; "" = the dataset's test split if it has one, else a seeded 5% of it
-    max_train_pairs: int = 0  # use at most this many training pairs (0 = all)
-    max_eval_pairs: int = 500  # evaluate on at most this many held-out pairs (0 = all)
+    max_train_pairs: int = 0  # train on the first this many rows (0 = all)
+    max_eval_pairs: int = 500  # evaluate on the first this many held-out rows (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
     max_prompt_length: int = 512  # longer prompts keep their last tokens
     sft_steps: int = 80  # demo only: first, next-token training on correct sortings (SFT)
@@ -74,38 +75,35 @@ class Config:
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
     beta: float = 0.1  # β, the implicit reward's inverse temperature: larger = stay closer to the reference
     gamma: float = 0.05  # FocalPO's γ (0 = DPO). 0.05 is THIS PROJECT's default, not a value from the paper
-    focal_detach: bool = False  # FocalPO variant: p^γ a constant weight, so the gradient weight p^γ(1-p) is never < 0
+    focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (no gradient through it)
     # optimisation
-    lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo's tiny model, else 5e-7 (7B DPO recipes' rate)
+    lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
     grad_accum: int = 2  # micro-batches per optimizer step (shared by several processes)
     epochs: int = 1  # passes over the training pairs
-    max_steps: int = 0  # train this many optimizer steps, however many epochs (0 = --epochs of them)
-    warmup_ratio: float = 0.1  # fraction of steps warming up (step s: (s+1)/warmup of the peak), then a cosine to 0
+    max_steps: int = 0  # train this many optimizer steps (0 = --epochs of them)
+    warmup_ratio: float = 0.1  # the share of steps warming up linearly, then a cosine to 0
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~30% slower
-    weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, AdamW with stochastic rounding
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, stochastic rounding
     # run
     seed: int = 1337  # seeds the demo's model, the data split and the shuffling
-    eval_every: int = 25  # evaluate every this many optimizer steps (and at the start and the end)
-    log_every: int = 5  # a line in metrics.jsonl every this many optimizer steps
+    eval_every: int = 25  # evaluate every this many steps (and at the start and the end)
+    log_every: int = 5  # a line in metrics.jsonl every this many steps
     out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ for several losses)
     cache_dir: str = "ref_cache"  # cached reference log-probs (and the demo's SFT weights)
     save_model: bool = True  # save_pretrained the trained model and tokenizer at the end
-    save_every: int = 100  # checkpoint every this many optimizer steps (and at the end); 0 = only at the end
-    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint (else: model and summary only)
-    resume: bool = False  # continue the run in out_dir from its newest checkpoint (finished losses are shown)
-    dist_timeout: int = 900  # several processes: seconds a collective may wait before the run stops
+    save_every: int = 100  # checkpoint every this many steps and at the end (0: only at the end)
+    keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint
+    resume: bool = False  # continue the run in out_dir from its newest checkpoint
+    dist_timeout: int = 900  # several processes: seconds a collective may wait
     progress: bool = True  # show a tqdm progress bar
-    generate: int = -1  # at the end, show this many held-out prompts' greedy completions (-1: 5 for the demo, else 0)
+    generate: int = -1  # at the end, show this many held-out prompts' greedy completions (-1: 5 for the demo)
 
 LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
     """A problem the user can fix: the command line ends with it as one sentence, no traceback."""
-
-class Interrupted(FocalpoError):
-    """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
 
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
@@ -116,11 +114,11 @@ def peak_lr(cfg):
 def weights_dtype(cfg):
     return torch.bfloat16 if cfg.weights == "bf16" else torch.float32
 
-def steps_per_epoch(cfg, n_pairs):
-    return math.ceil(n_pairs / cfg.batch_size) // cfg.grad_accum
+def steps_per_epoch(cfg, n_train):
+    return math.ceil(n_train / cfg.batch_size) // cfg.grad_accum
 
-def run_steps(cfg, n_pairs):
-    return cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, n_pairs)
+def run_steps(cfg, n_train):
+    return cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, n_train)
 
 # --- Losses: pure functions of per-pair summed log-probs, each (B,); derived in tutorial.ipynb
 
@@ -144,7 +142,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp (its gradient is 1 at 0): at r_l = 0, as at step 0, the rejected branch gets none
+        # torch.where, not clamp (whose gradient at 0 is 1): where r_l = 0 the rejected branch gets no gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -157,7 +155,7 @@ def common_prefix_len(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 def implicit_prompt(chosen, rejected):
-    """hh-rlhf style: the common prefix, cut back to its last "Assistant:" (or its last whitespace)."""
+    """hh-rlhf style: the common prefix, cut back to its last "Assistant:" (or its last space or newline)."""
     prefix = chosen[:common_prefix_len(chosen, rejected)]
     cut = prefix.rfind("Assistant:")
     if cut >= 0:
@@ -165,7 +163,7 @@ def implicit_prompt(chosen, rejected):
     cut = max(prefix.rfind(" "), prefix.rfind("\n"))
     return prefix[:cut + 1] if cut >= 0 else ""
 
-def render_plain(row, fmt):  # a plain row -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip it
+def render_plain(row, fmt):  # -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip the row
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = implicit_prompt(chosen, rejected) if fmt == "implicit" else row["prompt"]
     if fmt == "implicit":
@@ -174,23 +172,28 @@ def render_plain(row, fmt):  # a plain row -> (prompt, prompt+chosen, prompt+rej
         return "empty response"
     return "chosen == rejected" if chosen == rejected else (prompt, prompt + chosen, prompt + rejected)
 
+def turns(x, role):  # a message list as it is, a string as one turn
+    return [{"role": role, "content": x}] if isinstance(x, str) else x
+
 def render_chat(row, tokenizer):
-    """A chat row -> the three texts through the chat template, or the reason to skip it. A string is a turn."""
-    turn = lambda x, role: [{"role": role, "content": x}] if isinstance(x, str) else x
-    prompt = turn(row.get("prompt"), "user")
-    chosen, rejected = turn(row["chosen"], "assistant"), turn(row["rejected"], "assistant")
+    """A chat row -> the three texts through the chat template, or the reason to skip it."""
+    prompt, chosen, rejected = turns(row.get("prompt"), "user"), turns(row["chosen"], "assistant"), \
+        turns(row["rejected"], "assistant")
     if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
         prompt = chosen[:common_prefix_len(chosen, rejected)]
-    after = lambda msgs: msgs[len(prompt):] if msgs[:len(prompt)] == prompt else msgs
-    chosen, rejected = after(chosen), after(rejected)  # they may repeat the prompt turns: keep what follows
+    if chosen[:len(prompt)] == prompt:  # each may repeat the prompt turns: keep what follows
+        chosen = chosen[len(prompt):]
+    if rejected[:len(prompt)] == prompt:
+        rejected = rejected[len(prompt):]
     if not prompt:
         return "no prompt turns"
     if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
         return "empty response"
     if chosen == rejected:
         return "chosen == rejected"
-    text = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    return text(prompt, True), text(prompt + chosen, False), text(prompt + rejected, False)
+    return (tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+            tokenizer.apply_chat_template(prompt + chosen, tokenize=False),
+            tokenizer.apply_chat_template(prompt + rejected, tokenize=False))
 
 # --- Tokenization (pitfalls 1-3, 11): prompt+response as one string, the prompt checked as its prefix
 
@@ -203,7 +206,7 @@ class Pair:
     rejected_start: int
     where: str = ""  # the file (or split) and row it came from
 
-def uses_bos(tokenizer):  # does the tokenizer put a BOS token first? (Llama: yes; Qwen: no)
+def uses_bos(tokenizer):  # does the tokenizer put BOS first? (Llama: yes; Qwen, GPT-2: no)
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
@@ -211,8 +214,8 @@ def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
     """(token ids, where the response starts) of `full`, prompt and response tokenized as one string, cut to fit;
     `notes` collects what was done."""
     n = common_prefix_len(prompt_alone, full)
-    if n < len(prompt_alone):  # a token merged across the boundary (pitfall 1): the response starts where they part
-        notes.add("boundary token merged")
+    if n < len(prompt_alone):  # they differ inside the prompt (a token merged across the boundary: pitfall 1)
+        notes.add("boundary token merged")  # the response starts where they differ
     prompt, response = full[:n], full[n:]
     if fmt != "chat":
         response = response + [eos]  # teach the model to stop; chat templates close the turn themselves (pitfall 3)
@@ -233,7 +236,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
                            "instruct/chat model's tokenizer, or plain-text data")
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
-    kept, texts = [], []  # where each kept row came from; its (prompt, prompt + chosen, prompt + rejected)
+    kept, texts = [], []  # where each kept row came from; its three texts
     for row, where in rows:
         rendered = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
         if isinstance(rendered, str):  # the reason it is dropped
@@ -241,39 +244,46 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         else:
             kept.append(where)
             texts.append(rendered)
-    # the prompts, the chosen and the rejected texts in a call each; BOS is added once below (pitfall 2)
-    ids = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in zip(*texts)] or [[]] * 3
+    if not texts:
+        return []
+    # a call for each kind of text (batched); no special tokens: BOS is added below (pitfall 2)
+    prompts = tokenizer([p for p, _, _ in texts], add_special_tokens=False)["input_ids"]
+    chosens = tokenizer([c for _, c, _ in texts], add_special_tokens=False)["input_ids"]
+    rejecteds = tokenizer([r for _, _, r in texts], add_special_tokens=False)["input_ids"]
     pairs = []
-    for where, prompt, chosen, rejected in zip(kept, *ids):
+    for where, prompt, chosen, rejected in zip(kept, prompts, chosens, rejecteds):
         if bos is not None and prompt[:1] != [bos]:
             prompt, chosen, rejected = [bos] + prompt, [bos] + chosen, [bos] + rejected
-        notes = set()  # what happened to this row, counted once
+        notes = set()  # what happened to this row, each counted once in stats
         c, c_start = split_response(prompt, chosen, fmt, cfg, bos, eos, notes)
         r, r_start = split_response(prompt, rejected, fmt, cfg, bos, eos, notes)
-        reason = ("empty prompt and no BOS token" if 0 in (c_start, r_start) else
-                  "empty response after tokenization" if len(c) == c_start or len(r) == r_start else  # pitfall 11
-                  "chosen == rejected after truncation" if torch.equal(c, r) else None)
-        stats.update(notes | ({reason} if reason else set()))
-        if reason is None:
+        if 0 in (c_start, r_start):
+            notes.add("empty prompt and no BOS token")
+        elif len(c) == c_start or len(r) == r_start:
+            notes.add("empty response after tokenization")  # pitfall 11
+        elif torch.equal(c, r):
+            notes.add("chosen == rejected after truncation")
+        else:
             pairs.append(Pair(len(pairs), c, c_start, r, r_start, where))
+        stats.update(notes)
     return pairs
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = files.load(cfg)
-    tokens = lambda pair: (pair.chosen.numpy().tobytes(), pair.rejected.numpy().tobytes())
+    train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" or "implicit"
+    tokens_of = lambda pair: (pair.chosen.numpy().tobytes(), pair.rejected.numpy().tobytes())
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
         if name == "eval":  # a held-out pair that is also a training pair measures memory
-            trained = {tokens(pair) for pair in out[0]}
-            stats["also in training"] = overlap = sum(tokens(pair) in trained for pair in pairs)
-        notes = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
+            trained = {tokens_of(pair) for pair in out[0]}
+            stats["also in training"] = overlap = sum(tokens_of(pair) in trained for pair in pairs)
+        counts = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
-            + (f" of {source}" if name == "eval" else "") + (f"; rows with {notes}" if notes else ""))
+            + (f" of {source}" if name == "eval" else "") + (f"; rows with {counts}" if counts else ""))
         if not pairs:
-            raise FocalpoError(f"no usable {name} pairs are left after filtering ({notes or 'no rows'}): "
+            raise FocalpoError(f"no usable {name} pairs are left after filtering ({counts or 'no rows'}): "
                                f"check the data, or raise --max_length / --max_prompt_length")
         if name == "eval" and overlap == len(pairs):
             raise FocalpoError(f"every held-out pair is also a training pair ({source}): its results would measure "
@@ -304,7 +314,7 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
 
 def step_stream(train_pairs, cfg, skip):
     """Endless seeded steps of --grad_accum batches, reshuffled each epoch, less the `skip` a resumed run made; an
-    epoch's last batches, too few for a step, are left out (so several processes get equal shares)."""
+    epoch's last batches, too few for a step, are left out (several processes: each gets as many)."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -316,8 +326,8 @@ def step_stream(train_pairs, cfg, skip):
 
 def collate_sequences(seqs, starts, pad_id):
     """Rows right-padded (pitfall 6), and `scored`: the (row, t) of every position t whose next token, t + 1, is a
-    response token, so t = start - 1 predicts the first one (pitfall 5) and a pad that equals EOS is never scored
-    while the real EOS is (pitfall 4). Listed on the host: no nonzero() (a GPU wait) in the forward."""
+    response token (pitfall 5: a row of 5 tokens whose response starts at 3 scores t = 2 and 3), so a pad that
+    equals EOS is never scored while the real EOS is (pitfall 4). Listed on the host: no GPU wait in the forward."""
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
@@ -344,17 +354,17 @@ def scoring_batches(pairs, batch_size, pad_id):
 
 def sequence_logps(model, batch):
     """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
-    number, (R,). Its plain form, the DPO reference code's in float64 (test_sequence_logps_equal_the_plain_form):
+    number, (R,). The plain form, the DPO reference code's in float64 (a test holds the two equal):
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    Here the log-softmax is taken at the scored positions only, which gives the same numbers."""
+    Here: the log-softmax at the scored positions only, the same numbers."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    if getattr(model, "fast_logps", False):  # set by prepare_model where it gives the same numbers
+    if getattr(model, "fast_logps", False):  # set by prepare_model (below) where it gives the same numbers, to rounding
         token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,), without (R, T, V) logits
     else:  # the model's own forward
         logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
@@ -384,13 +394,13 @@ def load_tokenizer(cfg):
         tok = from_pretrained(AutoTokenizer, cfg.model)
     except Exception as e:
         raise checks.load_error("the tokenizer of", cfg.model, e) from None
-    if tok.pad_token_id is None:  # no pad is ever scored (all sit right of the response): any id will do
+    if tok.pad_token_id is None:  # no pad is ever scored: any id will do
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
 
-def load_model(cfg, tokenizer):  # the weights in --weights' dtype, with the attention the model picks
+def load_model(cfg, tokenizer):  # in --weights' dtype, with the attention the model picks
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
     import transformers
@@ -403,22 +413,23 @@ def load_model(cfg, tokenizer):  # the weights in --weights' dtype, with the att
         raise checks.load_error("model", cfg.model, e) from None
 
 def prepare_model(model, cfg, device):
-    """Dropout off (pitfall 8: else the policy differs from the reference at step 0), gradient checkpointing if
-    asked, the device and dtype, and the fast log-prob path where it is exact."""
+    """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
+    dtype, and the fast log-prob path where a probe finds its numbers the model's own (to rounding)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):  # attention kernels read this, not a module
             m.attention_dropout = 0.0
     if cfg.gradient_checkpointing:  # the method's name since transformers 5.23, else the old one
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
 # --- Reference log-probs: one no-grad pass with the initial weights, cached by what changes them (pitfall 9)
 
-def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU does not wait
+def to_device(batch, device):  # on CUDA via pinned memory: the CPU does not wait
     cuda = device.type == "cuda"
     return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -427,7 +438,7 @@ def to_device(batch, device):  # on CUDA through pinned memory, so that the CPU 
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`.
     A pair not in them keeps −inf: no step uses it (and under several processes, a max picks who scored it)."""
-    model.eval()  # as for any evaluation (and HF's gradient checkpointing acts only in training mode)
+    model.eval()  # (HF's gradient checkpointing acts only in training mode)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share
         with autocast(device):
@@ -446,33 +457,35 @@ def fields_key(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 def cache_key(cfg, model, train_used, eval_pairs, device):
-    """A hash of all that changes the values: the model, its weights, each pair's index, tokens and response start
-    (data, tokenizer, template, lengths), the forward's device, dtype and path."""
+    """A hash of what changes the values: the model, its weights, each pair's index, tokens and response start
+    (data, tokenizer, template, lengths), the forward's device, dtype, path and class."""
     data = hashlib.sha256()
     for pairs in (train_used, eval_pairs):
-        for p in pairs:
-            data.update(p.chosen.numpy().tobytes() + p.rejected.numpy().tobytes())
-            data.update(f"{p.idx},{p.chosen_start},{p.rejected_start};".encode())
+        for pair in pairs:
+            data.update(pair.chosen.numpy().tobytes() + pair.rejected.numpy().tobytes())
+            data.update(f"{pair.idx},{pair.chosen_start},{pair.rejected_start};".encode())
         data.update(b"|")
-    compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else "own"]
+    compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else "own",
+               type(model).__name__]  # FSDP's class (FSDPLlama...) computes in bf16 its own way, not as autocast does
     fields = {"model": cfg.model, "weights": cache.fingerprint(model), "data": data.hexdigest()[:16],
               "n_train_scored": len(train_used), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
     return fields_key(fields), fields
 
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the training pairs the run uses (−inf for the others: the key holds the pairs, so
-    a longer run scores anew) and of the held-out pairs, cached."""
+    """The reference log-probs of the training pairs the run uses (−inf for the others: a run that uses more has
+    another key) and of the held-out pairs, cached."""
     used = used_pairs(cfg, train_pairs)
     key, fields = cache_key(cfg, model, used, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    if (cached := cache.read(path, "reference", log)) is not None:  # the saved "tensors"
-        return cached["train"], cached["eval"]
+    cached = cache.read(path, "reference", log)  # what cache.write below saved, or None
+    if cached is not None:
+        return cached["tensors"]["train"], cached["tensors"]["eval"]
     log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
         + (f" (of {len(train_pairs)})" if len(used) < len(train_pairs) else "")
         + f" and {len(eval_pairs)} held-out pairs with the initial weights")
-    t0, batches = time.time(), lambda pairs: scoring_batches(pairs, cfg.batch_size, pad_id)
-    train_ref = pair_logps(model, batches(used), len(train_pairs), device)  # through the policy's own code path
-    eval_ref = pair_logps(model, batches(eval_pairs), len(eval_pairs), device)
+    t0 = time.time()  # through the policy's own code path
+    train_ref = pair_logps(model, scoring_batches(used, cfg.batch_size, pad_id), len(train_pairs), device)
+    eval_ref = pair_logps(model, scoring_batches(eval_pairs, cfg.batch_size, pad_id), len(eval_pairs), device)
     cache.write({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
@@ -480,7 +493,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
 # --- Metrics (pitfall 13): summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
-    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, left on the device (reading each is a wait).
+    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device (reading one is a wait).
     logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
     chosen, rejected = logps[:B], logps[B:]  # log πθ(y_w|x), log πθ(y_l|x)
@@ -488,9 +501,9 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
     chosen, rejected = chosen.detach(), rejected.detach()
-    ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
     ranked = chosen >= rejected  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
-    # reward accuracy: a tie is half right, so it is 0.5 at step 0's evaluation, where the policy is the reference
+    ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
+    # reward accuracy: a tie is half right, so it reads 0.5 at step 0 (policy = reference)
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -511,28 +524,30 @@ def add_metrics(total, m):
     return total
 
 def metrics_to_host(total):  # the sums as floats, in one device -> host copy (one wait)
-    if not (keys := sorted(total)):
+    if not total:
         return {}
-    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" (a float) too
+    keys = sorted(total)
+    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a float: moved too
     values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
     return dict(zip(keys, procs.all_reduce(values).tolist()))  # several processes: summed over them
 
+GROUPS = {"ranking_accuracy_ref_correct": "pairs_ref_correct", "ranking_accuracy_ref_incorrect": "pairs_ref_incorrect"}
+
 def finish_metrics(total):  # sums -> means; the ref-split accuracies within their group (None when it is empty)
-    out, n = {}, total["pairs"]
+    out = {}
     for k, v in total.items():
-        if k in ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
+        if k in ("pairs", "response_tokens", *GROUPS.values()):  # counts
             out[k] = int(v)
-        elif k.endswith(("_ref_correct", "_ref_incorrect")):
-            group = total["pairs_" + k.split("accuracy_")[1]]
-            out[k] = v / group if group else None
+        elif k in GROUPS:
+            out[k] = v / total[GROUPS[k]] if total[GROUPS[k]] else None
         else:
-            out[k] = v / n
+            out[k] = v / total["pairs"]
     return out
 
 # --- One optimizer step, and the held-out evaluation
 
 def lr_at(step, total_steps, cfg, peak):
-    """Linear warm-up (step s at (s+1)/warmup of the peak), then a cosine decay to 0."""
+    """Linear warm-up (step s at (s+1)/warmup of the peak), then a cosine decay towards 0."""
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -543,13 +558,13 @@ def make_optimizer(model, cfg, lr, device):
     """AdamW; for bf16 weights AdamWSR (plain AdamW loses DPO-sized updates to bf16 rounding: pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    # betas (0.9, 0.95): the usual ones for language models (nanoGPT's, Llama's); no weight decay, like AdamWSR
+    # betas (0.9, 0.95): nanoGPT's and Llama's; no weight decay, as AdamWSR
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
                              fused=device.type == "cuda")
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
     """One micro-batch through the policy: per-pair losses (B,) and the batch's summed metrics."""
-    batch = to_device(dict(batch, ref=ref[batch["idx"]]), device)  # (B, 2): indexed on the host, copied with it
+    batch = to_device(dict(batch, ref=ref[batch["idx"]]), device)  # ref: (B, 2), indexed on the host
     with autocast(device):
         logps, n_tokens = sequence_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
@@ -577,7 +592,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     return total, applied
 
 class HeldOut:
-    """The held-out pairs, batched once, and their reference; calling it evaluates a model (the demo: generation)."""
+    """The held-out pairs, batched once, and their reference; calling it evaluates a model."""
 
     def __init__(self, pairs, ref, tokenizer, cfg):
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
@@ -597,11 +612,11 @@ class HeldOut:
 # --- Training: the loop, and run()
 
 def next_step(steps, pad_id):
-    """This process's share of the next step's micro-batches, collated, and the step's pairs and tokens."""
-    step = next(steps)
-    pairs = [p for b in step for p in b]
-    tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
-    return [collate(b, pad_id) for b in procs.my_share(step)], len(pairs), tokens  # several processes: a share each
+    """This process's share of the next step's micro-batches, collated, and the step's pair and token counts."""
+    batches = next(steps)
+    pairs = [pair for batch in batches for pair in batch]
+    tokens = sum(len(pair.chosen) + len(pair.rejected) for pair in pairs)
+    return [collate(b, pad_id) for b in procs.my_share(batches)], len(pairs), tokens  # several processes: a share
 
 def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
     return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' own time: the throughput
@@ -621,8 +636,8 @@ def eval_line(loss_type, step, ev):
             + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
 
 def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
-    """Train one loss from the model's weights (--resume: out_dir's newest checkpoint), as nanoGPT's loop does.
-    Writes metrics.jsonl and checkpoints; returns the state (evaluations, tokens, times)."""
+    """Train one loss from the model's weights (--resume: out_dir's newest checkpoint), nanoGPT's loop. Writes
+    metrics.jsonl and checkpoints; returns the state."""
     n_steps = run_steps(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
     folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)  # metrics.jsonl and the checkpoints
@@ -649,13 +664,13 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro, n_pairs, n_tokens = next_step(steps, tokenizer.pad_token_id)
+            micro, n_pairs, step_tokens = next_step(steps, tokenizer.pad_token_id)
             t0 = time.time()
             metrics, applied = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
             state["train_seconds"] += time.time() - t0
             state["step"] = step = state["step"] + 1
+            state["tokens_seen"] += step_tokens
             if applied:  # (a NaN/inf step made no update)
-                state["tokens_seen"] += n_tokens
                 add_metrics(state["window"], metrics)  # still on the device
             bar.update(1)
             if (step % cfg.log_every == 0 or step == n_steps) and state["window"]:
@@ -697,8 +712,7 @@ def run(cfg, log=print):
             if first:
                 log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
                     f"{device.type}")
-            # the first loss computes the reference; the others, from the same weights, find it in the cache (its key
-            # holds a fingerprint of the weights)
+            # the first loss computes the reference; the others, from the same weights, find it cached
             train_ref, eval_ref = load_or_compute_reference(
                 cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
             if first:
@@ -916,8 +930,8 @@ class checks:
         return FocalpoError(f"could not load {what} {name!r} ({first_line(e)}): {hint}")
 
     def memory_plan(config, cfg, world_size=1):
-        """(bytes per GPU, a one-line account), estimated: 18 bytes a parameter (weights, gradients, AdamW, bf16 copy;
-        16 under FSDP) or 8 (bf16); ~30*H + 8*I bytes a token a layer (checkpointed: one); a logits chunk."""
+        """(bytes per GPU, a line): 18 bytes a parameter (weights, gradients, AdamW, bf16 copy; 16 under FSDP) or 8
+        (bf16); ~30*H + 8*I bytes a token a layer (checkpointed: one layer); a logits chunk."""
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):  # parameters counted without memory
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -1032,7 +1046,7 @@ class files:
         return rows
 
     def as_messages(x, name, where):
-        """x, or the messages a CSV file keeps as text (JSON, Python's or numpy's repr: pandas', datasets' to_csv)."""
+        """x, or the messages a CSV file keeps as text (JSON, Python's or numpy's repr)."""
         if not (isinstance(x, str) and x.lstrip().startswith("[{") and "role" in x):
             return x
         numpy_repr = lambda text: ast.literal_eval(re.sub(r"}\s*\n\s*{", "}, {", text))
@@ -1076,7 +1090,7 @@ class demo:
         return answer
 
     def pairs(n, seed):
-        """n pairs with distinct prompts: half right vs wrong, half one mistake vs two (the chosen just better)."""
+        """n pairs with distinct prompts: half right vs wrong, half one mistake vs two."""
         rng, pairs, seen = random.Random(seed), [], set()
         while len(pairs) < n:
             letters = rng.sample(demo.LETTERS, rng.randint(4, 8))
@@ -1138,7 +1152,7 @@ class demo:
         path = os.path.join(cfg.cache_dir, f"sft_{fields_key(fields)}.pt")
         with procs.rank0_first():
             if (cached := cache.read(path, "sft", log, everywhere=False)) is not None:
-                model.load_state_dict(cached)
+                model.load_state_dict(cached["tensors"])
                 return model
             t0, rng = time.time(), random.Random(cfg.seed)
             optimizer = torch.optim.AdamW(model.parameters(), lr=demo.SFT_LR)
@@ -1164,7 +1178,7 @@ class demo:
         return completion[1] and completion[0].strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
-        """The fraction of right greedy completions (one token more allowed, so that running on shows)."""
+        """The fraction of right greedy completions (a token more allowed: running on shows)."""
         prompts = [p.chosen[:p.chosen_start] for p in pairs]
         longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
@@ -1176,19 +1190,16 @@ class fast:
     CHUNK = 2048  # scored positions per piece of the output layer
 
     def token_logps(model, ids, rows, cols, targets):
-        """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB in fp32 for Qwen's vocabulary, 8
-        pairs of 1,024 tokens): no mask (right padding: no scored position sees a pad), the output layer at the scored
-        positions only, in chunks recomputed in backward."""
+        """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB for Qwen, 8 pairs of 1,024 tokens):
+        no mask (right padding: no scored position sees a pad), the output layer at scored positions only, in chunks
+        recomputed in backward."""
         hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
+        logps = lambda x, t: -F.cross_entropy(head(x).float(), t, reduction="none")  # fp32 log-softmax (pitfall 7)
         pieces = []
         for i in range(0, len(targets), fast.CHUNK):
-            args = (head, hidden[i:i + fast.CHUNK], targets[i:i + fast.CHUNK])
-            pieces.append(checkpoint(fast.head_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                          else fast.head_logps(*args))
+            args = (hidden[i:i + fast.CHUNK], targets[i:i + fast.CHUNK])
+            pieces.append(checkpoint(logps, *args, use_reentrant=False) if torch.is_grad_enabled() else logps(*args))
         return torch.cat(pieces)
-
-    def head_logps(head, hidden, targets):  # the output layer, then an fp32 log-softmax: (N,)
-        return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         """transformers' SDPA, given no mask: causal (full for one query)."""
@@ -1201,7 +1212,7 @@ class fast:
 
     def probe(model, max_length, device):
         """Is the fast path exact? It drops the mask (wrong for a short window, or not SDPA) and takes the logits as
-        they are (wrong if scaled or capped): kept if two random right-padded rows agree."""
+        they are (wrong if scaled or capped): kept if two random rows agree."""
         from transformers import AttentionInterface
         window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
         model.fast_logps = False
@@ -1235,15 +1246,14 @@ class fast:
 # --- --weights=bf16 (pitfall 12): AdamW in fp32, rounded back to bf16 stochastically
 
 def stochastic_round_bf16_(x, noise):
-    """Flat fp32 x -> bf16 that is x in expectation, as a view of x's top halves (x changes); noise: int32 in [0,
-    2^16). Random low bits carry into the top 16 with probability (x - the bf16 below) / spacing, either sign."""
+    """Flat fp32 x -> bf16 that is x in expectation, a view of x's top halves; noise: int32 in [0, 2^16). Random low
+    bits carry into the top 16 with probability (x - the bf16 below) / spacing."""
     x.view(torch.int32).add_(noise)
     return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
 
 class AdamWSR(torch.optim.Optimizer):
-    """AdamW (no weight decay), state in the parameters' dtype (bf16: 6 bytes a weight, not 12), fp32 math, rounded
-    back stochastically: to nearest, a step of lr = 5e-7 on a bf16 weight of 0.02 (spacing 1.2e-4) is always lost.
-    Pieces of `chunk` use reusable buffers (28 bytes an element)."""
+    """AdamW (no weight decay), state in the parameters' dtype, fp32 math, rounded back stochastically: to nearest,
+    a step of 5e-7 on a bf16 weight of 0.02 (spacing 1.2e-4) is lost. Pieces of `chunk` reuse buffers (28 B each)."""
 
     chunk = 1 << 25
 
@@ -1322,16 +1332,16 @@ class cache:
         os.replace(tmp, path)  # a crash mid-save leaves the file before it as it was
 
     def read(path, what, log, everywhere=True):
-        """The tensors cached in `path` (its name is their key), or None; everywhere: if all processes have them."""
-        tensors = None
+        """What write() saved in `path` (its name is the key), or None; everywhere: if all processes have it."""
+        blob = None
         try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+            blob = torch.load(path, map_location="cpu", weights_only=True)
             log(f"{what}: loaded cached values from {path}")
         except FileNotFoundError:
             pass
         except Exception as e:
             log(f"{what}: WARNING: ignoring the cache file {path}: it cannot be read ({type(e).__name__}); recomputing")
-        return tensors if not everywhere or procs.agree(tensors is not None, "min") else None
+        return blob if not everywhere or procs.agree(blob is not None, "min") else None
 
     @torch.no_grad()
     def fingerprint(model):  # a cheap digest of the weights (two sums a tensor)
@@ -1351,7 +1361,7 @@ def latest_checkpoint(folder):  # (the newest checkpoint, mapped, not read; its 
                            f"the one before, or start a new --out_dir") from None
 
 class RunFolder:
-    """One loss's metrics.jsonl and checkpoints, full tensors (any number of processes resumes); the newest two kept."""
+    """One loss's metrics.jsonl and checkpoints (full tensors: any number of processes resumes; two kept)."""
 
     def __init__(self, out_dir, model, optimizer, cfg, loss_type, n_steps):
         self.folder, self.metrics = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "metrics.jsonl")
@@ -1376,12 +1386,12 @@ class RunFolder:
         if procs.rank() == 0:
             for old in sorted(glob.glob(os.path.join(self.folder, "step_*.pt")))[:-keep]:
                 os.remove(old)
-        else:  # the sums now count once, on the first process (as after a resume)
-            state["window"] = {}
+        else:  # the sums now count once, on the first process (as after a resume); the same keys everywhere
+            state["window"] = dict.fromkeys(state["window"], 0.0)
         return self.last
 
     def resume(self, log):
-        """The newest checkpoint's weights, optimizer, RNG and state, metrics.jsonl cut back to it; or a new state."""
+        """The newest checkpoint's weights, optimizer, RNG and state, metrics.jsonl cut back to it; or new_state()."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions as Options, set_model_state_dict, \
             set_optimizer_state_dict
         ckpt, self.last = latest_checkpoint(self.folder)
@@ -1397,7 +1407,7 @@ class RunFolder:
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         state = ckpt["state"]
         if procs.rank() != 0:  # the saved sums are all processes': the first carries them
-            state["window"] = {}
+            state["window"] = dict.fromkeys(state["window"], 0.0)
         self.cut_metrics(state["step"], log)
         log(f"[{self.loss_type}] resumed from {self.last} at step {state['step']} of {self.n_steps}")
         return state
@@ -1430,7 +1440,7 @@ class output:
             os.rmdir(tmp)
 
     def finish(cfg, state, loss_type, n_pairs, out_dir):
-        """summary.json, written last (it means "done"); then the checkpoints (each ~3x the model) go, unless kept."""
+        """summary.json, written last (it means "done"); then the checkpoints go, unless kept."""
         first, last, seconds = state["first_eval"], state["last_eval"], state["train_seconds"]
         summary = {"loss_type": loss_type, "steps": state["step"], "train_pairs": n_pairs[0], "eval_pairs": n_pairs[1],
                    "lr": peak_lr(cfg), **{f"eval_{k}_start": first.get(k) for k in
@@ -1464,9 +1474,6 @@ class output:
             lines.append(f"{name:<19}" + "".join(cells))
         return "\n".join(lines)
 
-    CURVES = {"reward_accuracy": "reward accuracy", "rewards/margin": "margin β·(r_w − r_l)",
-              "logps/chosen": "log π(y_w|x)", "logps/rejected": "log π(y_l|x)"}
-
     def plot(cfg, log):  # curves.png: each loss's metrics, held-out (solid) and metrics.jsonl's train rows
         if procs.rank() != 0:
             return
@@ -1480,18 +1487,18 @@ class output:
             rows = [json.loads(line) for line in open(os.path.join(loss_dir(cfg, lt), "metrics.jsonl"))]
             for split, style in (("eval", "-"), ("train", "--")):
                 part = [r for r in rows if r["split"] == split]
-                for ax, (k, title) in zip(axes, output.CURVES.items()):
+                for ax, k in zip(axes, ("reward_accuracy", "rewards/margin", "logps/chosen", "logps/rejected")):
                     ax.plot([r["step"] for r in part], [r[k] for r in part], style, color=f"C{i}", marker=".",
-                            label=f"{lt}, {'held-out' if split == 'eval' else 'training'}")
-                    ax.set(title=title, xlabel="step")
-        axes[0].legend(fontsize="small")
+                            lw=max(1, 3 - i), label=f"{lt}, {'held-out' if split == 'eval' else 'training'}")
+                    ax.set(title=k, xlabel="step")
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
         with room_for(path, 2 ** 20, path):
             fig.savefig(path, dpi=100)
         log(f"curves: {path}")
 
     @torch.no_grad()
     def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-        """(text up to the first EOS, whether one came) per prompt; prompts of a length share a batch: no padding."""
+        """(text up to the first EOS, whether one came) per prompt; batches of one prompt length: no padding."""
         was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
         model.eval()
         for i, p in enumerate(prompts):
@@ -1514,7 +1521,7 @@ class output:
         return out
 
     def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_tokens=128):
-        """--generate=N: the first N held-out prompts with greedy completions (for the demo: right or not)."""
+        """--generate=N: the first N held-out prompts, greedy completions (the demo: right or not)."""
         n = cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)
         prompts = [p.chosen[:p.chosen_start] for p in pairs[:n]]
         got = output.greedy_completions(model, prompts, tokenizer, device, max_new_tokens)
@@ -1528,9 +1535,12 @@ class output:
 
 # --- What stops a run: signals, out of GPU memory, NaN/inf steps
 
+class Interrupted(FocalpoError):
+    """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
+
 class Guard:
-    """Stops training in one sentence after saving what can be: Ctrl-C or SIGTERM (the step ends; a second one stops
-    at once), out of GPU memory, MAX_BAD_STEPS NaN/inf steps in a row (no update made; rows named)."""
+    """Stops training in one sentence, after saving what can be: Ctrl-C or SIGTERM (the step ends; a second one stops
+    at once), out of GPU memory, MAX_BAD_STEPS NaN/inf steps in a row (each skipped, its rows named)."""
 
     MAX_BAD_STEPS = 3
 
@@ -1581,7 +1591,7 @@ class Guard:
 
     @torch.no_grad()
     def nonfinite_rows(self, micro):
-        """Where the step's pairs with a NaN/inf loss came from, on every process (their losses again: no update)."""
+        """Where the step's pairs with a NaN/inf loss came from, all processes' (their losses again)."""
         model, cfg, pairs = self.folder.model, self.folder.cfg, []
         for batch in micro:
             losses, _ = forward_pairs(model, batch, self.ref, cfg, self.folder.loss_type, self.device)
@@ -1598,7 +1608,7 @@ class procs:
         return dist.get_world_size() if dist.is_initialized() else 1
 
     def setup(cfg, log):
-        """(device, log: the first process's only); under torchrun, the group (NCCL or gloo; a timeout ends hangs)."""
+        """(device, log: the first process's); under torchrun, the group (NCCL or gloo; a timeout ends hangs)."""
         device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return device, log

@@ -2102,6 +2102,24 @@ def test_a_full_disk_is_one_sentence_and_resume_continues_once_there_is_room(tmp
     assert not os.path.exists(tmp_path / "b" / "out" / "metrics.jsonl")
 
 
+def test_after_a_checkpoint_every_process_holds_the_same_metric_keys(tmp_path, monkeypatch):
+    """Saved and resumed, the metric sums since the last metrics row count once: the first process keeps them, each
+    other one the same keys at 0. A row asks every process to add up its keys together; had the others none, as a
+    NaN/inf step after a checkpoint leaves them, the first process would wait alone for --dist_timeout."""
+    cfg, tok, model, train, eval_ = demo_setup(tmp_path)
+    optimizer = focalpo.make_optimizer(model, cfg, 1e-3, CPU)
+    folder = focalpo.RunFolder(str(tmp_path / "run"), model, optimizer, cfg, "dpo", 10)
+    state = dict(focalpo.new_state(), step=3, window={"pairs": 4.0, "loss": torch.tensor(2.5)})
+    folder.save(state)  # the first process writes the checkpoint
+    assert state["window"] == {"loss": 2.5, "pairs": 4.0}
+    monkeypatch.setattr(focalpo.procs, "rank", lambda: 1)
+    state["window"] = {"pairs": 4.0, "loss": torch.tensor(2.5)}
+    folder.save(state)
+    assert state["window"] == {"loss": 0.0, "pairs": 0.0}
+    resumed = focalpo.RunFolder(str(tmp_path / "run"), model, optimizer, cfg, "dpo", 10).resume(quiet)
+    assert resumed["step"] == 3 and resumed["window"] == {"loss": 0.0, "pairs": 0.0}
+
+
 def test_a_run_keeps_its_newest_two_checkpoints_and_a_damaged_one_is_one_sentence(tmp_path):
     focalpo.run(short_cfg(tmp_path, keep_final_checkpoint=True), log=quiet)
     ckpts = tmp_path / "out" / "checkpoints"
