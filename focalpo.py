@@ -748,11 +748,11 @@ def main(argv=None):  # the command line: an error the user can fix ends in one 
 # --- The command line
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence, not the usage of every option
+    def error(self, message):  # one sentence, not the usage
         raise FocalpoError(f"{message} (python focalpo.py --help lists every option)")
 
 class cli:
-    # TRL's and the HF Trainer's names for our options
+    # TRL's and the HF Trainer's names for ours
     FAMILIAR = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
                 "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out_dir",
                 "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
@@ -769,7 +769,7 @@ class cli:
             block = f.read().split("\nclass Config:\n")[1].split("\n\n")[0]
         return dict(re.findall(r"^ +(\w+): [^\n=]+= [^\n]*?(?:  # ([^\n]*))?$", block, flags=re.M))
 
-    def parse_args(argv=None):  # --key=value for every Config field (a bare --flag means true)
+    def parse_args(argv=None):  # --key=value for each Config field (a bare --flag: true)
         parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         helps = cli.option_help()
@@ -790,9 +790,9 @@ class cli:
         checks.options(cfg)
         return cfg
 
-    def exit_code(e):  # a user's error or a stop: one line and an exit code
+    def exit_code(e):  # a user's error or a stop: one line, an exit code
         who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        if isinstance(e, Interrupted):  # saved: a late signal (launchers signal every process) must not cut it short
+        if isinstance(e, Interrupted):  # saved: a late signal (to every process) must not cut it short
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
         if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # KeyboardInterrupt: a second Ctrl-C, nothing to save
@@ -802,11 +802,11 @@ class cli:
         lost = isinstance(e, dist.DistError) or any(s in str(e).lower() for s in (
             "connection closed by peer", "connection reset by peer", "timed out", "nccl"))
         if procs.world() > 1 and isinstance(e, RuntimeError) and lost:
-            detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's source-file prefix
+            detail = str(e).splitlines()[0].split("] ", 1)[-1][:120]  # without gloo's file prefix
             sys.stdout.flush()
             print(f"{who}error: lost contact with another process ({detail}): it stopped or hung, see its own "
                   f"output; the newest checkpoint continues with --resume=true", file=sys.stderr, flush=True)
-            os._exit(1)  # at once: shutting down a group that lost a process can abort
+            os._exit(1)  # at once: closing a group that lost a process can abort
         raise e
 
 # --- Before any work: options, folders, earlier runs, data files, the model
@@ -819,7 +819,7 @@ def first_line(e):
 class checks:
     AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
                   "dist_timeout")
-    # the options --resume may change (they change no result)
+    # the options --resume may change (no result changes)
     FREE_ON_RESUME = ("log_every", "eval_every", "save_every", "progress", "resume", "out_dir", "cache_dir",
                       "keep_final_checkpoint", "dist_timeout", "generate", "save_model", "loss")
 
@@ -876,7 +876,7 @@ class checks:
         return finished
 
     def earlier_run(cfg, loss_type):
-        """A new run needs a folder without results, --resume the options that made it; a finished run's summary."""
+        """A new run needs a folder without results, --resume the options that made it; a finished one's summary."""
         out_dir = loss_dir(cfg, loss_type)
         if not cfg.resume:
             found = [f for f in ("summary.json", "metrics.jsonl", "checkpoints") if os.path.exists(f"{out_dir}/{f}")]
@@ -892,7 +892,7 @@ class checks:
         if ckpt is not None:
             checks.same_options(ckpt, cfg, loss_type, path)
 
-    def same_options(recorded, cfg, loss_type, path):  # `recorded` (checkpoint or summary) if its options match
+    def same_options(recorded, cfg, loss_type, path):  # a checkpoint or summary, if its options match
         was = recorded.get("config") or {}
         diffs = [f"--{f.name} was {was.get(f.name)!r}, now {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                  if f.name not in checks.FREE_ON_RESUME and was.get(f.name) != getattr(cfg, f.name)]
@@ -903,7 +903,7 @@ class checks:
                                f"continue {path}: run with the original values, or start a new --out_dir")
         return recorded
 
-    def model(cfg, device, log):  # its config loads, holds --max_length, and fits in memory
+    def model(cfg, device, log):  # its config loads, holds --max_length, fits in memory
         from transformers import AutoConfig
         try:
             config = from_pretrained(AutoConfig, cfg.model)
@@ -933,7 +933,7 @@ class checks:
         """(bytes per GPU, a line): 18 bytes a parameter (weights, gradients, AdamW, bf16 copy; 16 under FSDP) or 8
         (bf16); ~30*H + 8*I bytes a token a layer (checkpointed: one layer); a logits chunk."""
         from transformers import AutoModelForCausalLM
-        with torch.device("meta"):  # parameters counted without memory
+        with torch.device("meta"):  # counted without memory
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         per = 8 if cfg.weights == "bf16" else (18 if world_size == 1 else 16)
         state, buffers = n * per / world_size, 28 * min(AdamWSR.chunk, n) if cfg.weights == "bf16" else 0
@@ -967,13 +967,13 @@ class files:
         """(train rows, held-out rows, format, the held-out rows' source); each row (dict, where), of one format."""
         if cfg.dataset == "demo":
             rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
-            return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 to train on, 400 held out
+            return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 + 400
         local = files.is_local(cfg.dataset)
         train_rows, heldout, source = (files.read(cfg.dataset), None, None) if local else files.hub(cfg.dataset)
         if cfg.eval_dataset:
             heldout, source = files.read(cfg.eval_dataset), cfg.eval_dataset
         fmt = files.detect_format(train_rows)
-        if heldout and files.detect_format(heldout) != fmt:  # each held-out row would be rendered wrong
+        if heldout and files.detect_format(heldout) != fmt:  # each would be rendered wrong
             raise FocalpoError(f"the training rows are in {fmt} format ({train_rows[0][1]}) and the held-out rows "
                                f"in {files.detect_format(heldout)} format ({heldout[0][1]}): give both in one format")
         for row, where in train_rows + (heldout or []):
@@ -1015,7 +1015,7 @@ class files:
                     raise FocalpoError(f"{where} {name!r}: each message needs a 'role' and a string 'content', "
                                        f"found {m!r:.80}")
 
-    def kind(path):  # the datasets loader for a file's name ("x.JSONL.gz": 'json'), or None
+    def kind(path):  # the datasets loader for a name ("x.JSONL.gz": 'json'), or None
         name = re.sub(r"\.(gz|bz2|xz)$", "", path.lower())
         return {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
 
@@ -1037,7 +1037,7 @@ class files:
                                    f"or .xz, or .parquet)")
             try:
                 table = datasets.load_dataset(files.kind(path), data_files=path, split="train").to_list()
-            except Exception as e:  # the library's own words: the error under its error
+            except Exception as e:  # the library's words: the error under its error
                 raise FocalpoError(f"could not read {path} ({first_line(e.__cause__ or e)}): fix the file, or give "
                                    f"it the name of what it holds") from None
             for i, row in enumerate(table, 1):
@@ -1062,7 +1062,7 @@ class files:
         import datasets
         try:
             ds = datasets.load_dataset(name)
-        except Exception as e:  # network errors, unknown names, gated datasets
+        except Exception as e:  # network, unknown names, gated datasets
             raise checks.load_error("dataset", name, e) from None
         train, test = (next((s for s in names if s in ds), None)
                        for names in (("train", "train_prefs"), ("test", "test_prefs", "validation")))
@@ -1079,7 +1079,7 @@ class demo:
     N_PAIRS = 4400
     SFT_BATCH, SFT_EXAMPLES, SFT_LR = 32, 3000, 1e-3
 
-    def mistake(answer, letters, rng):  # two neighbours swapped, or a letter not in the prompt put in
+    def mistake(answer, letters, rng):  # two neighbours swapped, or a letter not in the prompt
         answer = list(answer)
         i = rng.randrange(len(answer) - 1)
         if rng.random() < 0.5:
@@ -1102,7 +1102,7 @@ class demo:
                 chosen, rejected = good, demo.mistake(good, letters, rng)
             else:
                 chosen, rejected = demo.mistake(good, letters, rng), None
-                while rejected is None or rejected in (chosen, good):  # two mistakes, not undoing each other
+                while rejected is None or rejected in (chosen, good):  # two mistakes, not undone
                     rejected = demo.mistake(demo.mistake(good, letters, rng), letters, rng)
             pairs.append({"prompt": "sort: " + " ".join(letters) + " =",
                           "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)})
@@ -1140,7 +1140,7 @@ class demo:
 
     def sft(model, tokenizer, cfg, device, log=print):
         """--sft_steps on correct sortings, stopped early: the reference sorts some prompts right, many wrong."""
-        rows = demo.sft_rows(cfg)  # a word-level tokenizer: no boundary merges (cf. tokenize_pairs)
+        rows = demo.sft_rows(cfg)  # word-level: no boundary merges (cf. tokenize_pairs)
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
         seqs = [torch.tensor(p + a + [tokenizer.eos_token_id], dtype=torch.int32) for p, a in zip(prompts, answers)]
@@ -1163,7 +1163,7 @@ class demo:
                                           tokenizer.pad_token_id)
                 with autocast(device):
                     logps, n_tokens = sequence_logps(model, to_device(batch, device))
-                loss = -logps.sum() / n_tokens.sum()  # mean next-token loss over the answers' tokens
+                loss = -logps.sum() / n_tokens.sum()  # mean next-token loss of the answers
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1174,7 +1174,7 @@ class demo:
                 f"{path}")
             return model
 
-    def is_right(prompt, completion):  # a greedy (text, ended with EOS) is the right answer, then EOS
+    def is_right(prompt, completion):  # a greedy (text, ended with EOS) is the answer, then EOS
         return completion[1] and completion[0].strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
@@ -1193,7 +1193,7 @@ class fast:
         """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB for Qwen, 8 pairs of 1,024 tokens):
         no mask (right padding: no scored position sees a pad), the output layer at scored positions only, in chunks
         recomputed in backward."""
-        hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H), the output layer
+        hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H); output layer
         logps = lambda x, t: -F.cross_entropy(head(x).float(), t, reduction="none")  # fp32 log-softmax (pitfall 7)
         pieces = []
         for i in range(0, len(targets), fast.CHUNK):
@@ -1206,7 +1206,7 @@ class fast:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
-    def body(model, ids):  # (R, T, H): no mask, no output layer (FSDP: procs.shard's fsdp_body)
+    def body(model, ids):  # (R, T, H): no mask, no output layer (FSDP: fsdp_body)
         body = getattr(model, "fsdp_body", None) or model.base_model
         return body(input_ids=ids, use_cache=False).last_hidden_state
 
@@ -1220,7 +1220,7 @@ class fast:
             return False
         length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
         ids = torch.randint(model.get_input_embeddings().num_embeddings, (length,),
-                            generator=torch.Generator().manual_seed(0))  # the global RNG is left as it was
+                            generator=torch.Generator().manual_seed(0))  # the global RNG left alone
         probe = to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
         was_training, weight = model.training, head.weight.detach().clone()
         tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
@@ -1235,7 +1235,7 @@ class fast:
                 model.set_attn_implementation("causal_sdpa")
                 model.fast_logps = True
                 agrees = bool(((sequence_logps(model, probe)[0] - own).abs() <= tol * n).all())
-            except Exception:  # parts that do not fit (base_model is the model, say)
+            except Exception:  # parts that do not fit (base_model is the model)
                 agrees = False
             head.weight.copy_(weight)
         if not agrees:
@@ -1249,7 +1249,7 @@ def stochastic_round_bf16_(x, noise):
     """Flat fp32 x -> bf16 that is x in expectation, a view of x's top halves; noise: int32 in [0, 2^16). Random low
     bits carry into the top 16 with probability (x - the bf16 below) / spacing."""
     x.view(torch.int32).add_(noise)
-    return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the second int16 is the top
+    return x.view(torch.int16).view(-1, 2)[:, 1].view(torch.bfloat16)  # little-endian: the 2nd int16 is the top
 
 class AdamWSR(torch.optim.Optimizer):
     """AdamW (no weight decay), state in the parameters' dtype, fp32 math, rounded back stochastically: to nearest,
@@ -1270,13 +1270,13 @@ class AdamWSR(torch.optim.Optimizer):
         return self.work[name][:n]
 
     @torch.no_grad()
-    def step(self, closure=None):  # closure: unused (torch.distributed.checkpoint passes it)
+    def step(self, closure=None):  # closure: unused (distributed.checkpoint passes it)
         for group in self.param_groups:
             for p in [p for p in group["params"] if p.grad is not None]:
                 state = self.state[p]
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] = int(state["step"]) + 1  # a Python int: no host sync per parameter
+                state["step"] = int(state["step"]) + 1  # a Python int: no host sync
                 tensors = [t.to_local() if hasattr(t, "to_local") else t for t in
                            (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 for pieces in zip(*(t.view(-1).split(self.chunk) for t in tensors)):
@@ -1287,7 +1287,7 @@ class AdamWSR(torch.optim.Optimizer):
         w, g, m, v = (self.buffer(k, n, torch.float32, device).copy_(x) for k, x in zip("wgmv", (w_, g_, m_, v_)))
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = torch.div(v, 1 - beta2 ** t, out=g).sqrt_().add_(group["eps"])  # g is no longer needed: reuse it
+        denom = torch.div(v, 1 - beta2 ** t, out=g).sqrt_().add_(group["eps"])  # g is done with: reused
         w.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
         words = self.random_bits(n, device).view(torch.int32).view(n, 2)  # an int64 serves three roundings
         noise = self.buffer("noise", n, torch.int32, device)
@@ -1302,14 +1302,14 @@ class AdamWSR(torch.optim.Optimizer):
 
 @contextlib.contextmanager
 def room_for(path, needed, partial=None):
-    """A failed write (a full disk) is one sentence naming the folder and the space it needs; no partial file stays."""
+    """A failed write (a full disk) is one sentence naming the folder and the space needed; no partial file stays."""
     folder = os.path.dirname(os.path.abspath(path))
     free, MB = shutil.disk_usage(folder).free, 2 ** 20
     try:
         if free < needed:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         yield
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save's failed write is a RuntimeError
         with contextlib.suppress(OSError, TypeError):
             (shutil.rmtree if os.path.isdir(partial) else os.remove)(partial)
         raise FocalpoError(f"could not write {path} ({getattr(e, 'strerror', None) or first_line(e)[:80]}): {folder} "
@@ -1322,14 +1322,14 @@ def nbytes(x):  # the bytes of the tensors in nested dicts and lists
     return x.nbytes if torch.is_tensor(x) else 0
 
 class cache:
-    def write(blob, path):  # to a temporary name, then renamed: a file with its final name is whole
+    def write(blob, path):  # to a temporary name, renamed: a file with its final name is whole
         if procs.rank() != 0:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # a name of its own: two runs may share a cache folder
+        tmp = f"{path}.{os.getpid()}.tmp"  # its own name: runs may share a cache folder
         with room_for(path, nbytes(blob), partial=tmp):
             torch.save(blob, tmp)
-        os.replace(tmp, path)  # a crash mid-save leaves the file before it as it was
+        os.replace(tmp, path)  # a crash mid-save leaves the old file as it was
 
     def read(path, what, log, everywhere=True):
         """What write() saved in `path` (its name is the key), or None; everywhere: if all processes have it."""
@@ -1351,7 +1351,7 @@ class cache:
             h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.9e}{x.abs().sum().item():.9e}".encode())
         return h.hexdigest()[:16]
 
-def latest_checkpoint(folder):  # (the newest checkpoint, mapped, not read; its path) or (None, None)
+def latest_checkpoint(folder):  # (the newest checkpoint, mapped; its path) or (None, None)
     if not (paths := sorted(glob.glob(os.path.join(folder, "step_*.pt")))):
         return None, None
     try:
@@ -1375,7 +1375,7 @@ class RunFolder:
                 f.write(line)
 
     def save(self, state, keep=2):
-        state["window"] = metrics_to_host(state["window"])  # floats (with several processes, their sums)
+        state["window"] = metrics_to_host(state["window"])  # floats (several processes: their sums)
         weights, optimizer = procs.full_state(self.model, self.optimizer)
         blob = {"model": weights, "optimizer": optimizer,
                 "state": state, "config": dataclasses.asdict(self.cfg), "loss_type": self.loss_type,
@@ -1399,7 +1399,7 @@ class RunFolder:
             log(f"[{self.loss_type}] --resume: no checkpoint in {self.folder}, starting from the beginning")
             self.cut_metrics(-1, log=lambda msg: None)
             return new_state()
-        full = Options(full_state_dict=True)  # each process takes its shard from the full tensors
+        full = Options(full_state_dict=True)  # each process takes its shard of the full tensors
         set_model_state_dict(self.model, ckpt["model"], options=full)
         set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=full)
         torch.set_rng_state(ckpt["rng"])
@@ -1412,7 +1412,7 @@ class RunFolder:
         log(f"[{self.loss_type}] resumed from {self.last} at step {state['step']} of {self.n_steps}")
         return state
 
-    def cut_metrics(self, step, log):  # metrics.jsonl's rows up to `step`; a torn line or no file is said
+    def cut_metrics(self, step, log):  # metrics.jsonl's rows up to `step`; a torn line or no file said
         if procs.rank() != 0:
             return
         if not (lines := open(self.metrics).readlines() if os.path.exists(self.metrics) else []):
@@ -1512,7 +1512,7 @@ class output:
                     new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
                                          max_new_tokens=min(max_new_tokens, room - ids.shape[1]), eos_token_id=eos,
                                          pad_token_id=tokenizer.pad_token_id,
-                                         synced_gpus=procs.world() > 1)[:, ids.shape[1]:]  # FSDP: all, every step
+                                         synced_gpus=procs.world() > 1)[:, ids.shape[1]:]  # FSDP: all steps
                 for i, row in zip(idx, new.tolist()):
                     end = row.index(eos) if eos in row else len(row)
                     out[i] = (tokenizer.decode(row[:end], skip_special_tokens=True), end < len(row))
@@ -1550,7 +1550,7 @@ class Guard:
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            with contextlib.suppress(ValueError):  # not the main thread
                 self.old[sig] = signal.signal(sig, self.on_signal)
         return self
 
@@ -1584,7 +1584,7 @@ class Guard:
                                    f"last at step {step}, training rows: {rows}): check those rows or lower --lr. " +
                                    (f"The last good checkpoint is {self.folder.last} (--resume=true)."
                                     if self.folder.last else "No checkpoint yet."))
-        if procs.agree(self.signal is not None, "max") and step < self.folder.n_steps:  # all stop at this step
+        if procs.agree(self.signal is not None, "max") and step < self.folder.n_steps:  # all stop here
             by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
             raise Interrupted(f"stopped by {by} at step {step} of {self.folder.n_steps}; checkpoint saved to "
                               f"{self.folder.save(state)}. To continue, run the same command with --resume=true")
@@ -1643,8 +1643,8 @@ class procs:
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)  # sum, do not average
-                m.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction
-        if model.fast_logps:  # the root's weights gathered for the body too
+                m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled reduction
+        if model.fast_logps:  # the root's weights gathered for the body
             model.fsdp_body = model.base_model.__call__
             register_fsdp_forward_method(model, "fsdp_body")
         register_fsdp_forward_method(model, "generate")
@@ -1655,7 +1655,7 @@ class procs:
         n = procs.world()
         return [items[i % len(items)] for i in range(procs.rank(), math.ceil(len(items) / n) * n, n)]
 
-    def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place, via the device NCCL needs
+    def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place, on NCCL's device
         if procs.world() == 1:
             return t
         x = t.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device)
@@ -1667,7 +1667,7 @@ class procs:
             return bool(flag.item() if torch.is_tensor(flag) else flag)
         return bool(procs.all_reduce(torch.as_tensor(flag, dtype=torch.float32).reshape(1), op).item())
 
-    def gather_scores(model, logps):  # a pair's score is on one process, −inf on the others: max
+    def gather_scores(model, logps):  # a pair's score on one process, −inf on the others: max
         procs.reshard(model)
         return procs.all_reduce(logps, "max")
 
@@ -1684,12 +1684,12 @@ class procs:
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(now)
 
-    def reshard(model):  # FSDP keeps the root's weights gathered after a forward with no backward
+    def reshard(model):  # FSDP keeps the root's weights gathered after a no-grad forward
         if hasattr(model, "reshard"):
             model.reshard()
 
     @contextlib.contextmanager
-    def rank0_first():  # the first process runs the block (and caches) before the others
+    def rank0_first():  # the first process runs the block (and caches) first
         if procs.rank() != 0:
             dist.barrier()
         yield
