@@ -124,7 +124,7 @@ def run_steps(cfg, n_train):
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
-    """Per-pair losses (B,) and the rewards β·r_w (B,) and β·r_l (B,), detached (for logging only).
+    """Per-pair losses (B,), and the rewards β·r_w (B,) and β·r_l (B,) for logging (detached).
 
     r_w = log πθ(y_w|x) − log π_ref(y_w|x),  r_l = the same for y_l,  h = r_w − r_l,  p = σ(βh).
       dpo:      L = −log σ(βh)                          Eq. 7 of arXiv 2305.18290
@@ -172,7 +172,7 @@ def render_plain(row, fmt):  # -> (prompt, prompt+chosen, prompt+rejected), or t
         return "empty response"
     return "chosen == rejected" if chosen == rejected else (prompt, prompt + chosen, prompt + rejected)
 
-def turns(x, role):  # a message list as it is, a string as one turn
+def turns(x, role):  # a message list (or None) as it is, a string as one turn
     return [{"role": role, "content": x}] if isinstance(x, str) else x
 
 def render_chat(row, tokenizer):
@@ -503,7 +503,7 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     chosen, rejected = chosen.detach(), rejected.detach()
     ranked = chosen >= rejected  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
-    # reward accuracy: a tie is half right, so it reads 0.5 at step 0 (policy = reference)
+    # reward accuracy: a tie is half right, so the held-out evaluation at step 0 reads 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -592,7 +592,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     return total, applied
 
 class HeldOut:
-    """The held-out pairs, batched once, and their reference; calling it evaluates a model."""
+    """The held-out pairs, batched, and their reference; calling it evaluates a model."""
 
     def __init__(self, pairs, ref, tokenizer, cfg):
         self.pairs, self.ref, self.tokenizer = pairs, ref, tokenizer
@@ -655,10 +655,10 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         return ev
 
     model.train()
+    t_start, loop_before = time.time(), state["loop_seconds"]
     if state["step"] == 0:  # a new run: where it starts
         state["first_eval"] = state["last_eval"] = evaluate(0)
     steps = step_stream(train_pairs, cfg, skip=state["step"])
-    t_start, loop_before = time.time(), state["loop_seconds"]
     with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to name NaN/inf rows
         while state["step"] < n_steps:
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
@@ -695,7 +695,6 @@ def run(cfg, log=print):
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all of this, the first one logs
     with checks.lock(cfg):  # out_dir is this run's until it ends, however it ends
         finished = checks.before_work(cfg, device, log)  # a mistake costs one sentence here; --resume: losses done
-        torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
         summaries, first = {}, True  # first: no loss trained yet in this run
@@ -705,6 +704,7 @@ def run(cfg, log=print):
                 log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
                 summaries[loss_type] = finished[loss_type]
                 continue
+            torch.manual_seed(cfg.seed)  # each loss as if alone (bf16 weights draw random bits)
             model = prepare_model(load_model(cfg, tokenizer), cfg, device)  # each loss from the same weights
             if cfg.model == "demo" and cfg.sft_steps:  # as a real model would come SFT'd
                 model = demo.sft(model, tokenizer, cfg, device, log)
