@@ -103,7 +103,7 @@ class Config:
 LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
-    """A problem the user can fix: the command line ends with it as one sentence, no traceback."""
+    """A problem the user can fix: the command line ends with it in one sentence, no traceback."""
 
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
@@ -149,7 +149,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
     return losses, beta * r_w.detach(), beta * r_l.detach()
 
-# --- Data: rows (files.load: the demo, files or a hub dataset, one format), each rendered as three texts
+# --- Data: rows (files.load: the demo, files or the hub), each rendered as three texts
 
 def common_prefix_len(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -236,22 +236,14 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
                            "instruct/chat model's tokenizer, or plain-text data")
     if fmt != "chat" and eos is None:
         raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
-    kept, texts = [], []  # where each kept row came from; its three texts
+    pairs = []
     for row, where in rows:
         rendered = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
         if isinstance(rendered, str):  # the reason it is dropped
             stats[rendered] += 1
-        else:
-            kept.append(where)
-            texts.append(rendered)
-    if not texts:
-        return []
-    # a call for each kind of text (batched); no special tokens: BOS is added below (pitfall 2)
-    prompts = tokenizer([p for p, _, _ in texts], add_special_tokens=False)["input_ids"]
-    chosens = tokenizer([c for _, c, _ in texts], add_special_tokens=False)["input_ids"]
-    rejecteds = tokenizer([r for _, _, r in texts], add_special_tokens=False)["input_ids"]
-    pairs = []
-    for where, prompt, chosen, rejected in zip(kept, prompts, chosens, rejecteds):
+            continue
+        # its three texts, without special tokens: BOS is added below (pitfall 2)
+        prompt, chosen, rejected = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
         if bos is not None and prompt[:1] != [bos]:
             prompt, chosen, rejected = [bos] + prompt, [bos] + chosen, [bos] + rejected
         notes = set()  # what happened to this row, each counted once in stats
@@ -630,11 +622,6 @@ def train_row(state, step, lr):
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
 
-def eval_line(loss_type, step, ev):
-    return (f"[{loss_type}] step {step}: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
-            + (f", margin {ev['rewards/margin']:.3f}" if step else "")
-            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
-
 def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log=print):
     """Train one loss from the model's weights (--resume: out_dir's newest checkpoint), nanoGPT's loop. Writes
     metrics.jsonl and checkpoints; returns the state."""
@@ -651,7 +638,9 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
         ev = held_out(model, cfg, loss_type, device)
         bar.set_description(loss_type)
         folder.append({"step": step, "split": "eval", **ev})
-        say(eval_line(loss_type, step, ev))
+        say(f"[{loss_type}] step {step}: eval loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}"
+            + (f", margin {ev['rewards/margin']:.3f}" if step else "")
+            + (f", generation accuracy {ev['generation_accuracy']:.3f}" if "generation_accuracy" in ev else ""))
         return ev
 
     model.train()
@@ -743,9 +732,9 @@ def main(argv=None):  # the command line: an error the user can fix ends in one 
 
 # =============================================================================
 # Appendix: optional machinery
-# A first reading stops here. Each kind of machinery is a class used as a namespace: demo.pairs(...).
+# A first reading stops here. Each kind of machinery is a class used as a namespace.
 
-# --- The command line
+# --- cli: the command line
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one sentence, not the usage
@@ -753,11 +742,11 @@ class _Parser(argparse.ArgumentParser):
 
 class cli:
     # TRL's and the HF Trainer's names for ours
-    FAMILIAR = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
-                "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out_dir",
-                "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
-                "resume_from_checkpoint": "resume", "model_name_or_path": "model", "dataset_name": "dataset",
-                "loss_type": "loss", "disable_tqdm": "progress"}
+    FAMILIAR = dict(learning_rate="lr", per_device_train_batch_size="batch_size", num_train_epochs="epochs",
+                    gradient_accumulation_steps="grad_accum", max_grad_norm="grad_clip", output_dir="out_dir",
+                    logging_steps="log_every", eval_steps="eval_every", save_steps="save_every", loss_type="loss",
+                    resume_from_checkpoint="resume", model_name_or_path="model", dataset_name="dataset",
+                    disable_tqdm="progress")
 
     def parse_bool(s):
         if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -776,7 +765,7 @@ class cli:
         for f in dataclasses.fields(Config):
             kind = {"type": cli.parse_bool, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
             parser.add_argument(f"--{f.name}", default=f.default, metavar=f.type.__name__.upper(),
-                                help=helps.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})", **kind)
+                                help=helps[f.name].replace("%", "%%") + f" (default: {f.default!r})", **kind)
         args, unknown = parser.parse_known_args(argv)
         if unknown:
             import difflib
@@ -809,7 +798,7 @@ class cli:
             os._exit(1)  # at once: closing a group that lost a process can abort
         raise e
 
-# --- Before any work: options, folders, earlier runs, data files, the model
+# --- checks: before any work
 
 GiB = 2 ** 30
 
@@ -817,11 +806,10 @@ def first_line(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else type(e).__name__
 
 class checks:
-    AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length", "eval_every", "log_every",
-                  "dist_timeout")
+    AT_LEAST_1 = "batch_size grad_accum epochs max_length max_prompt_length eval_every log_every dist_timeout".split()
     # the options --resume may change (no result changes)
-    FREE_ON_RESUME = ("log_every", "eval_every", "save_every", "progress", "resume", "out_dir", "cache_dir",
-                      "keep_final_checkpoint", "dist_timeout", "generate", "save_model", "loss")
+    FREE_ON_RESUME = ("log_every eval_every save_every progress resume out_dir cache_dir keep_final_checkpoint "
+                      "dist_timeout generate save_model loss").split()
 
     def options(cfg):
         losses = loss_types(cfg)
@@ -844,7 +832,7 @@ class checks:
                                f"--max_length={cfg.max_length}: make it smaller")
 
     @contextlib.contextmanager
-    def lock(cfg):  # --out_dir for this run alone (the system lets go when the file closes, however the run ends)
+    def lock(cfg):  # --out_dir for this run alone (released when the file closes, however the run ends)
         import fcntl
         checks.options(cfg)  # before any folder is made
         for name in ("out_dir", "cache_dir"):
@@ -903,7 +891,7 @@ class checks:
                                f"continue {path}: run with the original values, or start a new --out_dir")
         return recorded
 
-    def model(cfg, device, log):  # its config loads, holds --max_length, fits in memory
+    def model(cfg, device, log):  # its config loads, holds --max_length, fits
         from transformers import AutoConfig
         try:
             config = from_pretrained(AutoConfig, cfg.model)
@@ -960,7 +948,7 @@ class checks:
                                + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs "
                                "(torchrun)")
 
-# --- Data: the rows, from the demo, files (read by datasets) or the hub
+# --- files: the rows
 
 class files:
     def load(cfg):
@@ -1015,7 +1003,7 @@ class files:
                     raise FocalpoError(f"{where} {name!r}: each message needs a 'role' and a string 'content', "
                                        f"found {m!r:.80}")
 
-    def kind(path):  # the datasets loader for a name ("x.JSONL.gz": 'json'), or None
+    def kind(path):  # "x.JSONL.gz": 'json' (the datasets loader), or None
         name = re.sub(r"\.(gz|bz2|xz)$", "", path.lower())
         return {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
 
@@ -1037,7 +1025,7 @@ class files:
                                    f"or .xz, or .parquet)")
             try:
                 table = datasets.load_dataset(files.kind(path), data_files=path, split="train").to_list()
-            except Exception as e:  # the library's words: the error under its error
+            except Exception as e:  # the error under datasets' error
                 raise FocalpoError(f"could not read {path} ({first_line(e.__cause__ or e)}): fix the file, or give "
                                    f"it the name of what it holds") from None
             for i, row in enumerate(table, 1):
@@ -1072,7 +1060,7 @@ class files:
         rows = lambda split: [(r, f"dataset {name!r} split {split!r} row {i}") for i, r in enumerate(ds[split], 1)]
         return rows(train), rows(test) if test else None, f"{name}'s {test!r} split"
 
-# --- The demo: a letter-sorting task whose answers can be checked
+# --- demo: a letter-sorting task
 
 class demo:
     LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -1140,7 +1128,7 @@ class demo:
 
     def sft(model, tokenizer, cfg, device, log=print):
         """--sft_steps on correct sortings, stopped early: the reference sorts some prompts right, many wrong."""
-        rows = demo.sft_rows(cfg)  # word-level: no boundary merges (cf. tokenize_pairs)
+        rows = demo.sft_rows(cfg)  # word-level: no boundary merges
         prompts = tokenizer([p for p, _ in rows])["input_ids"]
         answers = tokenizer([a for _, a in rows], add_special_tokens=False)["input_ids"]
         seqs = [torch.tensor(p + a + [tokenizer.eos_token_id], dtype=torch.int32) for p, a in zip(prompts, answers)]
@@ -1178,21 +1166,20 @@ class demo:
         return completion[1] and completion[0].strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
-        """The fraction of right greedy completions (a token more allowed: running on shows)."""
+        """The share of right greedy completions (a token more allowed: running on shows)."""
         prompts = [p.chosen[:p.chosen_start] for p in pairs]
         longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
         return sum(demo.is_right(tokenizer.decode(p), c) for p, c in zip(prompts, got)) / len(pairs)
 
-# --- The fast log-prob path
+# --- fast: the model's own log-probs in less memory
 
 class fast:
     CHUNK = 2048  # scored positions per piece of the output layer
 
     def token_logps(model, ids, rows, cols, targets):
         """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB for Qwen, 8 pairs of 1,024 tokens):
-        no mask (right padding: no scored position sees a pad), the output layer at scored positions only, in chunks
-        recomputed in backward."""
+        no mask (right padding: no scored position sees a pad), the output layer at scored positions, in chunks."""
         hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H); output layer
         logps = lambda x, t: -F.cross_entropy(head(x).float(), t, reduction="none")  # fp32 log-softmax (pitfall 7)
         pieces = []
@@ -1206,7 +1193,7 @@ class fast:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
-    def body(model, ids):  # (R, T, H): no mask, no output layer (FSDP: fsdp_body)
+    def body(model, ids):  # (R, T, H): no mask, no output layer
         body = getattr(model, "fsdp_body", None) or model.base_model
         return body(input_ids=ids, use_cache=False).last_hidden_state
 
@@ -1243,7 +1230,7 @@ class fast:
         model.train(was_training)
         return agrees
 
-# --- --weights=bf16 (pitfall 12): AdamW in fp32, rounded back to bf16 stochastically
+# --- AdamWSR: --weights=bf16 (pitfall 12)
 
 def stochastic_round_bf16_(x, noise):
     """Flat fp32 x -> bf16 that is x in expectation, a view of x's top halves; noise: int32 in [0, 2^16). Random low
@@ -1298,7 +1285,7 @@ class AdamWSR(torch.optim.Optimizer):
             word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
             dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)))
 
-# --- Files written whole, and the run's folder
+# --- cache and RunFolder: files written whole
 
 @contextlib.contextmanager
 def room_for(path, needed, partial=None):
@@ -1332,7 +1319,7 @@ class cache:
         os.replace(tmp, path)  # a crash mid-save leaves the old file as it was
 
     def read(path, what, log, everywhere=True):
-        """What write() saved in `path` (its name is the key), or None; everywhere: if all processes have it."""
+        """What write() saved in `path`, or None; everywhere: if all processes have it."""
         blob = None
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -1344,7 +1331,7 @@ class cache:
         return blob if not everywhere or procs.agree(blob is not None, "min") else None
 
     @torch.no_grad()
-    def fingerprint(model):  # a cheap digest of the weights (two sums a tensor)
+    def fingerprint(model):  # two sums a tensor
         h = hashlib.sha256()
         for name, p in model.named_parameters():
             x = procs.full(p).float()
@@ -1377,9 +1364,8 @@ class RunFolder:
     def save(self, state, keep=2):
         state["window"] = metrics_to_host(state["window"])  # floats (several processes: their sums)
         weights, optimizer = procs.full_state(self.model, self.optimizer)
-        blob = {"model": weights, "optimizer": optimizer,
-                "state": state, "config": dataclasses.asdict(self.cfg), "loss_type": self.loss_type,
-                "rng": torch.get_rng_state(),
+        blob = {"model": weights, "optimizer": optimizer, "state": state, "config": dataclasses.asdict(self.cfg),
+                "loss_type": self.loss_type, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         self.last = os.path.join(self.folder, f"step_{state['step']:07d}.pt")
         cache.write(blob, self.last)
@@ -1392,16 +1378,15 @@ class RunFolder:
 
     def resume(self, log):
         """The newest checkpoint's weights, optimizer, RNG and state, metrics.jsonl cut back to it; or new_state()."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions as Options, set_model_state_dict, \
-            set_optimizer_state_dict
+        import torch.distributed.checkpoint.state_dict as dcp
         ckpt, self.last = latest_checkpoint(self.folder)
         if ckpt is None:
             log(f"[{self.loss_type}] --resume: no checkpoint in {self.folder}, starting from the beginning")
             self.cut_metrics(-1, log=lambda msg: None)
             return new_state()
-        full = Options(full_state_dict=True)  # each process takes its shard of the full tensors
-        set_model_state_dict(self.model, ckpt["model"], options=full)
-        set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=full)
+        full = dcp.StateDictOptions(full_state_dict=True)  # each process takes its shard of the full tensors
+        dcp.set_model_state_dict(self.model, ckpt["model"], options=full)
+        dcp.set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"], options=full)
         torch.set_rng_state(ckpt["rng"])
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
@@ -1424,7 +1409,7 @@ class RunFolder:
                 except ValueError:
                     log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
 
-# --- Output: the model, summary.json, the table, generations
+# --- output: what a run leaves
 
 class output:
     def save_model(model, tokenizer, out_dir):
@@ -1474,7 +1459,7 @@ class output:
             lines.append(f"{name:<19}" + "".join(cells))
         return "\n".join(lines)
 
-    def plot(cfg, log):  # curves.png: each loss's metrics, held-out (solid) and metrics.jsonl's train rows
+    def plot(cfg, log):  # curves.png: each loss's held-out (solid) and training metrics
         if procs.rank() != 0:
             return
         try:
@@ -1485,11 +1470,11 @@ class output:
         axes = fig.subplots(1, 4)
         for i, lt in enumerate(loss_types(cfg)):
             rows = [json.loads(line) for line in open(os.path.join(loss_dir(cfg, lt), "metrics.jsonl"))]
-            for split, style in (("eval", "-"), ("train", "--")):
+            for split, style, name in (("eval", "-", "held-out"), ("train", "--", "training")):
                 part = [r for r in rows if r["split"] == split]
                 for ax, k in zip(axes, ("reward_accuracy", "rewards/margin", "logps/chosen", "logps/rejected")):
                     ax.plot([r["step"] for r in part], [r[k] for r in part], style, color=f"C{i}", marker=".",
-                            lw=max(1, 3 - i), label=f"{lt}, {'held-out' if split == 'eval' else 'training'}")
+                            lw=max(1, 3 - i), label=f"{lt}, {name}")
                     ax.set(title=k, xlabel="step")
         fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
         with room_for(path, 2 ** 20, path):
@@ -1498,7 +1483,7 @@ class output:
 
     @torch.no_grad()
     def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-        """(text up to the first EOS, whether one came) per prompt; batches of one prompt length: no padding."""
+        """(text up to the first EOS, whether one came) per prompt; batched by prompt length: no padding."""
         was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
         model.eval()
         for i, p in enumerate(prompts):
@@ -1533,7 +1518,7 @@ class output:
                 line += "   right" if right else f"   wrong: expected {demo.answer(prompt)!r}"
             log(line)
 
-# --- What stops a run: signals, out of GPU memory, NaN/inf steps
+# --- Guard: what stops a run
 
 class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
@@ -1573,7 +1558,7 @@ class Guard:
                 f"set --gradient_checkpointing=true, or lower --max_length{saved}") from None
 
     def after_step(self, applied, micro):
-        state, step = self.state, self.state["step"]
+        step = self.state["step"]
         self.bad_steps = 0 if applied else self.bad_steps + 1
         if not applied:
             rows = ", ".join(self.nonfinite_rows(micro)) or "none: the gradient only"
@@ -1587,18 +1572,18 @@ class Guard:
         if procs.agree(self.signal is not None, "max") and step < self.folder.n_steps:  # all stop here
             by = signal.Signals(self.signal).name if self.signal else "a signal to another process"
             raise Interrupted(f"stopped by {by} at step {step} of {self.folder.n_steps}; checkpoint saved to "
-                              f"{self.folder.save(state)}. To continue, run the same command with --resume=true")
+                              f"{self.folder.save(self.state)}. To continue, run the same command with --resume=true")
 
     @torch.no_grad()
     def nonfinite_rows(self, micro):
-        """Where the step's pairs with a NaN/inf loss came from, all processes' (their losses again)."""
+        """Where the step's pairs with a NaN/inf loss came from (their losses again; all processes')."""
         model, cfg, pairs = self.folder.model, self.folder.cfg, []
         for batch in micro:
             losses, _ = forward_pairs(model, batch, self.ref, cfg, self.folder.loss_type, self.device)
             pairs += [batch["where"][i] for i in (~torch.isfinite(losses)).nonzero()[:, 0].tolist()]
         return procs.gather_lists(pairs)
 
-# --- Several processes (torchrun), FSDP2; with one, no-ops
+# --- procs: several processes (torchrun), FSDP2
 
 class procs:
     def rank():
@@ -1655,7 +1640,7 @@ class procs:
         n = procs.world()
         return [items[i % len(items)] for i in range(procs.rank(), math.ceil(len(items) / n) * n, n)]
 
-    def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place, on NCCL's device
+    def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place
         if procs.world() == 1:
             return t
         x = t.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device)
@@ -1697,11 +1682,10 @@ class procs:
             dist.barrier()
 
     def full_state(model, optimizer=None):  # (model, optimizer) state dicts; several processes: full, on the host
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-            get_optimizer_state_dict
-        options = StateDictOptions(full_state_dict=procs.world() > 1, cpu_offload=procs.world() > 1)
-        return (get_model_state_dict(model, options=options),
-                optimizer and get_optimizer_state_dict(model, optimizer, options=options))
+        import torch.distributed.checkpoint.state_dict as dcp
+        options = dcp.StateDictOptions(full_state_dict=procs.world() > 1, cpu_offload=procs.world() > 1)
+        return (dcp.get_model_state_dict(model, options=options),
+                optimizer and dcp.get_optimizer_state_dict(model, optimizer, options=options))
 
 if __name__ == "__main__":
     main()
