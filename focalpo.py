@@ -23,7 +23,7 @@ come lists of Pairs); a first reading stops at "# Appendix". The core calls into
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
     output.    the trained model, summary.json, the table that compares the losses, curves.png, generations
-    procs.     several processes (torchrun); with one, nothing. Its lines say "several processes"
+    procs.     the device; several processes (torchrun), with one no-ops. Its lines say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
 Notation (the README's and the notebook's): for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) −
@@ -701,7 +701,7 @@ def run(cfg, log=print):
             if first:
                 log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
                     f"{device.type}")
-            # the first loss computes the reference; the others, from the same weights, find it cached
+            # the first loss computes the reference (if not cached); the others, from the same weights, find it cached
             train_ref, eval_ref = load_or_compute_reference(
                 cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
             if first:
@@ -715,8 +715,8 @@ def run(cfg, log=print):
             summaries[loss_type] = output.finish(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
             output.show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
             del model  # before the next loss's model loads: one in memory at a time
-    log(output.comparison_table(summaries))
-    output.plot(cfg, log)
+        log(output.comparison_table(summaries))
+        output.plot(cfg, log)  # out_dir/curves.png
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
 
