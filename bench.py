@@ -218,7 +218,7 @@ def measure_trl(args, cfg, device):
     mine_ref = focalpo.pair_logps(mine, focalpo.scoring_batches(pairs, cfg.batch_size, pad), len(pairs), device)
     first = focalpo.collate(pairs[:cfg.batch_size], pad)
     with torch.no_grad():
-        mine_loss, mine_metrics = focalpo.forward_pairs(mine.train(), first, mine_ref, cfg, "dpo", device)
+        mine_loss, _ = focalpo.forward_pairs(mine.train(), first, mine_ref, cfg, "dpo", device)
     del mine
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     marks = {}
