@@ -383,7 +383,7 @@ def main(argv=None):
     args.save = True if args.save is None else args.save
     args.shape = args.shape or "tiny"
     cfg = focalpo.cli.parse_args(["--loss=focalpo", "--progress=false", "--lr=1e-6"] + rest)
-    device = focalpo.pick_device()
+    device = focalpo.procs.pick_device()
     row = (measure_trl if args.trl else measure)(args, cfg, device)
     print(f"{row['impl']}: {row['error']}" if "error" in row else json.dumps(row, indent=1))
     if args.json:

@@ -12,10 +12,10 @@ same start (--loss picks):
     python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
 
-Reading guide. The core reads top to bottom, in data-flow order (rendering and tokenization may be skimmed: out
-come lists of Pairs); a first reading stops at "# Appendix". The core calls into it through these names:
+Reading guide. The core reads top to bottom, in data-flow order (tokenization may be skimmed: out come lists of
+Pairs); a first reading stops at "# Appendix". The core calls into it through these names:
     checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
-    files.     rows from the demo, files or the hub, in one format (plain, chat or implicit); the held-out split
+    files.     rows from the demo, files or the hub, in one format (plain, chat or implicit), as texts; held-out rows
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the model's own log-probs in less memory
     cache.     files written whole, read back only if whole; a fingerprint of the weights
@@ -23,12 +23,12 @@ come lists of Pairs); a first reading stops at "# Appendix". The core calls into
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
     output.    the trained model, summary.json, the table that compares the losses, curves.png, generations
-    procs.     the device; several processes (torchrun), with one no-ops. Its lines say "several processes"
+    procs.     the device; several processes (torchrun: with one, its calls do nothing), marked "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
 Notation (the README's and the notebook's): for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) −
 log π_ref(y_w|x), r_l the same for y_l, h = r_w − r_l, p = σ(βh). "Pitfall N": the README's list of 13 ways DPO
-implementations went wrong.
+implementations went wrong; the comment beside the tag says which.
 """
 
 import argparse
@@ -79,7 +79,7 @@ class Config:
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
-    grad_accum: int = 2  # micro-batches per optimizer step (shared by several processes)
+    grad_accum: int = 2  # micro-batches per optimizer step (several processes: a multiple of their count, shared)
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # train this many optimizer steps (0 = --epochs of them)
     warmup_ratio: float = 0.1  # the share of steps warming up linearly, then a cosine to 0
@@ -87,7 +87,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, stochastic rounding
     # run
-    seed: int = 1337  # seeds the demo's model, the data split and the shuffling
+    seed: int = 1337  # seeds the demo's model, the data split, the shuffling and bf16 rounding
     eval_every: int = 25  # evaluate every this many steps (and at the start and the end)
     log_every: int = 5  # a line in metrics.jsonl every this many steps
     out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ for several losses)
@@ -149,53 +149,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
     return losses, beta * r_w.detach(), beta * r_l.detach()
 
-# --- Data: rows (files.load: the demo, files or the hub), each rendered as three texts
-
-def common_prefix_len(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-def implicit_prompt(chosen, rejected):
-    """hh-rlhf style: the common prefix, cut back to its last "Assistant:" (or its last space or newline)."""
-    prefix = chosen[:common_prefix_len(chosen, rejected)]
-    cut = prefix.rfind("Assistant:")
-    if cut >= 0:
-        return prefix[:cut + len("Assistant:")]
-    cut = max(prefix.rfind(" "), prefix.rfind("\n"))
-    return prefix[:cut + 1] if cut >= 0 else ""
-
-def render_plain(row, fmt):  # -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip the row
-    chosen, rejected = row["chosen"], row["rejected"]
-    prompt = implicit_prompt(chosen, rejected) if fmt == "implicit" else row["prompt"]
-    if fmt == "implicit":
-        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
-    if not chosen.strip() or not rejected.strip():
-        return "empty response"
-    return "chosen == rejected" if chosen == rejected else (prompt, prompt + chosen, prompt + rejected)
-
-def turns(x, role):  # a message list (or None) as it is, a string as one turn
-    return [{"role": role, "content": x}] if isinstance(x, str) else x
-
-def render_chat(row, tokenizer):
-    """A chat row -> the three texts through the chat template, or the reason to skip it."""
-    prompt, chosen, rejected = turns(row.get("prompt"), "user"), turns(row["chosen"], "assistant"), \
-        turns(row["rejected"], "assistant")
-    if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
-        prompt = chosen[:common_prefix_len(chosen, rejected)]
-    if chosen[:len(prompt)] == prompt:  # each may repeat the prompt turns: keep what follows
-        chosen = chosen[len(prompt):]
-    if rejected[:len(prompt)] == prompt:
-        rejected = rejected[len(prompt):]
-    if not prompt:
-        return "no prompt turns"
-    if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
-        return "empty response"
-    if chosen == rejected:
-        return "chosen == rejected"
-    return (tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
-            tokenizer.apply_chat_template(prompt + chosen, tokenize=False),
-            tokenizer.apply_chat_template(prompt + rejected, tokenize=False))
-
-# --- Tokenization (pitfalls 1-3, 11): prompt+response as one string, the prompt checked as its prefix
+# --- Data: each row (files.load) as three texts (files.render), tokenized (pitfalls 1-3, 11)
 
 @dataclasses.dataclass
 class Pair:
@@ -209,6 +163,9 @@ class Pair:
 def uses_bos(tokenizer):  # does the tokenizer put BOS first? (Llama: yes; Qwen, GPT-2: no)
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+def common_prefix_len(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
     """(token ids, where the response starts) of `full`, prompt and response tokenized as one string, cut to fit;
@@ -230,15 +187,11 @@ def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
 
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut or dropped, by reason."""
-    bos, eos = tokenizer.bos_token_id if uses_bos(tokenizer) else None, tokenizer.eos_token_id
-    if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
-        raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
-                           "instruct/chat model's tokenizer, or plain-text data")
-    if fmt != "chat" and eos is None:
-        raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
+    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None  # the BOS every sequence starts with, or none
+    eos = tokenizer.eos_token_id
     pairs = []
     for row, where in rows:
-        rendered = render_chat(row, tokenizer) if fmt == "chat" else render_plain(row, fmt)
+        rendered = files.render(row, fmt, tokenizer)
         if isinstance(rendered, str):  # the reason it is dropped
             stats[rendered] += 1
             continue
@@ -249,7 +202,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         notes = set()  # what happened to this row, each counted once in stats
         c, c_start = split_response(prompt, chosen, fmt, cfg, bos, eos, notes)
         r, r_start = split_response(prompt, rejected, fmt, cfg, bos, eos, notes)
-        if 0 in (c_start, r_start):
+        if 0 in (c_start, r_start):  # no token before the response: none predicts its first token
             notes.add("empty prompt and no BOS token")
         elif len(c) == c_start or len(r) == r_start:
             notes.add("empty response after tokenization")  # pitfall 11
@@ -263,23 +216,19 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
     train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" or "implicit"
-    tokens_of = lambda pair: (pair.chosen.numpy().tobytes(), pair.rejected.numpy().tobytes())
+    checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template, the others an EOS token
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        if name == "eval":  # a held-out pair that is also a training pair measures memory
-            trained = {tokens_of(pair) for pair in out[0]}
-            stats["also in training"] = overlap = sum(tokens_of(pair) in trained for pair in pairs)
+        if name == "eval":  # pairs also in training measure memory: counted; all of them: refused
+            checks.not_trained_on(pairs, out[0], source, stats)
         counts = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
             + (f" of {source}" if name == "eval" else "") + (f"; rows with {counts}" if counts else ""))
         if not pairs:
             raise FocalpoError(f"no usable {name} pairs are left after filtering ({counts or 'no rows'}): "
                                f"check the data, or raise --max_length / --max_prompt_length")
-        if name == "eval" and overlap == len(pairs):
-            raise FocalpoError(f"every held-out pair is also a training pair ({source}): its results would measure "
-                               f"memory, not what was learned; pass --eval_dataset rows that training does not use")
         out.append(pairs)
     if steps_per_epoch(cfg, len(out[0])) == 0:
         raise FocalpoError(f"{len(out[0])} training pairs do not fill one step of --grad_accum={cfg.grad_accum} "
@@ -305,8 +254,8 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
     return batches
 
 def step_stream(train_pairs, cfg, skip):
-    """Endless seeded steps of --grad_accum batches, reshuffled each epoch, less the `skip` a resumed run made; an
-    epoch's last batches, too few for a step, are left out (several processes: each gets as many)."""
+    """Endless seeded steps of --grad_accum batches each, reshuffled each epoch, less the `skip` a resumed run made;
+    an epoch's last batches, too few for a step, are left out."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -356,8 +305,9 @@ def sequence_logps(model, batch):
     Here: the log-softmax at the scored positions only, the same numbers."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    if getattr(model, "fast_logps", False):  # set by prepare_model (below) where it gives the same numbers, to rounding
-        token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,), without (R, T, V) logits
+    if getattr(model, "fast_logps", False):  # set by prepare_model (below) where the numbers are the model's own
+        # no (R, T, V) logits; no mask: with right padding no scored position sees a pad
+        token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,)
     else:  # the model's own forward
         logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
         token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
@@ -365,9 +315,6 @@ def sequence_logps(model, batch):
     return sums, batch["n_tokens"]  # (R,), (R,)
 
 # --- Model and tokenizer
-
-def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
 
 def autocast(device):  # fp32 weights compute in bf16 on CUDA
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -428,9 +375,9 @@ def to_device(batch, device):  # on CUDA via pinned memory: the CPU does not wai
 
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
-    """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`.
-    A pair not in them keeps −inf: no step uses it (and under several processes, a max picks who scored it)."""
-    model.eval()  # (HF's gradient checkpointing acts only in training mode)
+    """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
+    −inf for the others (several processes: a max picks who scored it)."""
+    model.eval()  # (HF's gradient checkpointing acts only in training)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share
         with autocast(device):
@@ -445,37 +392,19 @@ def used_pairs(cfg, train_pairs):
         used.update(pair.idx for batch in next(steps) for pair in batch)
     return [pair for pair in train_pairs if pair.idx in used]
 
-def fields_key(fields):
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-
-def cache_key(cfg, model, train_used, eval_pairs, device):
-    """A hash of what changes the values: the model, its weights, each pair's index, tokens and response start
-    (data, tokenizer, template, lengths), the forward's device, dtype, path and class."""
-    data = hashlib.sha256()
-    for pairs in (train_used, eval_pairs):
-        for pair in pairs:
-            data.update(pair.chosen.numpy().tobytes() + pair.rejected.numpy().tobytes())
-            data.update(f"{pair.idx},{pair.chosen_start},{pair.rejected_start};".encode())
-        data.update(b"|")
-    compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else "own",
-               type(model).__name__]  # FSDP's class (FSDPLlama...) computes in bf16 its own way, not as autocast does
-    fields = {"model": cfg.model, "weights": cache.fingerprint(model), "data": data.hexdigest()[:16],
-              "n_train_scored": len(train_used), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
-    return fields_key(fields), fields
-
 def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the training pairs the run uses (−inf for the others: a run that uses more has
-    another key) and of the held-out pairs, cached."""
+    """The reference log-probs of the training pairs the run uses (−inf for the others: no step reads them) and of
+    the held-out pairs, cached."""
     used = used_pairs(cfg, train_pairs)
-    key, fields = cache_key(cfg, model, used, eval_pairs, device)
+    key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    cached = cache.read(path, "reference", log)  # what cache.write below saved, or None
+    cached = cache.read(path, "reference", log)
     if cached is not None:
         return cached["tensors"]["train"], cached["tensors"]["eval"]
     log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
         + (f" (of {len(train_pairs)})" if len(used) < len(train_pairs) else "")
         + f" and {len(eval_pairs)} held-out pairs with the initial weights")
-    t0 = time.time()  # through the policy's own code path
+    t0 = time.time()
     train_ref = pair_logps(model, scoring_batches(used, cfg.batch_size, pad_id), len(train_pairs), device)
     eval_ref = pair_logps(model, scoring_batches(eval_pairs, cfg.batch_size, pad_id), len(eval_pairs), device)
     cache.write({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
@@ -515,25 +444,13 @@ def add_metrics(total, m):
         total[k] = total.get(k, 0.0) + v
     return total
 
-def metrics_to_host(total):  # the sums as floats, in one device -> host copy (one wait)
-    if not total:
-        return {}
-    keys = sorted(total)
-    device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a float: moved too
-    values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
-    return dict(zip(keys, procs.all_reduce(values).tolist()))  # several processes: summed over them
-
-GROUPS = {"ranking_accuracy_ref_correct": "pairs_ref_correct", "ranking_accuracy_ref_incorrect": "pairs_ref_incorrect"}
-
-def finish_metrics(total):  # sums -> means; the ref-split accuracies within their group (None when it is empty)
-    out = {}
-    for k, v in total.items():
-        if k in ("pairs", "response_tokens", *GROUPS.values()):  # counts
-            out[k] = int(v)
-        elif k in GROUPS:
-            out[k] = v / total[GROUPS[k]] if total[GROUPS[k]] else None
-        else:
-            out[k] = v / total["pairs"]
+def finish_metrics(total):  # the sums -> means over the pairs; the counts as they are
+    out = {k: v / total["pairs"] for k, v in total.items()}
+    for k in ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
+        out[k] = int(total[k])
+    for group in ("ref_correct", "ref_incorrect"):  # the ranking accuracy within the group (None if it is empty)
+        n = total[f"pairs_{group}"]
+        out[f"ranking_accuracy_{group}"] = total[f"ranking_accuracy_{group}"] / n if n else None
     return out
 
 # --- One optimizer step, and the held-out evaluation
@@ -551,8 +468,7 @@ def make_optimizer(model, cfg, lr, device):
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
     # betas (0.9, 0.95): nanoGPT's and Llama's; no weight decay, as AdamWSR
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0, fused=device.type == "cuda")
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
     """One micro-batch through the policy: per-pair losses (B,) and the batch's summed metrics."""
@@ -562,8 +478,8 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
-    """One optimizer step over micro-batches, one wait for the device: (the summed metrics, on the device; whether
-    the update was made: NaN/inf would poison every weight). n_pairs: the step's (several processes: all of theirs)."""
+    """One optimizer step over its micro-batches, one wait for the device. Returns the summed metrics (on the device)
+    and whether the update was made (NaN/inf would poison every weight). n_pairs: the step's, on all processes."""
     n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce after the last only
@@ -576,7 +492,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     norm = procs.full(norm)  # several processes: the norm of the whole gradient
     total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: finish_metrics divides each by the pairs
-    # the step's one wait for the device (several processes: all update, or none)
+    # the step's one wait for the device: true if finite (several processes: on every process; all update or none)
     applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
         optimizer.step()
@@ -613,12 +529,12 @@ def next_step(steps, pad_id):
 def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
     return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' own time: the throughput
             "loop_seconds": 0.0,  # evaluations and checkpoints included
-            "window": {},  # the metric sums of the steps since the last metrics.jsonl row
-            "first_eval": None, "last_eval": None}  # held-out metrics
+            "window": {},  # the metric sums since the last metrics.jsonl row
+            "first_eval": None, "last_eval": None}
 
 def train_row(state, step, lr):
     """The metrics.jsonl row of the steps since the last row (their one wait), and the throughput so far."""
-    row = finish_metrics(metrics_to_host(state["window"]))
+    row = finish_metrics(procs.sums_to_host(state["window"]))  # several processes: summed over them
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
 
@@ -627,10 +543,10 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     metrics.jsonl and checkpoints; returns the state."""
     n_steps = run_steps(cfg, len(train_pairs))
     optimizer = make_optimizer(model, cfg, peak_lr(cfg), device)
-    folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)  # metrics.jsonl and the checkpoints
+    folder = RunFolder(out_dir, model, optimizer, cfg, loss_type, n_steps)
     state = folder.resume(log) if cfg.resume else new_state()
     bar = tqdm(total=n_steps, initial=state["step"], desc=loss_type, dynamic_ncols=True, leave=False,
-               disable=not cfg.progress or procs.rank() != 0)  # several processes: the first one's bar only
+               disable=not cfg.progress or procs.rank() != 0)  # several processes: the first's only
     say = log if bar.disable else bar.write  # log lines above the bar, not through it
 
     def evaluate(step):  # the held-out metrics at `step`: a row of metrics.jsonl and a line of the log
@@ -648,7 +564,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
     if state["step"] == 0:  # a new run: where it starts
         state["first_eval"] = state["last_eval"] = evaluate(0)
     steps = step_stream(train_pairs, cfg, skip=state["step"])
-    with Guard(folder, state, train_ref, device, say) as guard, bar:  # the reference: to name NaN/inf rows
+    with Guard(folder, state, train_ref, device, say) as guard, bar:  # train_ref: to find a NaN/inf step's rows
         while state["step"] < n_steps:
             lr = lr_at(state["step"], n_steps, cfg, peak_lr(cfg))
             for group in optimizer.param_groups:
@@ -657,7 +573,8 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             t0 = time.time()
             metrics, applied = train_step(model, optimizer, micro, train_ref, cfg, loss_type, device, n_pairs)
             state["train_seconds"] += time.time() - t0
-            state["step"] = step = state["step"] + 1
+            state["step"] += 1
+            step = state["step"]
             state["tokens_seen"] += step_tokens
             if applied:  # (a NaN/inf step made no update)
                 add_metrics(state["window"], metrics)  # still on the device
@@ -699,9 +616,8 @@ def run(cfg, log=print):
                 model = demo.sft(model, tokenizer, cfg, device, log)
             model = procs.shard(model, device)  # several processes: FSDP2
             if first:
-                log(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
-                    f"{device.type}")
-            # the first loss computes the reference (if not cached); the others, from the same weights, find it cached
+                log(f"model: {cfg.model} ({model.num_parameters() / 1e6:.2f}M parameters) on {device.type}")
+            # computed by the first loss (unless cached); the others, from the same weights, find it cached
             train_ref, eval_ref = load_or_compute_reference(
                 cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
             if first:
@@ -714,27 +630,26 @@ def run(cfg, log=print):
                 output.save_model(model, tokenizer, out_dir)
             summaries[loss_type] = output.finish(cfg, state, loss_type, (len(train_pairs), len(eval_pairs)), out_dir)
             output.show_generations(model, eval_pairs, tokenizer, cfg, device, f"[{loss_type}]", log)
-            del model  # before the next loss's model loads: one in memory at a time
+            del model  # one model in memory at a time
         log(output.comparison_table(summaries))
         output.plot(cfg, log)  # out_dir/curves.png
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
 
-def main(argv=None):  # the command line: an error the user can fix ends in one sentence and exit code 2
-    for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # the libraries' bars would
-        os.environ.setdefault(bars, "1")  # cut through the log
+def main(argv=None):  # the command line: a mistake ends in one sentence, exit code 2; other errors are raised
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the libraries' bars would cut through the log
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         run(cli.parse_args(argv))
-        code = 0
     except BaseException as e:
-        code = cli.exit_code(e)
-    sys.exit(code)
+        sys.exit(cli.exit_code(e))
+    sys.exit(0)
 
 # =============================================================================
 # Appendix: optional machinery
 # A first reading stops here. Each kind of machinery is a class used as a namespace.
 
-# --- cli: the command line
+# --- cli
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one sentence, not the usage
@@ -798,7 +713,7 @@ class cli:
             os._exit(1)  # at once: closing a group that lost a process can abort
         raise e
 
-# --- checks: before any work
+# --- checks
 
 GiB = 2 ** 30
 
@@ -832,7 +747,7 @@ class checks:
                                f"--max_length={cfg.max_length}: make it smaller")
 
     @contextlib.contextmanager
-    def lock(cfg):  # --out_dir for this run alone (released when the file closes, however the run ends)
+    def lock(cfg):  # --out_dir for this run alone, until the file closes (however the run ends)
         import fcntl
         checks.options(cfg)  # before any folder is made
         for name in ("out_dir", "cache_dir"):
@@ -903,6 +818,21 @@ class checks:
                                f"was built for: lower --max_length (and --max_prompt_length) to at most {context}")
         checks.memory(cfg, config, device, log)
 
+    def tokenizer(tokenizer, fmt):
+        if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
+            raise FocalpoError("the data is conversational but the tokenizer has no chat template: use an "
+                               "instruct/chat model's tokenizer, or plain-text data")
+        if fmt != "chat" and tokenizer.eos_token_id is None:
+            raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
+
+    def not_trained_on(eval_pairs, train_pairs, source, stats):
+        tokens = lambda pair: (pair.chosen.numpy().tobytes(), pair.rejected.numpy().tobytes())
+        trained = {tokens(pair) for pair in train_pairs}
+        stats["also in training"] = n = sum(tokens(pair) in trained for pair in eval_pairs)
+        if eval_pairs and n == len(eval_pairs):
+            raise FocalpoError(f"every held-out pair is also a training pair ({source}): its results would measure "
+                               f"memory, not what was learned; pass --eval_dataset rows that training does not use")
+
     def load_error(what, name, e):  # one sentence: what, why, and what to do
         gguf = name.endswith(".gguf")
         if not os.path.exists(name) and (gguf or name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -948,9 +878,52 @@ class checks:
                                + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs "
                                "(torchrun)")
 
-# --- files: the rows
+# --- files
 
 class files:
+    def render(row, fmt, tokenizer):  # -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip the row
+        if fmt == "chat":
+            return files.render_chat(row, tokenizer)
+        chosen, rejected = row["chosen"], row["rejected"]
+        prompt = files.implicit_prompt(chosen, rejected) if fmt == "implicit" else row["prompt"]
+        if fmt == "implicit":
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        if not chosen.strip() or not rejected.strip():
+            return "empty response"
+        return "chosen == rejected" if chosen == rejected else (prompt, prompt + chosen, prompt + rejected)
+
+    def implicit_prompt(chosen, rejected):
+        """hh-rlhf style: the common prefix, cut back to its last "Assistant:" (or its last space or newline)."""
+        prefix = chosen[:common_prefix_len(chosen, rejected)]
+        cut = prefix.rfind("Assistant:")
+        if cut >= 0:
+            return prefix[:cut + len("Assistant:")]
+        cut = max(prefix.rfind(" "), prefix.rfind("\n"))
+        return prefix[:cut + 1] if cut >= 0 else ""
+
+    def turns(x, role):  # a message list (or None) as it is, a string as one turn
+        return [{"role": role, "content": x}] if isinstance(x, str) else x
+
+    def render_chat(row, tokenizer):
+        """A chat row -> the three texts through the chat template, or the reason to skip it."""
+        prompt, chosen, rejected = files.turns(row.get("prompt"), "user"), files.turns(row["chosen"], "assistant"), \
+            files.turns(row["rejected"], "assistant")
+        if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
+            prompt = chosen[:common_prefix_len(chosen, rejected)]
+        if chosen[:len(prompt)] == prompt:  # each may repeat the prompt turns: keep what follows
+            chosen = chosen[len(prompt):]
+        if rejected[:len(prompt)] == prompt:
+            rejected = rejected[len(prompt):]
+        if not prompt:
+            return "no prompt turns"
+        if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
+            return "empty response"
+        if chosen == rejected:
+            return "chosen == rejected"
+        return (tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                tokenizer.apply_chat_template(prompt + chosen, tokenize=False),
+                tokenizer.apply_chat_template(prompt + rejected, tokenize=False))
+
     def load(cfg):
         """(train rows, held-out rows, format, the held-out rows' source); each row (dict, where), of one format."""
         if cfg.dataset == "demo":
@@ -1060,7 +1033,7 @@ class files:
         rows = lambda split: [(r, f"dataset {name!r} split {split!r} row {i}") for i, r in enumerate(ds[split], 1)]
         return rows(train), rows(test) if test else None, f"{name}'s {test!r} split"
 
-# --- demo: a letter-sorting task
+# --- demo
 
 class demo:
     LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -1137,7 +1110,7 @@ class demo:
         fields = {"stage": "sft", "init": cache.fingerprint(model), "data": data.hexdigest()[:16],
                   "steps": cfg.sft_steps, "lr": demo.SFT_LR, "batch": demo.SFT_BATCH,
                   "compute": f"{device.type}/{next(model.parameters()).dtype}", "version": 1}
-        path = os.path.join(cfg.cache_dir, f"sft_{fields_key(fields)}.pt")
+        path = os.path.join(cfg.cache_dir, f"sft_{cache.key(fields)}.pt")
         with procs.rank0_first():
             if (cached := cache.read(path, "sft", log, everywhere=False)) is not None:
                 model.load_state_dict(cached["tensors"])
@@ -1146,17 +1119,15 @@ class demo:
             optimizer = torch.optim.AdamW(model.parameters(), lr=demo.SFT_LR)
             model.train()
             for _ in range(cfg.sft_steps):
-                chosen = rng.sample(range(len(seqs)), demo.SFT_BATCH)
-                batch = collate_sequences([seqs[i] for i in chosen], [starts[i] for i in chosen],
-                                          tokenizer.pad_token_id)
+                pick = rng.sample(range(len(seqs)), demo.SFT_BATCH)
+                batch = collate_sequences([seqs[i] for i in pick], [starts[i] for i in pick], tokenizer.pad_token_id)
                 with autocast(device):
                     logps, n_tokens = sequence_logps(model, to_device(batch, device))
                 loss = -logps.sum() / n_tokens.sum()  # mean next-token loss of the answers
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            cache.write({"fields": fields, "tensors": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                        path)
+            cache.write({"fields": fields, "tensors": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
             log(f"sft: {cfg.sft_steps} steps of {demo.SFT_BATCH} correct sortings (from {len(seqs)}, no letter set "
                 f"shared with a preference pair) in {time.time() - t0:.1f}s, final loss {loss.item():.3f}; saved to "
                 f"{path}")
@@ -1172,14 +1143,14 @@ class demo:
         got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
         return sum(demo.is_right(tokenizer.decode(p), c) for p, c in zip(prompts, got)) / len(pairs)
 
-# --- fast: the model's own log-probs in less memory
+# --- fast
 
 class fast:
     CHUNK = 2048  # scored positions per piece of the output layer
 
     def token_logps(model, ids, rows, cols, targets):
         """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB for Qwen, 8 pairs of 1,024 tokens):
-        no mask (right padding: no scored position sees a pad), the output layer at scored positions, in chunks."""
+        no mask, the output layer at the scored positions only, in chunks."""
         hidden, head = fast.body(model, ids)[rows, cols], model.get_output_embeddings()  # (N, H); output layer
         logps = lambda x, t: -F.cross_entropy(head(x).float(), t, reduction="none")  # fp32 log-softmax (pitfall 7)
         pieces = []
@@ -1285,7 +1256,7 @@ class AdamWSR(torch.optim.Optimizer):
             word = torch.bitwise_right_shift(words[:, 0], 16, out=noise) if k == 1 else words[:, k // 2]
             dst.copy_(stochastic_round_bf16_(x, torch.bitwise_and(word, 0xFFFF, out=noise)))
 
-# --- cache and RunFolder: files written whole
+# --- cache and RunFolder
 
 @contextlib.contextmanager
 def room_for(path, needed, partial=None):
@@ -1309,6 +1280,24 @@ def nbytes(x):  # the bytes of the tensors in nested dicts and lists
     return x.nbytes if torch.is_tensor(x) else 0
 
 class cache:
+    def key(fields):
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+    def reference_key(cfg, model, train_used, eval_pairs, device):
+        """(a hash, fields): the model, its weights, each pair's index, tokens and response start (data, tokenizer,
+        template, lengths), the forward's device, dtype, path and class."""
+        data = hashlib.sha256()
+        for pairs in (train_used, eval_pairs):
+            for pair in pairs:
+                data.update(pair.chosen.numpy().tobytes() + pair.rejected.numpy().tobytes())
+                data.update(f"{pair.idx},{pair.chosen_start},{pair.rejected_start};".encode())
+            data.update(b"|")
+        compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else
+                   "own", type(model).__name__]  # FSDP's class (FSDPLlama...) computes in bf16 its own way
+        fields = {"model": cfg.model, "weights": cache.fingerprint(model), "data": data.hexdigest()[:16],
+                  "n_train_scored": len(train_used), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
+        return cache.key(fields), fields
+
     def write(blob, path):  # to a temporary name, renamed: a file with its final name is whole
         if procs.rank() != 0:
             return
@@ -1362,7 +1351,7 @@ class RunFolder:
                 f.write(line)
 
     def save(self, state, keep=2):
-        state["window"] = metrics_to_host(state["window"])  # floats (several processes: their sums)
+        state["window"] = procs.sums_to_host(state["window"])  # floats (several processes: their sums)
         weights, optimizer = procs.full_state(self.model, self.optimizer)
         blob = {"model": weights, "optimizer": optimizer, "state": state, "config": dataclasses.asdict(self.cfg),
                 "loss_type": self.loss_type, "rng": torch.get_rng_state(),
@@ -1372,7 +1361,7 @@ class RunFolder:
         if procs.rank() == 0:
             for old in sorted(glob.glob(os.path.join(self.folder, "step_*.pt")))[:-keep]:
                 os.remove(old)
-        else:  # the sums now count once, on the first process (as after a resume); the same keys everywhere
+        else:  # the sums count once, on the first process (as after a resume); the same keys everywhere
             state["window"] = dict.fromkeys(state["window"], 0.0)
         return self.last
 
@@ -1409,7 +1398,7 @@ class RunFolder:
                 except ValueError:
                     log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
 
-# --- output: what a run leaves
+# --- output
 
 class output:
     def save_model(model, tokenizer, out_dir):
@@ -1518,7 +1507,7 @@ class output:
                 line += "   right" if right else f"   wrong: expected {demo.answer(prompt)!r}"
             log(line)
 
-# --- Guard: what stops a run
+# --- Guard
 
 class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
@@ -1586,6 +1575,9 @@ class Guard:
 # --- procs: several processes (torchrun), FSDP2
 
 class procs:
+    def pick_device():
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA_VISIBLE_DEVICES= for the CPU
+
     def rank():
         return dist.get_rank() if dist.is_initialized() else 0
 
@@ -1594,7 +1586,7 @@ class procs:
 
     def setup(cfg, log):
         """(device, log: the first process's); under torchrun, the group (NCCL or gloo; a timeout ends hangs)."""
-        device, n = pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
+        device, n = procs.pick_device(), int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return device, log
         from torch.distributed import fsdp
@@ -1639,6 +1631,14 @@ class procs:
         """Items r, r+N, ... for process r of N, a short share padded (under FSDP each forward is collective)."""
         n = procs.world()
         return [items[i % len(items)] for i in range(procs.rank(), math.ceil(len(items) / n) * n, n)]
+
+    def sums_to_host(total):  # {name: a sum} as floats, in one copy to the host (one wait)
+        if not total:
+            return {}
+        keys = sorted(total)
+        device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a float: moved too
+        values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
+        return dict(zip(keys, procs.all_reduce(values).tolist()))  # summed over the processes
 
     def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place
         if procs.world() == 1:

@@ -604,20 +604,20 @@ def test_cached_reference_equals_on_the_fly_and_is_reused(tmp_path):
 
 def test_cache_key_changes_with_everything_that_changes_the_values(tmp_path):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path)
-    key = focalpo.cache_key(cfg, model, train, eval_, CPU)[0]
-    assert focalpo.cache_key(cfg, model, train, eval_, CPU)[0] == key
+    key = focalpo.cache.reference_key(cfg, model, train, eval_, CPU)[0]
+    assert focalpo.cache.reference_key(cfg, model, train, eval_, CPU)[0] == key
     short = tokenize(focalpo.demo.pairs(96, 0)[:64], "plain", tok, dataclasses.replace(cfg, max_length=10))
-    assert focalpo.cache_key(cfg, model, short, eval_, CPU)[0] != key  # max length
-    assert focalpo.cache_key(cfg, model, train[:-1], eval_, CPU)[0] != key  # dataset
-    assert focalpo.cache_key(cfg, model, eval_, train, CPU)[0] != key  # split
-    assert focalpo.cache_key(cfg, tiny_model(len(tok), seed=1), train, eval_, CPU)[0] != key  # weights
-    assert focalpo.cache_key(cfg, model, train, eval_, torch.device("cuda"))[0] != key  # device of the forward
+    assert focalpo.cache.reference_key(cfg, model, short, eval_, CPU)[0] != key  # max length
+    assert focalpo.cache.reference_key(cfg, model, train[:-1], eval_, CPU)[0] != key  # dataset
+    assert focalpo.cache.reference_key(cfg, model, eval_, train, CPU)[0] != key  # split
+    assert focalpo.cache.reference_key(cfg, tiny_model(len(tok), seed=1), train, eval_, CPU)[0] != key  # weights
+    assert focalpo.cache.reference_key(cfg, model, train, eval_, torch.device("cuda"))[0] != key  # device of the forward
     model.fast_logps = False
-    assert focalpo.cache_key(cfg, model, train, eval_, CPU)[0] != key  # the code path of the forward
+    assert focalpo.cache.reference_key(cfg, model, train, eval_, CPU)[0] != key  # the code path of the forward
     model.fast_logps = True
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1e-3
-    assert focalpo.cache_key(cfg, model, train, eval_, CPU)[0] != key  # one weight moved
+    assert focalpo.cache.reference_key(cfg, model, train, eval_, CPU)[0] != key  # one weight moved
 
 
 def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scores_anew(tmp_path):
@@ -709,7 +709,7 @@ def test_accumulated_gradient_is_the_mean_however_the_step_is_split(tmp_path, mi
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         batches = [focalpo.collate(train[s:s + n], tok.pad_token_id) for s, n in zip(starts, sizes)]
         opt = RecordingOptimizer(model.parameters())
-        metrics.append(focalpo.metrics_to_host(focalpo.train_step(model, opt, batches, ref, cfg, "focalpo", CPU)[0]))
+        metrics.append(focalpo.procs.sums_to_host(focalpo.train_step(model, opt, batches, ref, cfg, "focalpo", CPU)[0]))
         grads.append(opt.grads)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
@@ -755,7 +755,7 @@ def test_train_step_waits_for_the_device_once_however_many_micro_batches(tmp_pat
         assert applied
         counts[accum] = calls
     assert counts[1] == counts[8] == ["item"]  # the non-finite guard, and nothing else
-    calls, host = count_host_syncs(lambda: focalpo.metrics_to_host(m))  # and the metrics reach the host in one copy
+    calls, host = count_host_syncs(lambda: focalpo.procs.sums_to_host(m))  # and the metrics reach the host in one copy
     assert calls == ["tolist"] and isinstance(host["loss"], float) and host["pairs"] == 16
 
 
@@ -783,7 +783,7 @@ def test_train_step_syncs_on_cuda(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         counts[accum] = sum("synchroniz" in str(w.message) for w in caught)
     assert counts[1] == counts[8] <= 1, counts
-    host = focalpo.finish_metrics(focalpo.metrics_to_host(m))  # the pair count (a number) beside sums on the GPU
+    host = focalpo.finish_metrics(focalpo.procs.sums_to_host(m))  # the pair count (a number) beside sums on the GPU
     assert applied and host["pairs"] == 16 and math.isfinite(host["loss"])
 
 
@@ -816,7 +816,7 @@ def test_gradient_is_clipped_to_grad_clip_and_grad_norm_is_the_norm_before(tmp_p
     for clip in (0.0, 1e-3, 1e3):
         opt = RecordingOptimizer(model.parameters())
         m, _ = focalpo.train_step(model, opt, micro, ref, dataclasses.replace(cfg, grad_clip=clip), "dpo", CPU)
-        grads[clip], logged[clip] = opt.grads, focalpo.finish_metrics(focalpo.metrics_to_host(m))["grad_norm"]
+        grads[clip], logged[clip] = opt.grads, focalpo.finish_metrics(focalpo.procs.sums_to_host(m))["grad_norm"]
     full = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads[0.0]))
     assert full > 1e-2 and all(v == pytest.approx(full, rel=1e-5) for v in logged.values())
     assert all(torch.allclose(a, b * 1e-3 / full, rtol=1e-4, atol=1e-12) for a, b in zip(grads[1e-3], grads[0.0]))
@@ -1025,7 +1025,7 @@ def test_sft_is_cached_and_the_reference_key_covers_it(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     # the stage changes the weights, so the reference cache's key (a fingerprint of them) changes with it
     pairs = tokenize(focalpo.demo.pairs(16, 0), "plain", tok, cfg)
-    keys = {steps: focalpo.cache_key(cfg, loaded(dataclasses.replace(cfg, sft_steps=steps), tok), pairs, pairs, CPU)[0]
+    keys = {steps: focalpo.cache.reference_key(cfg, loaded(dataclasses.replace(cfg, sft_steps=steps), tok), pairs, pairs, CPU)[0]
             for steps in (0, 5, 10)}
     assert len(set(keys.values())) == 3
     for f in (tmp_path / "cache").glob("sft_*.pt"):  # a damaged SFT cache is reported and recomputed, the same
@@ -1155,8 +1155,8 @@ def test_implicit_prompt_format_hh_style(tmp_path):
     p = train[0]
     assert tok.decode(p.chosen[:p.chosen_start]).endswith("Assistant:")
     assert tok.decode(p.chosen[p.chosen_start:]).startswith(" it is")
-    assert focalpo.implicit_prompt("Human: hi\n\nAssistant: yes", "Human: hi\n\nAssistant: yeah") == "Human: hi\n\nAssistant:"
-    assert focalpo.implicit_prompt("the cat sat", "the cab sat") == "the "
+    assert focalpo.files.implicit_prompt("Human: hi\n\nAssistant: yes", "Human: hi\n\nAssistant: yeah") == "Human: hi\n\nAssistant:"
+    assert focalpo.files.implicit_prompt("the cat sat", "the cab sat") == "the "
 
 
 def test_data_files_as_datasets_reads_them(tmp_path):
@@ -1314,7 +1314,7 @@ def test_tokenizer_without_pad_uses_eos(tmp_path):
 
 
 def fake_gpu(monkeypatch, free_gib):
-    monkeypatch.setattr(focalpo, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(focalpo.procs, "pick_device", lambda: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2 ** 30, 80 * 2 ** 30))
 
 
@@ -1564,7 +1564,7 @@ def test_the_reference_cache_is_not_reused_for_other_held_out_pairs_of_the_same_
     cfg, tok, model, train, eval_a = demo_setup(tmp_path, n_train=64, n_eval=32, cache_dir=str(tmp_path / "cache"))
     eval_b = tokenize(focalpo.demo.pairs(128, 0)[96:], "plain", tok, cfg)
     assert len(eval_a) == len(eval_b) == 32
-    assert focalpo.cache_key(cfg, model, train, eval_a, CPU)[0] != focalpo.cache_key(cfg, model, train, eval_b, CPU)[0]
+    assert focalpo.cache.reference_key(cfg, model, train, eval_a, CPU)[0] != focalpo.cache.reference_key(cfg, model, train, eval_b, CPU)[0]
     focalpo.load_or_compute_reference(cfg, model, train, eval_a, tok.pad_token_id, CPU, quiet)
     logs = []
     _, ev = focalpo.load_or_compute_reference(cfg, model, train, eval_b, tok.pad_token_id, CPU, logs.append)
