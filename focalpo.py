@@ -15,6 +15,7 @@ same start (--loss picks):
 Reading guide. The core reads top to bottom, in data-flow order (tokenization may be skimmed: out come lists of
 Pairs); a first reading stops at "# Appendix". The core calls into it through these names:
     checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
+    hub.       a config, tokenizer or model: a hub name, a folder or a .gguf file
     files.     rows from the demo, files or the hub, in one format (plain, chat or implicit), as texts; held-out rows
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the model's own log-probs in less memory
@@ -66,8 +67,8 @@ class Config:
     model: str = "demo"  # "demo" (a tiny model built offline), a hub name, a local folder or a .gguf file
     dataset: str = "demo"  # "demo" (a sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet files
     eval_dataset: str = ""  # held-out files; "" = the dataset's test split if it has one, else a seeded 5% of it
-    max_train_pairs: int = 0  # train on the first this many rows (0 = all)
-    max_eval_pairs: int = 500  # evaluate on the first this many held-out rows (0 = all)
+    max_train_pairs: int = 0  # train on the first N rows (0 = all)
+    max_eval_pairs: int = 500  # evaluate on the first N held-out rows (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
     max_prompt_length: int = 512  # longer prompts keep their last tokens
     sft_steps: int = 80  # demo only: first, next-token training on correct sortings (SFT)
@@ -81,29 +82,29 @@ class Config:
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
     grad_accum: int = 2  # micro-batches per optimizer step (several processes: a multiple of their count, shared)
     epochs: int = 1  # passes over the training pairs
-    max_steps: int = 0  # train this many optimizer steps (0 = --epochs of them)
-    warmup_ratio: float = 0.1  # the share of steps warming up linearly, then a cosine to 0
+    max_steps: int = 0  # train N optimizer steps (0 = as many as --epochs make)
+    warmup_ratio: float = 0.1  # the share of steps warming up linearly, then a cosine towards 0
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     weights: str = "fp32"  # "fp32" (bf16 autocast on a GPU), or "bf16": half the memory, stochastic rounding
     # run
     seed: int = 1337  # seeds the demo's model, the data split, the shuffling and bf16 rounding
-    eval_every: int = 25  # evaluate every this many steps (and at the start and the end)
-    log_every: int = 5  # a line in metrics.jsonl every this many steps
+    eval_every: int = 25  # evaluate every N steps (and at the start and the end)
+    log_every: int = 5  # a line in metrics.jsonl every N steps
     out_dir: str = "out"  # one run's metrics, summary and model (out_dir/<loss>/ for several losses)
     cache_dir: str = "ref_cache"  # cached reference log-probs (and the demo's SFT weights)
     save_model: bool = True  # save_pretrained the trained model and tokenizer at the end
-    save_every: int = 100  # checkpoint every this many steps and at the end (0: only at the end)
+    save_every: int = 100  # checkpoint every N steps and at the end (0: only at the end)
     keep_final_checkpoint: bool = False  # keep a finished run's last checkpoint
     resume: bool = False  # continue the run in out_dir from its newest checkpoint
     dist_timeout: int = 900  # several processes: seconds a collective may wait
     progress: bool = True  # show a tqdm progress bar
-    generate: int = -1  # at the end, show this many held-out prompts' greedy completions (-1: 5 for the demo)
+    generate: int = -1  # at the end, show N held-out prompts' greedy completions (-1: 5 for the demo)
 
 LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
-    """A problem the user can fix: the command line ends with it in one sentence, no traceback."""
+    """A problem the user can fix: it ends the command line in one sentence, no traceback."""
 
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
@@ -142,7 +143,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp (whose gradient at 0 is 1): where r_l = 0 the rejected branch gets no gradient
+        # torch.where, not clamp (whose gradient at 0 is 1): at r_l = 0 (step 0, to rounding) y_l gets no gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -180,7 +181,7 @@ def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
         keep = cfg.max_prompt_length - (bos is not None)
         prompt = ([bos] if bos is not None else []) + prompt[len(prompt) - keep:]
         notes.add("prompt truncated")
-    if len(prompt) + len(response) > cfg.max_length:
+    if len(prompt) + len(response) > cfg.max_length:  # room left: max_prompt_length < max_length (checked)
         response = response[:cfg.max_length - len(prompt)]
         notes.add("response truncated")
     return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
@@ -196,12 +197,12 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
             stats[rendered] += 1
             continue
         # its three texts, without special tokens: BOS is added below (pitfall 2)
-        prompt, chosen, rejected = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
+        prompt, full_chosen, full_rejected = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
         if bos is not None and prompt[:1] != [bos]:
-            prompt, chosen, rejected = [bos] + prompt, [bos] + chosen, [bos] + rejected
+            prompt, full_chosen, full_rejected = [bos] + prompt, [bos] + full_chosen, [bos] + full_rejected
         notes = set()  # what happened to this row, each counted once in stats
-        c, c_start = split_response(prompt, chosen, fmt, cfg, bos, eos, notes)
-        r, r_start = split_response(prompt, rejected, fmt, cfg, bos, eos, notes)
+        c, c_start = split_response(prompt, full_chosen, fmt, cfg, bos, eos, notes)
+        r, r_start = split_response(prompt, full_rejected, fmt, cfg, bos, eos, notes)
         if 0 in (c_start, r_start):  # no token before the response: none predicts its first token
             notes.add("empty prompt and no BOS token")
         elif len(c) == c_start or len(r) == r_start:
@@ -221,7 +222,7 @@ def prepare_data(cfg, tokenizer, log=print):
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows, stats = rows[:most or None], collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        if name == "eval":  # pairs also in training measure memory: counted; all of them: refused
+        if name == "eval":  # held-out pairs also in training are counted; if all are, the run stops
             checks.not_trained_on(pairs, out[0], source, stats)
         counts = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
@@ -255,7 +256,7 @@ def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
 
 def step_stream(train_pairs, cfg, skip):
     """Endless seeded steps of --grad_accum batches each, reshuffled each epoch, less the `skip` a resumed run made;
-    an epoch's last batches, too few for a step, are left out."""
+    an epoch's batches beyond its last full step are left out."""
     epoch, n = 0, 0
     while True:
         batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
@@ -302,10 +303,10 @@ def sequence_logps(model, batch):
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    Here: the log-softmax at the scored positions only, the same numbers."""
+    Here: the log-softmax at the scored positions only (the fast path: the logits too), the same numbers."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    if getattr(model, "fast_logps", False):  # set by prepare_model (below) where the numbers are the model's own
+    if getattr(model, "fast_logps", False):  # set by prepare_model (below) where it matches the model's forward
         # no (R, T, V) logits; no mask: with right padding no scored position sees a pad
         token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,)
     else:  # the model's own forward
@@ -319,20 +320,8 @@ def sequence_logps(model, batch):
 def autocast(device):  # fp32 weights compute in bf16 on CUDA
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-def from_pretrained(auto_class, name, **kw):  # a hub name, a folder, or a .gguf file (llama.cpp's)
-    if name.endswith(".gguf"):
-        kw["gguf_file"] = path = os.path.abspath(name)
-        name = os.path.dirname(path)
-    return auto_class.from_pretrained(name, **kw)
-
 def load_tokenizer(cfg):
-    if cfg.model == "demo":
-        return demo.tokenizer()
-    from transformers import AutoTokenizer
-    try:
-        tok = from_pretrained(AutoTokenizer, cfg.model)
-    except Exception as e:
-        raise checks.load_error("the tokenizer of", cfg.model, e) from None
+    tok = demo.tokenizer() if cfg.model == "demo" else hub.load("AutoTokenizer", cfg.model, "the tokenizer of")
     if tok.pad_token_id is None:  # no pad is ever scored: any id will do
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
@@ -342,14 +331,7 @@ def load_tokenizer(cfg):
 def load_model(cfg, tokenizer):  # in --weights' dtype, with the attention the model picks
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
-    import transformers
-    # a .gguf file's weights unpacked: transformers 5 may keep them packed (not trainable, not saveable)
-    unpacked = {"quantization_config": transformers.GgufConfig(dequantize=True)} \
-        if cfg.model.endswith(".gguf") and hasattr(transformers, "GgufConfig") else {}
-    try:
-        return from_pretrained(transformers.AutoModelForCausalLM, cfg.model, dtype=weights_dtype(cfg), **unpacked)
-    except Exception as e:
-        raise checks.load_error("model", cfg.model, e) from None
+    return hub.load("AutoModelForCausalLM", cfg.model, "model", dtype=weights_dtype(cfg))
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
@@ -377,9 +359,9 @@ def to_device(batch, device):  # on CUDA via pinned memory: the CPU does not wai
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # (HF's gradient checkpointing acts only in training)
+    model.eval()  # (HF's checkpointing off; train() and HeldOut switch back)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
-    for batch in procs.my_share(batches):  # several processes: each scores its share
+    for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
             lp, _ = sequence_logps(model, to_device(batch, device))
         logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
@@ -396,7 +378,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     """The reference log-probs of the training pairs the run uses (−inf for the others: no step reads them) and of
     the held-out pairs, cached."""
     used = used_pairs(cfg, train_pairs)
-    key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)
+    key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)  # weights, tokens, device, dtype, path
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
     cached = cache.read(path, "reference", log)
     if cached is not None:
@@ -422,9 +404,9 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
     chosen, rejected = chosen.detach(), rejected.detach()
-    ranked = chosen >= rejected  # ranking accuracy, Chen et al. 2024 Def. 2.3: raw likelihoods, ties count as right
+    ranked = chosen >= rejected  # ranking accuracy (Chen et al. 2024, arXiv 2405.19534): ties count as right
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
-    # reward accuracy: a tie is half right, so the held-out evaluation at step 0 reads 0.5
+    # reward accuracy: a tie is half right, so step 0 reads 0.5 (HeldOut scores in the reference's batches)
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -445,9 +427,8 @@ def add_metrics(total, m):
     return total
 
 def finish_metrics(total):  # the sums -> means over the pairs; the counts as they are
-    out = {k: v / total["pairs"] for k, v in total.items()}
-    for k in ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect"):
-        out[k] = int(total[k])
+    counts = ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect")
+    out = {k: int(v) if k in counts else v / total["pairs"] for k, v in total.items()}
     for group in ("ref_correct", "ref_incorrect"):  # the ranking accuracy within the group (None if it is empty)
         n = total[f"pairs_{group}"]
         out[f"ranking_accuracy_{group}"] = total[f"ranking_accuracy_{group}"] / n if n else None
@@ -480,11 +461,12 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
     """One optimizer step over its micro-batches, one wait for the device. Returns the summed metrics (on the device)
     and whether the update was made (NaN/inf would poison every weight). n_pairs: the step's, on all processes."""
-    n_pairs, total = n_pairs or sum(len(b["idx"]) for b in micro_batches), {}
+    n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
+    total = {}
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce after the last only
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches (and several processes' are summed): dividing each one's summed loss by
+        # gradients ADD across micro-batches (several processes: procs.shard sums): dividing each one's summed loss by
         # the step's pair count makes their sum the gradient of the step's mean loss, however it is split (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
@@ -592,13 +574,13 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             guard.after_step(applied, micro)  # NaN/inf: its rows named, three in a row stop; a signal: save, stop
     return state
 
-def loss_dir(cfg, loss_type):  # --out_dir for one loss, --out_dir/<loss> for several
+def loss_dir(cfg, loss_type):
     return cfg.out_dir if len(loss_types(cfg)) == 1 else os.path.join(cfg.out_dir, loss_type)
 
 def run(cfg, log=print):
     """The whole job: data, reference, each loss from the same initial weights. Returns {loss_type: summary}."""
     t0 = time.time()
-    device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all of this, the first one logs
+    device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all this; the first logs
     with checks.lock(cfg):  # out_dir is this run's until it ends, however it ends
         finished = checks.before_work(cfg, device, log)  # a mistake costs one sentence here; --resume: losses done
         tokenizer = load_tokenizer(cfg)
@@ -617,7 +599,7 @@ def run(cfg, log=print):
             model = procs.shard(model, device)  # several processes: FSDP2
             if first:
                 log(f"model: {cfg.model} ({model.num_parameters() / 1e6:.2f}M parameters) on {device.type}")
-            # computed by the first loss (unless cached); the others, from the same weights, find it cached
+            # the first loss computes it (unless cached); the others, from the same weights, load it
             train_ref, eval_ref = load_or_compute_reference(
                 cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
             if first:
@@ -636,13 +618,13 @@ def run(cfg, log=print):
     log(f"done in {time.time() - t0:.0f}s; metrics and models in {cfg.out_dir}/")
     return summaries
 
-def main(argv=None):  # the command line: a mistake ends in one sentence, exit code 2; other errors are raised
+def main(argv=None):  # the command line: a mistake ends in one sentence and exit code 2
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the libraries' bars would cut through the log
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         run(cli.parse_args(argv))
     except BaseException as e:
-        sys.exit(cli.exit_code(e))
+        sys.exit(cli.exit_code(e))  # re-raises an error that is not the user's
     sys.exit(0)
 
 # =============================================================================
@@ -807,11 +789,7 @@ class checks:
         return recorded
 
     def model(cfg, device, log):  # its config loads, holds --max_length, fits
-        from transformers import AutoConfig
-        try:
-            config = from_pretrained(AutoConfig, cfg.model)
-        except Exception as e:
-            raise checks.load_error("the config of", cfg.model, e) from None
+        config = hub.load("AutoConfig", cfg.model, "the config of")
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if context and context < cfg.max_length:
             raise FocalpoError(f"--max_length={cfg.max_length} is longer than the {context} positions {cfg.model} "
@@ -877,6 +855,24 @@ class checks:
                                f"{free / GiB:.1f} GiB free: " + (f"add {' and '.join(savers)}, or " if savers else "")
                                + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs "
                                "(torchrun)")
+
+# --- hub
+
+class hub:
+    def load(auto_class, name, what, **kw):
+        """transformers' auto_class from a hub name, a folder or a .gguf file (a model's weights unpacked: transformers
+        5 may keep them packed, not trainable); one sentence if it fails."""
+        import transformers
+        path = name
+        if name.endswith(".gguf"):
+            kw["gguf_file"] = path = os.path.abspath(name)
+            path = os.path.dirname(path)
+            if auto_class == "AutoModelForCausalLM" and hasattr(transformers, "GgufConfig"):
+                kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
+        try:
+            return getattr(transformers, auto_class).from_pretrained(path, **kw)
+        except Exception as e:
+            raise checks.load_error(what, name, e) from None
 
 # --- files
 
