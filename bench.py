@@ -138,7 +138,7 @@ def measure(args, cfg, device):
         sync()
         optimizer_seconds[0] += time.perf_counter() - t
     optimizer.step = timed_step
-    batches = focalpo.length_grouped_batches(pairs, cfg.batch_size, cfg.seed)
+    batches = focalpo.fast.length_grouped_batches(pairs, cfg.batch_size, cfg.seed)
     steps = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -18,45 +18,31 @@ Pairs); a first reading stops at "# Appendix". The core calls into it through th
     hub.       a config, tokenizer or model: a hub name, a folder or a .gguf file
     files.     rows from the demo, files or the hub, in one format (plain, chat or implicit), as texts; held-out rows
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
-    fast.      the model's own log-probs in less memory
+    fast.      the model's own log-probs in less memory; batches of similar length; pinned memory
     cache.     files written whole, read back only if whole; a fingerprint of the weights
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
-    output.    the trained model, summary.json, the table that compares the losses, curves.png, generations
+    output.    the trained model, summary.json, the losses' comparison table, curves.png, generations
     procs.     the device; several processes (torchrun: with one, its calls do nothing), marked "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
-Notation (the README's and the notebook's): for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) −
-log π_ref(y_w|x), r_l the same for y_l, h = r_w − r_l, p = σ(βh). "Pitfall N": the README's list of 13 ways DPO
-implementations went wrong; the comment beside the tag says which.
+Notation: for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) − log π_ref(y_w|x), r_l the same for
+y_l, h = r_w − r_l, p = σ(βh). "Pitfall N": the README's list of 13 ways DPO implementations went wrong; the comment
+beside the tag says which.
 """
 
-import argparse
-import ast
-import atexit
 import collections
 import contextlib
 import dataclasses
-import datetime
-import errno
-import glob
-import hashlib
-import json
 import math
 import os
 import random
-import re
-import shutil
-import signal
 import sys
-import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # --- Config: every default on one line; override any as --key=value
@@ -99,7 +85,7 @@ class Config:
     resume: bool = False  # continue the run in out_dir from its newest checkpoint
     dist_timeout: int = 900  # several processes: seconds a collective may wait
     progress: bool = True  # show a tqdm progress bar
-    generate: int = -1  # at the end, show N held-out prompts' greedy completions (-1: 5 for the demo)
+    generate: int = -1  # at the end, show N held-out prompts' greedy completions (-1: 5 for the demo, else 0)
 
 LOSSES = ("dpo", "focalpo", "minordpo")
 
@@ -121,7 +107,7 @@ def steps_per_epoch(cfg, n_train):
 def run_steps(cfg, n_train):
     return cfg.max_steps or cfg.epochs * steps_per_epoch(cfg, n_train)
 
-# --- Losses: pure functions of per-pair summed log-probs, each (B,); derived in tutorial.ipynb
+# --- Losses: pure functions of per-pair summed log-probs, each (B,)
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     loss_type="dpo", beta=0.1, gamma=0.05, focal_detach=False):
@@ -143,7 +129,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp (whose gradient at 0 is 1): at r_l = 0 (step 0, to rounding) y_l gets no gradient
+        # torch.where, not clamp (whose gradient at 0 is 1): where r_l = 0 exactly, y_l gets no gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -196,7 +182,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         if isinstance(rendered, str):  # the reason it is dropped
             stats[rendered] += 1
             continue
-        # its three texts, without special tokens: BOS is added below (pitfall 2)
+        # prompt, prompt + chosen, prompt + rejected, without special tokens: BOS is added below (pitfall 2)
         prompt, full_chosen, full_rejected = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
         if bos is not None and prompt[:1] != [bos]:
             prompt, full_chosen, full_rejected = [bos] + prompt, [bos] + full_chosen, [bos] + full_rejected
@@ -216,7 +202,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" or "implicit"
+    train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" (messages), "implicit" (no prompt)
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template, the others an EOS token
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
@@ -238,28 +224,12 @@ def prepare_data(cfg, tokenizer, log=print):
 
 # --- Batches: pairs of similar length, two right-padded rows each, and the positions scored
 
-def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
-    """Batches of similar length (less padding): shuffle, sort within pools of 64 batches, shuffle the batches
-    (unshuffled, for scoring: sorted)."""
-    length = lambda pair: max(len(pair.chosen), len(pair.rejected))
-    if not shuffle:
-        order = sorted(pairs, key=length)
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng = random.Random(seed)
-    order = list(pairs)
-    rng.shuffle(order)
-    pool = 64 * batch_size
-    order = [pair for i in range(0, len(order), pool) for pair in sorted(order[i:i + pool], key=length)]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
 def step_stream(train_pairs, cfg, skip):
     """Endless seeded steps of --grad_accum batches each, reshuffled each epoch, less the `skip` a resumed run made;
     an epoch's batches beyond its last full step are left out."""
     epoch, n = 0, 0
     while True:
-        batches = length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
+        batches = fast.length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
         for i in range(0, steps_per_epoch(cfg, len(train_pairs)) * cfg.grad_accum, cfg.grad_accum):
             if n >= skip:
                 yield batches[i:i + cfg.grad_accum]
@@ -267,9 +237,10 @@ def step_stream(train_pairs, cfg, skip):
         epoch += 1
 
 def collate_sequences(seqs, starts, pad_id):
-    """Rows right-padded (pitfall 6), and `scored`: the (row, t) of every position t whose next token, t + 1, is a
-    response token (pitfall 5: a row of 5 tokens whose response starts at 3 scores t = 2 and 3), so a pad that
-    equals EOS is never scored while the real EOS is (pitfall 4). Listed on the host: no GPU wait in the forward."""
+    """Rows right-padded (pitfall 6: left padding shifts positions), and `scored`: the (row, t) of every position t
+    whose next token, t + 1, is a response token (pitfall 5: a row of 5 tokens whose response starts at 3 scores t = 2
+    and 3), so a pad that equals EOS is never scored while the real EOS is (pitfall 4). Listed on the host: no GPU
+    wait in the forward."""
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
@@ -290,13 +261,13 @@ def collate(pairs, pad_id):
 
 def scoring_batches(pairs, batch_size, pad_id):
     """Collated batches sorted by length, for a no-grad pass (reference, evaluation)."""
-    return [collate(b, pad_id) for b in length_grouped_batches(pairs, batch_size, 0, shuffle=False)]
+    return [collate(b, pad_id) for b in fast.length_grouped_batches(pairs, batch_size, 0, shuffle=False)]
 
 # --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
 
 def sequence_logps(model, batch):
     """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
-    number, (R,). The plain form, the DPO reference code's in float64 (a test holds the two equal):
+    number, (R,). The plain form, the DPO reference code's in float64:
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
@@ -348,22 +319,17 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: one no-grad pass with the initial weights, cached by what changes them (pitfall 9)
-
-def to_device(batch, device):  # on CUDA via pinned memory: the CPU does not wait
-    cuda = device.type == "cuda"
-    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+# --- Reference log-probs: one no-grad pass with the initial weights, cached by what changes them (pitfall 9: stale)
 
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # (HF's checkpointing off; train() and HeldOut switch back)
+    model.eval()  # HF's gradient checkpointing off; train() and HeldOut set training mode again
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
-            lp, _ = sequence_logps(model, to_device(batch, device))
+            lp, _ = sequence_logps(model, fast.to_device(batch, device))
         logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
     return procs.gather_scores(model, logps).cpu()  # several processes: each pair from the one that scored it
 
@@ -453,7 +419,7 @@ def make_optimizer(model, cfg, lr, device):
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
     """One micro-batch through the policy: per-pair losses (B,) and the batch's summed metrics."""
-    batch = to_device(dict(batch, ref=ref[batch["idx"]]), device)  # ref: (B, 2), indexed on the host
+    batch = fast.to_device(dict(batch, ref=ref[batch["idx"]]), device)  # ref: (B, 2), indexed on the host
     with autocast(device):
         logps, n_tokens = sequence_logps(model, batch)  # (2B,), (2B,): chosen first, then rejected
     return loss_and_metrics(logps, n_tokens, batch["ref"], cfg, loss_type)
@@ -510,7 +476,7 @@ def next_step(steps, pad_id):
 
 def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
     return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' own time: the throughput
-            "loop_seconds": 0.0,  # evaluations and checkpoints included
+            "loop_seconds": 0.0,  # evaluations included
             "window": {},  # the metric sums since the last metrics.jsonl row
             "first_eval": None, "last_eval": None}
 
@@ -619,8 +585,6 @@ def run(cfg, log=print):
     return summaries
 
 def main(argv=None):  # the command line: a mistake ends in one sentence and exit code 2
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the libraries' bars would cut through the log
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         run(cli.parse_args(argv))
     except BaseException as e:
@@ -629,7 +593,11 @@ def main(argv=None):  # the command line: a mistake ends in one sentence and exi
 
 # =============================================================================
 # Appendix: optional machinery
-# A first reading stops here. Each kind of machinery is a class used as a namespace.
+# Each kind of machinery is a class used as a namespace.
+
+import argparse, ast, atexit, datetime, errno, glob, hashlib, json, re, shutil, signal, tempfile
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 # --- cli
 
@@ -656,6 +624,8 @@ class cli:
         return dict(re.findall(r"^ +(\w+): [^\n=]+= [^\n]*?(?:  # ([^\n]*))?$", block, flags=re.M))
 
     def parse_args(argv=None):  # --key=value for each Config field (a bare --flag: true)
+        for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # they would cut the log
+            os.environ.setdefault(bars, "1")
         parser = _Parser(description=__doc__.split("Reading guide")[0], allow_abbrev=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         helps = cli.option_help()
@@ -1118,7 +1088,7 @@ class demo:
                 pick = rng.sample(range(len(seqs)), demo.SFT_BATCH)
                 batch = collate_sequences([seqs[i] for i in pick], [starts[i] for i in pick], tokenizer.pad_token_id)
                 with autocast(device):
-                    logps, n_tokens = sequence_logps(model, to_device(batch, device))
+                    logps, n_tokens = sequence_logps(model, fast.to_device(batch, device))
                 loss = -logps.sum() / n_tokens.sum()  # mean next-token loss of the answers
                 loss.backward()
                 optimizer.step()
@@ -1143,6 +1113,27 @@ class demo:
 
 class fast:
     CHUNK = 2048  # scored positions per piece of the output layer
+
+    def to_device(batch, device):  # on CUDA via pinned memory: the CPU does not wait
+        cuda = device.type == "cuda"
+        return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) if torch.is_tensor(v)
+                else v for k, v in batch.items()}
+
+    def length_grouped_batches(pairs, batch_size, seed, shuffle=True):
+        """Batches of similar length (less padding): shuffle, sort within pools of 64 batches, shuffle the batches
+        (unshuffled, for scoring: sorted)."""
+        length = lambda pair: max(len(pair.chosen), len(pair.rejected))
+        if not shuffle:
+            order = sorted(pairs, key=length)
+            return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        rng = random.Random(seed)
+        order = list(pairs)
+        rng.shuffle(order)
+        pool = 64 * batch_size
+        order = [pair for i in range(0, len(order), pool) for pair in sorted(order[i:i + pool], key=length)]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(batches)
+        return batches
 
     def token_logps(model, ids, rows, cols, targets):
         """sequence_logps's (N,) token log-probs without (R, T, V) logits (~10 GB for Qwen, 8 pairs of 1,024 tokens):
@@ -1175,7 +1166,7 @@ class fast:
         length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
         ids = torch.randint(model.get_input_embeddings().num_embeddings, (length,),
                             generator=torch.Generator().manual_seed(0))  # the global RNG left alone
-        probe = to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
+        probe = fast.to_device(collate_sequences([ids, ids[:length // 2]], [1, 1], pad_id=0), device)
         was_training, weight = model.training, head.weight.detach().clone()
         tol = 2e-2 if device.type == "cuda" or weight.dtype == torch.bfloat16 else 1e-4  # nats per token: rounding
         model.eval()
@@ -1289,7 +1280,7 @@ class cache:
                 data.update(f"{pair.idx},{pair.chosen_start},{pair.rejected_start};".encode())
             data.update(b"|")
         compute = [device.type, str(next(model.parameters()).dtype), "fast" if getattr(model, "fast_logps", 0) else
-                   "own", type(model).__name__]  # FSDP's class (FSDPLlama...) computes in bf16 its own way
+                   "own", type(model).__name__]  # FSDP's class (FSDPLlama...): its own bf16
         fields = {"model": cfg.model, "weights": cache.fingerprint(model), "data": data.hexdigest()[:16],
                   "n_train_scored": len(train_used), "n_eval": len(eval_pairs), "compute": compute, "version": 5}
         return cache.key(fields), fields

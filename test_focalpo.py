@@ -1885,7 +1885,7 @@ def timed_tokens(steps=2, warmup=1, batch_size=2, grad_accum=2, max_length=256, 
     """The non-pad and padded tokens of the timed steps of a bench row, counted here from the same seeded pairs."""
     import bench
     pairs = bench.random_pairs(batch_size * grad_accum * (warmup + steps), 1024, max_length, max_prompt_length, seed)
-    batches = focalpo.length_grouped_batches(pairs, batch_size, seed)[warmup * grad_accum:]
+    batches = focalpo.fast.length_grouped_batches(pairs, batch_size, seed)[warmup * grad_accum:]
     real = sum(len(p.chosen) + len(p.rejected) for b in batches for p in b)
     return real, sum(2 * len(b) * max(max(len(p.chosen), len(p.rejected)) for p in b) for b in batches)
 
