@@ -24,7 +24,7 @@ Pairs); a first reading stops at "# Appendix". The core calls into it through th
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
     output.    the trained model, summary.json, the losses' comparison table, curves.png, generations
-    procs.     the device; several processes (torchrun: with one, its calls do nothing), marked "several processes"
+    procs.     the device, and several processes (torchrun); the lines that use it say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
 Notation: for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) − log π_ref(y_w|x), r_l the same for
@@ -66,7 +66,7 @@ class Config:
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
-    grad_accum: int = 2  # micro-batches per optimizer step (several processes: a multiple of their count, shared)
+    grad_accum: int = 2  # micro-batches per optimizer step (several processes share them: a multiple of N)
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # train N optimizer steps (0 = as many as --epochs make)
     warmup_ratio: float = 0.1  # the share of steps warming up linearly, then a cosine towards 0
@@ -136,7 +136,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSSES}")
     return losses, beta * r_w.detach(), beta * r_l.detach()
 
-# --- Data: each row (files.load) as three texts (files.render), tokenized (pitfalls 1-3, 11)
+# --- Data: each row (files.load) as three texts (files.render), tokenized
 
 @dataclasses.dataclass
 class Pair:
@@ -178,11 +178,11 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     eos = tokenizer.eos_token_id
     pairs = []
     for row, where in rows:
-        rendered = files.render(row, fmt, tokenizer)
-        if isinstance(rendered, str):  # the reason it is dropped
+        rendered = files.render(row, fmt, tokenizer)  # the texts prompt, prompt + chosen, prompt + rejected
+        if isinstance(rendered, str):  # or the reason the row is dropped
             stats[rendered] += 1
             continue
-        # prompt, prompt + chosen, prompt + rejected, without special tokens: BOS is added below (pitfall 2)
+        # tokenized without special tokens: BOS is added below (pitfall 2)
         prompt, full_chosen, full_rejected = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
         if bos is not None and prompt[:1] != [bos]:
             prompt, full_chosen, full_rejected = [bos] + prompt, [bos] + full_chosen, [bos] + full_rejected
@@ -203,10 +203,11 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
     train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" (messages), "implicit" (no prompt)
-    checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template, the others an EOS token
+    checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
-        rows, stats = rows[:most or None], collections.Counter()
+        rows = rows[:most or None]
+        stats = collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
         if name == "eval":  # held-out pairs also in training are counted; if all are, the run stops
             checks.not_trained_on(pairs, out[0], source, stats)
@@ -222,13 +223,14 @@ def prepare_data(cfg, tokenizer, log=print):
                            f"micro-batches of --batch_size={cfg.batch_size}: lower them")
     return out[0], out[1]
 
-# --- Batches: pairs of similar length, two right-padded rows each, and the positions scored
+# --- Batches: two right-padded rows per pair, and the positions scored
 
 def step_stream(train_pairs, cfg, skip):
-    """Endless seeded steps of --grad_accum batches each, reshuffled each epoch, less the `skip` a resumed run made;
-    an epoch's batches beyond its last full step are left out."""
+    """Endless seeded steps of --grad_accum batches each, less the first `skip` (a resumed run's); each epoch
+    reshuffles, and its batches beyond its last full step are left out."""
     epoch, n = 0, 0
     while True:
+        # ⌈n / batch_size⌉ batches (one may be short) of similar lengths, in a seeded order
         batches = fast.length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
         for i in range(0, steps_per_epoch(cfg, len(train_pairs)) * cfg.grad_accum, cfg.grad_accum):
             if n >= skip:
@@ -274,7 +276,7 @@ def sequence_logps(model, batch):
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    Here: the log-softmax at the scored positions only (the fast path: the logits too), the same numbers."""
+    Here the same numbers, the log-softmax taken at the scored positions only."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
     if getattr(model, "fast_logps", False):  # set by prepare_model (below) where it matches the model's forward
@@ -292,27 +294,27 @@ def autocast(device):  # fp32 weights compute in bf16 on CUDA
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 def load_tokenizer(cfg):
-    tok = demo.tokenizer() if cfg.model == "demo" else hub.load("AutoTokenizer", cfg.model, "the tokenizer of")
+    tok = demo.tokenizer() if cfg.model == "demo" else hub.load("AutoTokenizer", cfg.model)
     if tok.pad_token_id is None:  # no pad is ever scored: any id will do
         if tok.eos_token_id is None:
             raise FocalpoError(f"the tokenizer of {cfg.model!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
 
-def load_model(cfg, tokenizer):  # in --weights' dtype, with the attention the model picks
+def load_model(cfg, tokenizer):  # with the attention the model picks
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
-    return hub.load("AutoModelForCausalLM", cfg.model, "model", dtype=weights_dtype(cfg))
+    return hub.load("AutoModelForCausalLM", cfg.model, dtype=weights_dtype(cfg))
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype, and the fast log-prob path where a probe finds its numbers the model's own (to rounding)."""
+    dtype, and the fast log-prob path (a maskless attention) where a probe finds its numbers the model's own."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):  # attention kernels read this, not a module
             m.attention_dropout = 0.0
-    if cfg.gradient_checkpointing:  # the method's name since transformers 5.23, else the old one
+    if cfg.gradient_checkpointing:  # the new name if this transformers has it
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
@@ -325,7 +327,7 @@ def prepare_model(model, cfg, device):
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # HF's gradient checkpointing off; train() and HeldOut set training mode again
+    model.eval()  # HF's gradient checkpointing off (the callers set model.train() again)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -335,7 +337,8 @@ def pair_logps(model, batches, n_pairs, device):
 
 def used_pairs(cfg, train_pairs):
     """The training pairs the run's steps will use (known in advance: the steps are seeded)."""
-    steps, used = step_stream(train_pairs, cfg, skip=0), set()
+    steps = step_stream(train_pairs, cfg, skip=0)
+    used = set()
     for _ in range(run_steps(cfg, len(train_pairs))):
         used.update(pair.idx for batch in next(steps) for pair in batch)
     return [pair for pair in train_pairs if pair.idx in used]
@@ -344,7 +347,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     """The reference log-probs of the training pairs the run uses (−inf for the others: no step reads them) and of
     the held-out pairs, cached."""
     used = used_pairs(cfg, train_pairs)
-    key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)  # weights, tokens, device, dtype, path
+    key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)  # weights, tokens, forward
     path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
     cached = cache.read(path, "reference", log)
     if cached is not None:
@@ -372,7 +375,8 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     chosen, rejected = chosen.detach(), rejected.detach()
     ranked = chosen >= rejected  # ranking accuracy (Chen et al. 2024, arXiv 2405.19534): ties count as right
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
-    # reward accuracy: a tie is half right, so step 0 reads 0.5 (HeldOut scores in the reference's batches)
+    # reward accuracy: a tie is half right. At step 0, HeldOut scores in the reference's batches: each reward is
+    # exactly 0, the accuracy 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -414,7 +418,7 @@ def make_optimizer(model, cfg, lr, device):
     """AdamW; for bf16 weights AdamWSR (plain AdamW loses DPO-sized updates to bf16 rounding: pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    # betas (0.9, 0.95): nanoGPT's and Llama's; no weight decay, as AdamWSR
+    # nanoGPT's and Llama's betas; no weight decay, as AdamWSR
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0, fused=device.type == "cuda")
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
@@ -439,7 +443,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     # the norm before clipping; with max_norm = inf it only measures
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     norm = procs.full(norm)  # several processes: the norm of the whole gradient
-    total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: finish_metrics divides each by the pairs
+    total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: rows log the pair-weighted mean
     # the step's one wait for the device: true if finite (several processes: on every process; all update or none)
     applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
@@ -524,7 +528,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
             state["step"] += 1
             step = state["step"]
             state["tokens_seen"] += step_tokens
-            if applied:  # (a NaN/inf step made no update)
+            if applied:
                 add_metrics(state["window"], metrics)  # still on the device
             bar.update(1)
             if (step % cfg.log_every == 0 or step == n_steps) and state["window"]:
@@ -547,11 +551,12 @@ def run(cfg, log=print):
     """The whole job: data, reference, each loss from the same initial weights. Returns {loss_type: summary}."""
     t0 = time.time()
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all this; the first logs
-    with checks.lock(cfg):  # out_dir is this run's until it ends, however it ends
+    with checks.lock(cfg):  # out_dir is this run's until it ends
         finished = checks.before_work(cfg, device, log)  # a mistake costs one sentence here; --resume: losses done
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
-        summaries, first = {}, True  # first: no loss trained yet in this run
+        summaries = {}
+        first = True  # no loss trained yet in this run
         for loss_type in loss_types(cfg):
             out_dir = loss_dir(cfg, loss_type)
             if loss_type in finished:  # --resume of a finished run, with the same options (checked)
@@ -572,7 +577,8 @@ def run(cfg, log=print):
                 right = int((eval_ref[:, 0] >= eval_ref[:, 1]).sum())
                 log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= "
                     f"π_ref(y_l|x)) and {len(eval_pairs) - right} wrong")
-            held_out, first = HeldOut(eval_pairs, eval_ref, tokenizer, cfg), False
+            held_out = HeldOut(eval_pairs, eval_ref, tokenizer, cfg)
+            first = False
             state = train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, device, out_dir, log)
             if cfg.save_model:
                 output.save_model(model, tokenizer, out_dir)
@@ -699,7 +705,7 @@ class checks:
                                f"--max_length={cfg.max_length}: make it smaller")
 
     @contextlib.contextmanager
-    def lock(cfg):  # --out_dir for this run alone, until the file closes (however the run ends)
+    def lock(cfg):  # --out_dir for this run alone, until the file closes
         import fcntl
         checks.options(cfg)  # before any folder is made
         for name in ("out_dir", "cache_dir"):
@@ -759,7 +765,7 @@ class checks:
         return recorded
 
     def model(cfg, device, log):  # its config loads, holds --max_length, fits
-        config = hub.load("AutoConfig", cfg.model, "the config of")
+        config = hub.load("AutoConfig", cfg.model)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if context and context < cfg.max_length:
             raise FocalpoError(f"--max_length={cfg.max_length} is longer than the {context} positions {cfg.model} "
@@ -829,7 +835,7 @@ class checks:
 # --- hub
 
 class hub:
-    def load(auto_class, name, what, **kw):
+    def load(auto_class, name, **kw):
         """transformers' auto_class from a hub name, a folder or a .gguf file (a model's weights unpacked: transformers
         5 may keep them packed, not trainable); one sentence if it fails."""
         import transformers
@@ -842,12 +848,13 @@ class hub:
         try:
             return getattr(transformers, auto_class).from_pretrained(path, **kw)
         except Exception as e:
+            what = {"AutoConfig": "the config of", "AutoTokenizer": "the tokenizer of"}.get(auto_class, "model")
             raise checks.load_error(what, name, e) from None
 
 # --- files
 
 class files:
-    def render(row, fmt, tokenizer):  # -> (prompt, prompt+chosen, prompt+rejected), or the reason to skip the row
+    def render(row, fmt, tokenizer):  # -> (prompt, prompt+chosen, prompt+rejected), or why to skip the row
         if fmt == "chat":
             return files.render_chat(row, tokenizer)
         chosen, rejected = row["chosen"], row["rejected"]
@@ -1348,7 +1355,7 @@ class RunFolder:
         if procs.rank() == 0:
             for old in sorted(glob.glob(os.path.join(self.folder, "step_*.pt")))[:-keep]:
                 os.remove(old)
-        else:  # the sums count once, on the first process (as after a resume); the same keys everywhere
+        else:  # the sums count once, on the first process; the same keys everywhere
             state["window"] = dict.fromkeys(state["window"], 0.0)
         return self.last
 
