@@ -12,8 +12,8 @@ same start (--loss picks):
     python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
 
-Reading guide. The core reads top to bottom, in data-flow order (tokenization may be skimmed: out come lists of
-Pairs); a first reading stops at "# Appendix". The core calls into it through these names:
+Reading guide. The core reads top to bottom, in data-flow order; a first reading stops at "# Appendix". The core
+calls into it through these names:
     checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
     hub.       a config, tokenizer or model: a hub name, a folder or a .gguf file
     files.     rows from the demo, files or the hub, in one format (plain, chat or implicit), as texts; held-out rows
@@ -66,7 +66,7 @@ class Config:
     # optimisation
     lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
-    grad_accum: int = 2  # micro-batches per optimizer step (several processes share them: a multiple of N)
+    grad_accum: int = 2  # micro-batches per optimizer step (several processes share them: a multiple of their count)
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # train N optimizer steps (0 = as many as --epochs make)
     warmup_ratio: float = 0.1  # the share of steps warming up linearly, then a cosine towards 0
@@ -129,7 +129,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp (whose gradient at 0 is 1): where r_l = 0 exactly, y_l gets no gradient
+        # torch.where, not clamp (whose gradient at 0 is 1): where r_l = 0 exactly (step 0), y_l gets no gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -147,7 +147,7 @@ class Pair:
     rejected_start: int
     where: str = ""  # the file (or split) and row it came from
 
-def uses_bos(tokenizer):  # does the tokenizer put BOS first? (Llama: yes; Qwen, GPT-2: no)
+def uses_bos(tokenizer):  # does it put BOS first? (Llama yes; Qwen, GPT-2 no)
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
@@ -192,7 +192,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
         if 0 in (c_start, r_start):  # no token before the response: none predicts its first token
             notes.add("empty prompt and no BOS token")
         elif len(c) == c_start or len(r) == r_start:
-            notes.add("empty response after tokenization")  # pitfall 11
+            notes.add("empty response after tokenization")  # pitfall 11: nothing left to score
         elif torch.equal(c, r):
             notes.add("chosen == rejected after truncation")
         else:
@@ -201,7 +201,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     return pairs
 
 def prepare_data(cfg, tokenizer, log=print):
-    """(train pairs, eval pairs); the log says where the held-out pairs come from, and what was cut or dropped."""
+    """(train pairs, eval pairs); the log says where held-out pairs come from, and what was cut or dropped."""
     train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" (messages), "implicit" (no prompt)
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
     out = []
@@ -230,7 +230,7 @@ def step_stream(train_pairs, cfg, skip):
     reshuffles, and its batches beyond its last full step are left out."""
     epoch, n = 0, 0
     while True:
-        # ⌈n / batch_size⌉ batches (one may be short) of similar lengths, in a seeded order
+        # ⌈pairs / batch_size⌉ batches (one may be short) of similar lengths, seeded order
         batches = fast.length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
         for i in range(0, steps_per_epoch(cfg, len(train_pairs)) * cfg.grad_accum, cfg.grad_accum):
             if n >= skip:
@@ -239,10 +239,9 @@ def step_stream(train_pairs, cfg, skip):
         epoch += 1
 
 def collate_sequences(seqs, starts, pad_id):
-    """Rows right-padded (pitfall 6: left padding shifts positions), and `scored`: the (row, t) of every position t
-    whose next token, t + 1, is a response token (pitfall 5: a row of 5 tokens whose response starts at 3 scores t = 2
-    and 3), so a pad that equals EOS is never scored while the real EOS is (pitfall 4). Listed on the host: no GPU
-    wait in the forward."""
+    """Rows right-padded (pitfall 6: left padding shifts positions), and `scored`: for each response token t, the
+    (row, t - 1) whose logits predict it (pitfall 5), so a pad that equals EOS is never scored while the real EOS is
+    (pitfall 4). Listed on the host: no GPU wait in the forward."""
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (R, T)
@@ -250,8 +249,9 @@ def collate_sequences(seqs, starts, pad_id):
     for i, (s, start) in enumerate(zip(seqs, starts)):
         input_ids[i, :len(s)] = s
         attention_mask[i, :len(s)] = 1
-        rows += [i] * (len(s) - start)
-        cols += range(start - 1, len(s) - 1)
+        response = range(start, len(s))  # the response tokens' positions
+        rows += [i] * len(response)
+        cols += [t - 1 for t in response]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "scored": torch.tensor([rows, cols]),  # (2, N)
             "n_tokens": torch.tensor([len(s) - start for s, start in zip(seqs, starts)])}  # (R,) response tokens
 
@@ -269,14 +269,14 @@ def scoring_batches(pairs, batch_size, pad_id):
 
 def sequence_logps(model, batch):
     """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
-    number, (R,). The plain form, the DPO reference code's in float64:
+    number, (R,). The DPO reference code's form (here in float64) gives the same numbers:
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
         mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
         return (logps.double() * mask).sum(1), batch["n_tokens"]
 
-    Here the same numbers, the log-softmax taken at the scored positions only."""
+    Here the log-softmax is taken at the scored positions only."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
     if getattr(model, "fast_logps", False):  # set by prepare_model (below) where it matches the model's forward
@@ -308,13 +308,14 @@ def load_model(cfg, tokenizer):  # with the attention the model picks
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype, and the fast log-prob path (a maskless attention) where a probe finds its numbers the model's own."""
+    dtype, and the fast log-prob path where a probe finds its numbers the model's own. The fast path's attention has no
+    mask: right padding hides the pads from scored positions; generation never pads."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):  # attention kernels read this, not a module
             m.attention_dropout = 0.0
-    if cfg.gradient_checkpointing:  # the new name if this transformers has it
+    if cfg.gradient_checkpointing:  # renamed in transformers 5.23
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
@@ -362,7 +363,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
 
-# --- Metrics (pitfall 13): summed over pairs, averaged at the end, so a mean over micro-batches is exact
+# --- Metrics (pitfall 13: misread): summed over pairs, averaged at the end, so a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device (reading one is a wait).
@@ -375,8 +376,8 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     chosen, rejected = chosen.detach(), rejected.detach()
     ranked = chosen >= rejected  # ranking accuracy (Chen et al. 2024, arXiv 2405.19534): ties count as right
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
-    # reward accuracy: a tie is half right. At step 0, HeldOut scores in the reference's batches: each reward is
-    # exactly 0, the accuracy 0.5
+    # reward accuracy: a tie is half right, so at step 0, where each reward is 0 (HeldOut scores the reference's own
+    # batches), it reads 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -501,7 +502,7 @@ def train(cfg, model, tokenizer, train_pairs, held_out, train_ref, loss_type, de
                disable=not cfg.progress or procs.rank() != 0)  # several processes: the first's only
     say = log if bar.disable else bar.write  # log lines above the bar, not through it
 
-    def evaluate(step):  # the held-out metrics at `step`: a row of metrics.jsonl and a line of the log
+    def evaluate(step):  # held-out metrics at `step`: a metrics.jsonl row and a log line
         bar.set_description(f"{loss_type} (evaluating)")
         ev = held_out(model, cfg, loss_type, device)
         bar.set_description(loss_type)
@@ -552,14 +553,14 @@ def run(cfg, log=print):
     t0 = time.time()
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all this; the first logs
     with checks.lock(cfg):  # out_dir is this run's until it ends
-        finished = checks.before_work(cfg, device, log)  # a mistake costs one sentence here; --resume: losses done
+        finished = checks.before_work(cfg, device, log)  # a mistake stops here; --resume: the losses done
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
         summaries = {}
         first = True  # no loss trained yet in this run
         for loss_type in loss_types(cfg):
             out_dir = loss_dir(cfg, loss_type)
-            if loss_type in finished:  # --resume of a finished run, with the same options (checked)
+            if loss_type in finished:  # --resume of a finished run (its options checked)
                 log(f"[{loss_type}] already finished in {out_dir}: skipped (delete its summary.json to train it again)")
                 summaries[loss_type] = finished[loss_type]
                 continue
@@ -780,9 +781,9 @@ class checks:
             raise FocalpoError("the tokenizer has no EOS token, needed to end plain-text responses")
 
     def not_trained_on(eval_pairs, train_pairs, source, stats):
-        tokens = lambda pair: (pair.chosen.numpy().tobytes(), pair.rejected.numpy().tobytes())
-        trained = {tokens(pair) for pair in train_pairs}
-        stats["also in training"] = n = sum(tokens(pair) in trained for pair in eval_pairs)
+        tokens = lambda p: (p.chosen.numpy().tobytes(), p.rejected.numpy().tobytes())
+        trained = {tokens(p) for p in train_pairs}
+        stats["also in training"] = n = sum(tokens(p) in trained for p in eval_pairs)
         if eval_pairs and n == len(eval_pairs):
             raise FocalpoError(f"every held-out pair is also a training pair ({source}): its results would measure "
                                f"memory, not what was learned; pass --eval_dataset rows that training does not use")
