@@ -9,7 +9,7 @@ same start (--loss picks):
 
     python focalpo.py        # the demo: offline, a tiny model, under a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
-    python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl --eval_dataset=heldout.jsonl
+    python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
 
 Reading guide. The core reads top to bottom, in data-flow order; a first reading stops at "# Appendix". The core
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# --- Config: every default on one line; override any as --key=value
+# --- Config: override any default as --key=value
 
 @dataclasses.dataclass
 class Config:
@@ -129,7 +129,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp (whose gradient at 0 is 1): where r_l = 0 exactly (step 0), y_l gets no gradient
+        # torch.where, not clamp (whose gradient at 0 is 1): where r_l is exactly 0, y_l gets no gradient
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -156,7 +156,7 @@ def common_prefix_len(a, b):
 
 def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
     """(token ids, where the response starts) of `full`, prompt and response tokenized as one string, cut to fit;
-    `notes` collects what was done."""
+    `notes` collects what was done. fmt: the format, "plain", "chat" or "implicit" (no prompt)."""
     n = common_prefix_len(prompt_alone, full)
     if n < len(prompt_alone):  # they differ inside the prompt (a token merged across the boundary: pitfall 1)
         notes.add("boundary token merged")  # the response starts where they differ
@@ -202,14 +202,14 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = files.load(cfg)  # fmt: "plain", "chat" (messages), "implicit" (no prompt)
+    train_rows, eval_rows, fmt, source = files.load(cfg)  # source: the held-out rows' origin
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows = rows[:most or None]
         stats = collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        if name == "eval":  # held-out pairs also in training are counted; if all are, the run stops
+        if name == "eval":  # held-out pairs also in training: counted, not removed; if all are, the run stops
             checks.not_trained_on(pairs, out[0], source, stats)
         counts = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
@@ -263,13 +263,13 @@ def collate(pairs, pad_id):
 
 def scoring_batches(pairs, batch_size, pad_id):
     """Collated batches sorted by length, for a no-grad pass (reference, evaluation)."""
-    return [collate(b, pad_id) for b in fast.length_grouped_batches(pairs, batch_size, 0, shuffle=False)]
+    return [collate(b, pad_id) for b in fast.length_grouped_batches(pairs, batch_size, seed=0, shuffle=False)]
 
 # --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
 
 def sequence_logps(model, batch):
     """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
-    number, (R,). The DPO reference code's form (here in float64) gives the same numbers:
+    number, (R,). The DPO reference code's form (here in float64) gives the same numbers, to rounding:
 
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
         logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
@@ -322,13 +322,13 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: one no-grad pass with the initial weights, cached by what changes them (pitfall 9: stale)
+# --- Reference log-probs: a no-grad pass of the initial weights, cached by what changes them (pitfall 9: a stale cache)
 
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # HF's gradient checkpointing off (the callers set model.train() again)
+    model.eval()  # HF's gradient checkpointing off (train() and HeldOut switch back)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -363,7 +363,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
 
-# --- Metrics (pitfall 13: misread): summed over pairs, averaged at the end, so a mean over micro-batches is exact
+# --- Metrics (pitfall 13: misread metrics): summed over pairs, averaged at the end: a mean over micro-batches is exact
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device (reading one is a wait).
@@ -445,7 +445,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     norm = procs.full(norm)  # several processes: the norm of the whole gradient
     total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: rows log the pair-weighted mean
-    # the step's one wait for the device: true if finite (several processes: on every process; all update or none)
+    # the step's one wait for the device: true if finite (several processes: on all, "min"; all update or none)
     applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
         optimizer.step()
