@@ -167,7 +167,7 @@ def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
         keep = cfg.max_prompt_length - (bos is not None)
         prompt = ([bos] if bos is not None else []) + prompt[len(prompt) - keep:]
         notes.add("prompt truncated")
-    if len(prompt) + len(response) > cfg.max_length:  # room left: max_prompt_length < max_length (checked)
+    if len(prompt) + len(response) > cfg.max_length:  # fits: max_prompt_length < max_length
         response = response[:cfg.max_length - len(prompt)]
         notes.add("response truncated")
     return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
@@ -202,14 +202,14 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = files.load(cfg)  # source: the held-out rows' origin
+    train_rows, eval_rows, fmt, source = files.load(cfg)
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
     out = []
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows = rows[:most or None]
         stats = collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
-        if name == "eval":  # held-out pairs also in training: counted, not removed; if all are, the run stops
+        if name == "eval":  # held-out pairs also in training: counted, kept; if all are, the run stops
             checks.not_trained_on(pairs, out[0], source, stats)
         counts = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
@@ -230,7 +230,7 @@ def step_stream(train_pairs, cfg, skip):
     reshuffles, and its batches beyond its last full step are left out."""
     epoch, n = 0, 0
     while True:
-        # ⌈pairs / batch_size⌉ batches (one may be short) of similar lengths, seeded order
+        # ⌈pairs / batch_size⌉ batches (one may be short), similar lengths, seeded order
         batches = fast.length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
         for i in range(0, steps_per_epoch(cfg, len(train_pairs)) * cfg.grad_accum, cfg.grad_accum):
             if n >= skip:
@@ -310,11 +310,11 @@ def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
     dtype, and the fast log-prob path where a probe finds its numbers the model's own. The fast path's attention has no
     mask: right padding hides the pads from scored positions; generation never pads."""
-    for m in model.modules():
+    for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):  # attention kernels read this, not a module
-            m.attention_dropout = 0.0
+        for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
+            setattr(m, name, 0.0)  # rates the forward reads (OPT, Falcon's config)
     if cfg.gradient_checkpointing:  # renamed in transformers 5.23
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
@@ -419,7 +419,7 @@ def make_optimizer(model, cfg, lr, device):
     """AdamW; for bf16 weights AdamWSR (plain AdamW loses DPO-sized updates to bf16 rounding: pitfall 12)."""
     if cfg.weights == "bf16":
         return AdamWSR(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    # nanoGPT's and Llama's betas; no weight decay, as AdamWSR
+    # nanoGPT's betas; no weight decay, as AdamWSR
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0, fused=device.type == "cuda")
 
 def forward_pairs(model, batch, ref, cfg, loss_type, device):
@@ -689,9 +689,9 @@ class checks:
         losses = loss_types(cfg)
         if "sigmoid" in losses:
             raise FocalpoError("--loss=sigmoid is TRL's name for DPO: here it is --loss=dpo")
-        if not losses or not set(losses) <= set(LOSSES):
-            raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)} (the README shows "
-                               f"how to add your own)")
+        if not losses or not set(losses) <= set(LOSSES) or len(set(losses)) < len(losses):
+            raise FocalpoError(f"--loss={cfg.loss!r}: each loss must be one of {', '.join(LOSSES)}, named once (the "
+                               f"README shows how to add your own)")
         if cfg.weights not in ("fp32", "bf16"):
             raise FocalpoError(f"--weights={cfg.weights!r}: expected fp32 or bf16")
         if cfg.beta <= 0 or cfg.warmup_ratio >= 1:
@@ -838,7 +838,7 @@ class checks:
 class hub:
     def load(auto_class, name, **kw):
         """transformers' auto_class from a hub name, a folder or a .gguf file (a model's weights unpacked: transformers
-        5 may keep them packed, not trainable); one sentence if it fails."""
+        5 may keep them packed); one sentence if it fails."""
         import transformers
         path = name
         if name.endswith(".gguf"):

@@ -837,21 +837,25 @@ def test_each_epoch_is_a_new_shuffle_of_every_pair(tmp_path):
     assert first != second and epochs() == (first, second)
 
 
-def test_dropout_modules_are_turned_off(tmp_path):
-    """GPT-2 keeps its dropout in nn.Dropout modules (the step-0 test's Llama has only an attention_dropout float):
-    after prepare_model, train mode gives the numbers of eval mode (pitfall 8)."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                        resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
-    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.modules())
-    model = focalpo.prepare_model(model, Config(max_length=64), CPU).train()
-    ids = torch.randint(3, 64, (30,), generator=torch.Generator().manual_seed(0))
-    batch = focalpo.collate_sequences([ids, ids[:12]], [4, 4], pad_id=0)
-    with torch.no_grad():
-        train_mode = [focalpo.sequence_logps(model, batch)[0] for _ in range(2)]
-        eval_mode = focalpo.sequence_logps(model.eval(), batch)[0]
-    assert torch.equal(train_mode[0], train_mode[1]) and torch.allclose(train_mode[0], eval_mode, atol=1e-5)
+def test_dropout_is_off_in_training_for_every_architecture():
+    """Every dropout rate in each architecture's config set to 0.5 (GPT-2 keeps them in nn.Dropout modules; OPT,
+    Bloom and Starcoder2 in float attributes their forward reads; Falcon reads its config): after prepare_model, train
+    mode gives eval mode's numbers, the same each time (pitfall 8)."""
+    import transformers
+    g = torch.Generator().manual_seed(0)
+    batch = focalpo.collate_sequences([torch.randint(3, 128, (n,), generator=g) for n in (40, 23)], [9, 5], pad_id=0)
+    for name, config_class, options in arch_configs():
+        config = getattr(transformers, config_class)(vocab_size=128, **options)
+        rates = [k for k, v in config.to_dict().items() if isinstance(v, float) and ("dropout" in k or "pdrop" in k)]
+        for k in rates:
+            setattr(config, k, 0.5)
+        torch.manual_seed(0)
+        model = focalpo.prepare_model(transformers.AutoModelForCausalLM.from_config(config), Config(max_length=64), CPU)
+        with torch.no_grad():
+            train_mode = [focalpo.sequence_logps(model.train(), batch)[0] for _ in range(2)]
+            eval_mode = focalpo.sequence_logps(model.eval(), batch)[0]
+        assert rates and torch.equal(train_mode[0], train_mode[1]), (name, rates)
+        assert torch.allclose(train_mode[0], eval_mode, atol=1e-5), name
 
 
 def test_lr_schedule():
@@ -1374,7 +1378,9 @@ def test_command_line_errors(tmp_path, capsys, monkeypatch):
     assert main_says(capsys, "--no_such_key=1") == (
         2, "error: unrecognized arguments: --no_such_key=1 (python focalpo.py --help lists every option)\n")
     assert main_says(capsys, "--loss=ipo") == (2, "error: --loss='ipo': each loss must be one of dpo, focalpo, "
-                                                  "minordpo (the README shows how to add your own)\n")
+                                                  "minordpo, named once (the README shows how to add your own)\n")
+    # a loss named twice would train twice into one folder, the second run appending to the first's metrics.jsonl
+    assert main_says(capsys, "--loss=dpo,focalpo,dpo")[1].startswith("error: --loss='dpo,focalpo,dpo': each loss must")
     assert main_says(capsys, "--dataset=nowhere.jsonl") == (2, "error: data file nowhere.jsonl does not exist\n")
     # an unreachable hub (HF_HUB_OFFLINE=1 stands in for no network: the same failure, without a minute of retries)
     code, err = main_says(capsys, "--dataset=someone/no-such-dataset", "--out_dir=o2")
