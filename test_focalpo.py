@@ -2428,7 +2428,10 @@ def test_sigterm_stops_every_process_at_the_same_step_with_one_checkpoint(tmp_pa
     wait_for_training(tmp_path / "run")
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
-    assert "[rank 0] interrupted: stopped by SIGTERM at step " in err and "[rank 1] interrupted: stopped by SIGTERM" in err
+    for rank in (0, 1):  # as above, a process may stop for the other's signal before its own arrives
+        assert any(f"[rank {rank}] interrupted: stopped by {by} at step " in err
+                   for by in ("SIGTERM", "a signal to another process")), err[-3000:]
+    assert "interrupted: stopped by SIGTERM at step " in err
     ckpt, _ = focalpo.latest_checkpoint(str(tmp_path / "run" / "out" / "checkpoints"))
     assert ckpt is not None and ckpt["state"]["step"] >= 1
 
