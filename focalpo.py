@@ -399,10 +399,10 @@ def add_metrics(total, m):
 
 def finish_metrics(total):  # the sums -> means over the pairs; the counts as they are
     counts = ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect")
-    out = {k: int(v) if k in counts else v / total["pairs"] for k, v in total.items()}
-    for group in ("ref_correct", "ref_incorrect"):  # the ranking accuracy within the group (None if it is empty)
-        n = total[f"pairs_{group}"]
-        out[f"ranking_accuracy_{group}"] = total[f"ranking_accuracy_{group}"] / n if n else None
+    out = {}
+    for k, v in total.items():  # the ranking accuracy in a reference group: over that group's pairs
+        n = total[k.replace("ranking_accuracy", "pairs")] if "accuracy_ref" in k else total["pairs"]
+        out[k] = int(v) if k in counts else v / n if n else None  # None: an empty group
     return out
 
 # --- One optimizer step, and the held-out evaluation
@@ -842,8 +842,8 @@ class hub:
         import transformers
         path = name
         if name.endswith(".gguf"):
-            kw["gguf_file"] = path = os.path.abspath(name)
-            path = os.path.dirname(path)
+            kw["gguf_file"] = os.path.abspath(name)
+            path = os.path.dirname(kw["gguf_file"])
             if auto_class == "AutoModelForCausalLM" and hasattr(transformers, "GgufConfig"):
                 kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
         try:
