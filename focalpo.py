@@ -1346,8 +1346,8 @@ class RunFolder:
                 f.write(line)
 
     def save(self, state, keep=2):
-        state["window"] = procs.sums_to_host(state["window"])  # floats (several processes: their sums)
         weights, optimizer = procs.full_state(self.model, self.optimizer)
+        state = dict(state, window=procs.sums_to_host(state["window"]))  # floats (several processes: their sums)
         blob = {"model": weights, "optimizer": optimizer, "state": state, "config": dataclasses.asdict(self.cfg),
                 "loss_type": self.loss_type, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -1356,8 +1356,6 @@ class RunFolder:
         if procs.rank() == 0:
             for old in sorted(glob.glob(os.path.join(self.folder, "step_*.pt")))[:-keep]:
                 os.remove(old)
-        else:  # the sums count once, on the first process; the same keys everywhere
-            state["window"] = dict.fromkeys(state["window"], 0.0)
         return self.last
 
     def resume(self, log):

@@ -2121,20 +2121,24 @@ def test_a_full_disk_is_one_sentence_and_resume_continues_once_there_is_room(tmp
 
 
 def test_after_a_checkpoint_every_process_holds_the_same_metric_keys(tmp_path, monkeypatch):
-    """Saved and resumed, the metric sums since the last metrics row count once: the first process keeps them, each
-    other one the same keys at 0. A row asks every process to add up its keys together; had the others none, as a
-    NaN/inf step after a checkpoint leaves them, the first process would wait alone for --dist_timeout."""
+    """The metric sums since the last metrics row count once. A checkpoint holds their sum over the processes, and
+    each process keeps its own (the next row adds them up); resumed, the first process carries the saved sums, each
+    other one the same keys at 0. A row asks every process to add up its keys together; had the others none, the
+    first process would wait alone for --dist_timeout."""
     cfg, tok, model, train, eval_ = demo_setup(tmp_path)
     optimizer = focalpo.make_optimizer(model, cfg, 1e-3, CPU)
     folder = focalpo.RunFolder(str(tmp_path / "run"), model, optimizer, cfg, "dpo", 10)
-    state = dict(focalpo.new_state(), step=3, window={"pairs": 4.0, "loss": torch.tensor(2.5)})
-    folder.save(state)  # the first process writes the checkpoint
-    assert state["window"] == {"loss": 2.5, "pairs": 4.0}
+    window = {"pairs": 4.0, "loss": torch.tensor(2.5)}
+    state = dict(focalpo.new_state(), step=3, window=dict(window))
+    path = folder.save(state)  # the first process writes the checkpoint
+    assert state["window"]["loss"] is window["loss"]  # its own sums, as they were
+    assert torch.load(path)["state"]["window"] == {"loss": 2.5, "pairs": 4.0}  # floats
+    resume = lambda: focalpo.RunFolder(str(tmp_path / "run"), model, optimizer, cfg, "dpo", 10).resume(quiet)
+    assert resume()["window"] == {"loss": 2.5, "pairs": 4.0}
     monkeypatch.setattr(focalpo.procs, "rank", lambda: 1)
-    state["window"] = {"pairs": 4.0, "loss": torch.tensor(2.5)}
-    folder.save(state)
-    assert state["window"] == {"loss": 0.0, "pairs": 0.0}
-    resumed = focalpo.RunFolder(str(tmp_path / "run"), model, optimizer, cfg, "dpo", 10).resume(quiet)
+    folder.save(state)  # another process: its own sums, as they were
+    assert state["window"]["loss"] is window["loss"] and state["window"]["pairs"] == 4.0
+    resumed = resume()
     assert resumed["step"] == 3 and resumed["window"] == {"loss": 0.0, "pairs": 0.0}
 
 
