@@ -620,10 +620,10 @@ class cli:
                     resume_from_checkpoint="resume", model_name_or_path="model", dataset_name="dataset",
                     disable_tqdm="progress")
 
-    def parse_bool(s):
-        if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    def parse_bool(s, yes=("1", "true", "yes", "on")):
+        if s.lower() not in yes + ("0", "false", "no", "off"):
             raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-        return s.lower() in ("1", "true", "yes", "on")
+        return s.lower() in yes
 
     def option_help():  # {option: explanation}, from the comments in Config
         with open(__file__, encoding="utf-8") as f:
@@ -658,6 +658,8 @@ class cli:
         if isinstance(e, Interrupted):  # saved: a late signal (to every process) must not cut it short
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
+        if isinstance(e, torch.cuda.OutOfMemoryError):  # outside a step (Guard's)
+            e = FocalpoError("out of GPU memory scoring or generating: lower --batch_size, --max_length or --generate")
         if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # KeyboardInterrupt: a second Ctrl-C, nothing to save
             kind = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"
             print(f"{who}{kind}{f': {e}' if str(e) else ''}", file=sys.stderr)
@@ -884,10 +886,8 @@ class files:
             files.turns(row["rejected"], "assistant")
         if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
             prompt = chosen[:common_prefix_len(chosen, rejected)]
-        if chosen[:len(prompt)] == prompt:  # each may repeat the prompt turns: keep what follows
-            chosen = chosen[len(prompt):]
-        if rejected[:len(prompt)] == prompt:
-            rejected = rejected[len(prompt):]
+        # each may repeat the prompt turns: keep what follows
+        chosen, rejected = (r[len(prompt):] if r[:len(prompt)] == prompt else r for r in (chosen, rejected))
         if not prompt:
             return "no prompt turns"
         if not chosen or not rejected or not all(m["content"].strip() for m in chosen + rejected):
@@ -902,7 +902,7 @@ class files:
         """(train rows, held-out rows, format, the held-out rows' source); each row (dict, where), of one format."""
         if cfg.dataset == "demo":
             rows = [(r, f"demo pair {i}") for i, r in enumerate(demo.pairs(demo.N_PAIRS, cfg.seed), 1)]
-            return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"  # 4000 + 400
+            return rows[:4000], rows[4000:], "plain", "the demo's held-out pairs"
         local = files.is_local(cfg.dataset)
         train_rows, heldout, source = (files.read(cfg.dataset), None, None) if local else files.hub(cfg.dataset)
         if cfg.eval_dataset:
@@ -1134,8 +1134,7 @@ class fast:
         if not shuffle:
             order = sorted(pairs, key=length)
             return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        rng = random.Random(seed)
-        order = list(pairs)
+        rng, order = random.Random(seed), list(pairs)
         rng.shuffle(order)
         pool = 64 * batch_size
         order = [pair for i in range(0, len(order), pool) for pair in sorted(order[i:i + pool], key=length)]
@@ -1503,7 +1502,7 @@ class output:
 # --- Guard
 
 class Interrupted(FocalpoError):
-    """Ctrl-C or SIGTERM during training, after a checkpoint was saved."""
+    """Ctrl-C or SIGTERM in training: a checkpoint saved."""
 
 class Guard:
     """Stops training in one sentence, after saving what can be: Ctrl-C or SIGTERM (the step ends; a second one stops

@@ -2261,6 +2261,15 @@ def test_out_of_memory_names_the_knobs_and_saves(tmp_path, monkeypatch):
     assert ckpt["state"]["step"] == 7
 
 
+def test_out_of_memory_outside_a_training_step_is_one_sentence(tmp_path, capsys, monkeypatch):
+    def oom(*a, **kw):  # the reference pass, before any training step
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(focalpo, "sequence_logps", oom)
+    assert main_says(capsys, f"--out_dir={tmp_path}/out", f"--cache_dir={tmp_path}/cache", "--sft_steps=0",
+                     "--progress=false") == (2, "error: out of GPU memory scoring or generating: lower --batch_size, "
+                                                "--max_length or --generate\n")
+
+
 # -----------------------------------------------------------------------------
 # several processes (FSDP2 over gloo on the CPU): the same results as one process, resume across process counts,
 # refusal of changed options, bf16 weights, signals and a process that dies
