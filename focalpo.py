@@ -154,20 +154,18 @@ def uses_bos(tokenizer):  # does it put BOS first? (Llama yes; Qwen, GPT-2 no)
 def common_prefix_len(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
-    """(token ids, where the response starts) of `full`, prompt and response tokenized as one string, cut to fit;
-    `notes` collects what was done. fmt: the format, "plain", "chat" or "implicit" (no prompt)."""
+def split_response(prompt_alone, full, end, bos, cfg, notes):
+    """Splits `full` (a prompt and its response, tokenized together) where it leaves `prompt_alone`, puts `end`
+    after the response and cuts both to fit. Returns (token ids, where the response starts); adds to `notes`."""
     n = common_prefix_len(prompt_alone, full)
     if n < len(prompt_alone):  # they differ inside the prompt (a token merged across the boundary: pitfall 1)
         notes.add("boundary token merged")  # the response starts where they differ
-    prompt, response = full[:n], full[n:]
-    if fmt != "chat":
-        response = response + [eos]  # teach the model to stop; chat templates close the turn themselves (pitfall 3)
+    prompt, response = full[:n], full[n:] + end
     if len(prompt) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS)
-        keep = cfg.max_prompt_length - (bos is not None)
-        prompt = ([bos] if bos is not None else []) + prompt[len(prompt) - keep:]
+        first = [bos] if bos is not None else []
+        prompt = first + prompt[len(prompt) - (cfg.max_prompt_length - len(first)):]
         notes.add("prompt truncated")
-    if len(prompt) + len(response) > cfg.max_length:  # fits: max_prompt_length < max_length
+    if len(prompt) + len(response) > cfg.max_length:  # one stays: max_prompt_length < max_length (checks.options)
         response = response[:cfg.max_length - len(prompt)]
         notes.add("response truncated")
     return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
@@ -175,22 +173,23 @@ def split_response(prompt_alone, full, fmt, cfg, bos, eos, notes):
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut or dropped, by reason."""
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None  # the BOS every sequence starts with, or none
-    eos = tokenizer.eos_token_id
+    # EOS ends each response: the model learns to stop; chat templates close the turn themselves (pitfall 3)
+    end = [] if fmt == "chat" else [tokenizer.eos_token_id]
     pairs = []
     for row, where in rows:
         rendered = files.render(row, fmt, tokenizer)  # the texts prompt, prompt + chosen, prompt + rejected
         if isinstance(rendered, str):  # or the reason the row is dropped
             stats[rendered] += 1
             continue
-        # tokenized without special tokens: BOS is added below (pitfall 2)
+        # tokenized without special tokens, BOS added below: one BOS, not two or none (pitfall 2)
         prompt, full_chosen, full_rejected = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
         if bos is not None and prompt[:1] != [bos]:
             prompt, full_chosen, full_rejected = [bos] + prompt, [bos] + full_chosen, [bos] + full_rejected
         notes = set()  # what happened to this row, each counted once in stats
-        c, c_start = split_response(prompt, full_chosen, fmt, cfg, bos, eos, notes)
-        r, r_start = split_response(prompt, full_rejected, fmt, cfg, bos, eos, notes)
-        if 0 in (c_start, r_start):  # no token before the response: none predicts its first token
-            notes.add("empty prompt and no BOS token")
+        c, c_start = split_response(prompt, full_chosen, end, bos, cfg, notes)
+        r, r_start = split_response(prompt, full_rejected, end, bos, cfg, notes)
+        if 0 in (c_start, r_start):  # then no token predicts the response's first token
+            notes.add("no token before the response")
         elif len(c) == c_start or len(r) == r_start:
             notes.add("empty response after tokenization")  # pitfall 11: nothing left to score
         elif torch.equal(c, r):

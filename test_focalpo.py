@@ -321,6 +321,18 @@ def test_boundary_merge_is_detected_and_mask_follows_the_real_tokens():
     assert tok.decode(p.chosen[p.chosen_start:]).startswith(" four")  # the merged " four" is scored as response
 
 
+def test_a_response_with_no_token_before_it_is_dropped_and_said():
+    """Without a BOS, an empty prompt, or one whose only token merges into the response, leaves no position whose
+    logits predict the response's first token: the row is dropped, and its reason says so."""
+    tok, stats = make_bpe_tokenizer(bos=False), collections.Counter()
+    rows = [{"prompt": "", "chosen": "four.", "rejected": "two."},
+            {"prompt": " ", "chosen": "four.", "rejected": "two."},  # " four" is one token
+            {"prompt": "hello", "chosen": " world", "rejected": " there"}]
+    pairs = tokenize(rows, "plain", tok, Config(), stats)
+    assert [p.where for p in pairs] == ["row 3"] and stats["no token before the response"] == 2
+    assert stats["boundary token merged"] == 1
+
+
 def test_exactly_one_bos_plain_and_chat():
     tok, cfg = make_bpe_tokenizer(), Config()
     bos = tok.bos_token_id
