@@ -129,7 +129,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         focal = torch.exp(gamma * log_p)  # p^γ as exp(γ log p): no under/overflow
         losses = -(focal.detach() if focal_detach else focal) * log_p
     elif loss_type == "minordpo":
-        # torch.where, not clamp (whose gradient at 0 is 1): where r_l is exactly 0, y_l gets no gradient
+        # torch.where, not clamp (whose gradient at 0 is 1): where r_l is exactly 0 (policy = reference), y_l gets none
         r_l_pos = torch.where(r_l > 0, r_l, torch.zeros_like(r_l))
         losses = -F.logsigmoid(beta * (r_w - r_l_pos))
     else:
@@ -203,24 +203,24 @@ def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where held-out pairs come from, and what was cut or dropped."""
     train_rows, eval_rows, fmt, source = files.load(cfg)
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
-    out = []
+    split = {}  # name -> pairs
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
         rows = rows[:most or None]
         stats = collections.Counter()
         pairs = tokenize_pairs(rows, fmt, tokenizer, cfg, stats)
         if name == "eval":  # held-out pairs also in training: counted, kept; if all are, the run stops
-            checks.not_trained_on(pairs, out[0], source, stats)
+            checks.not_trained_on(pairs, split["train"], source, stats)
         counts = ", ".join(f"{n} {why}" for why, n in sorted(stats.items()) if n)
         log(f"data: {name}: {len(pairs)} pairs from {len(rows)} rows ({fmt} format)"
             + (f" of {source}" if name == "eval" else "") + (f"; rows with {counts}" if counts else ""))
         if not pairs:
             raise FocalpoError(f"no usable {name} pairs are left after filtering ({counts or 'no rows'}): "
                                f"check the data, or raise --max_length / --max_prompt_length")
-        out.append(pairs)
-    if steps_per_epoch(cfg, len(out[0])) == 0:
-        raise FocalpoError(f"{len(out[0])} training pairs do not fill one step of --grad_accum={cfg.grad_accum} "
-                           f"micro-batches of --batch_size={cfg.batch_size}: lower them")
-    return out[0], out[1]
+        split[name] = pairs
+    if steps_per_epoch(cfg, len(split["train"])) == 0:
+        raise FocalpoError(f"{len(split['train'])} training pairs do not fill one step of --grad_accum="
+                           f"{cfg.grad_accum} micro-batches of --batch_size={cfg.batch_size}: lower them")
+    return split["train"], split["eval"]
 
 # --- Batches: two right-padded rows per pair, and the positions scored
 
@@ -278,8 +278,7 @@ def sequence_logps(model, batch):
     Here the log-softmax is taken at the scored positions only."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    if getattr(model, "fast_logps", False):  # set by prepare_model (below) where it matches the model's forward
-        # no (R, T, V) logits; no mask: with right padding no scored position sees a pad
+    if getattr(model, "fast_logps", False):  # set by prepare_model (below): no (R, T, V) logits, no mask
         token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,)
     else:  # the model's own forward
         logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
@@ -300,15 +299,16 @@ def load_tokenizer(cfg):
         tok.pad_token = tok.eos_token
     return tok
 
-def load_model(cfg, tokenizer):  # with the attention the model picks
+def load_model(cfg, tokenizer):
     if cfg.model == "demo":
         return demo.model(tokenizer, cfg.seed)
     return hub.load("AutoModelForCausalLM", cfg.model, dtype=weights_dtype(cfg))
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype, and the fast log-prob path where a probe finds its numbers the model's own. The fast path's attention has no
-    mask: right padding hides the pads from scored positions; generation never pads."""
+    dtype. Then fast.probe runs two random rows both ways; where the fast path gives the model's own log-probs, it
+    stays on, and every later forward (generation too) uses causal SDPA with no mask: exact for right-padded rows (no
+    scored position sees a pad) and for generation (it never pads)."""
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -327,7 +327,7 @@ def prepare_model(model, cfg, device):
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # HF's gradient checkpointing off (train() and HeldOut switch back)
+    model.eval()  # HF's gradient checkpointing off (train() and HeldOut switch model.train() back on)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -362,7 +362,7 @@ def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, devic
     log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
     return train_ref, eval_ref
 
-# --- Metrics (pitfall 13: misread metrics): summed over pairs, averaged at the end: a mean over micro-batches is exact
+# --- Metrics (pitfall 13: misread metrics): sums over pairs, divided at the end: exact however a step is split
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device (reading one is a wait).
@@ -375,8 +375,8 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
     chosen, rejected = chosen.detach(), rejected.detach()
     ranked = chosen >= rejected  # ranking accuracy (Chen et al. 2024, arXiv 2405.19534): ties count as right
     ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
-    # reward accuracy: a tie is half right, so at step 0, where each reward is 0 (HeldOut scores the reference's own
-    # batches), it reads 0.5
+    # reward accuracy: a tie is half right (chance), so at step 0, where each reward is 0 (HeldOut scores the
+    # reference's own batches), it reads 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     count = lambda x: x.float().sum()
     return losses, {
@@ -399,9 +399,12 @@ def add_metrics(total, m):
 def finish_metrics(total):  # the sums -> means over the pairs; the counts as they are
     counts = ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect")
     out = {}
-    for k, v in total.items():  # the ranking accuracy in a reference group: over that group's pairs
-        n = total[k.replace("ranking_accuracy", "pairs")] if "accuracy_ref" in k else total["pairs"]
-        out[k] = int(v) if k in counts else v / n if n else None  # None: an empty group
+    for k, v in total.items():
+        if k in counts:
+            out[k] = int(v)
+        else:  # a reference group's ranking accuracy: over that group's pairs (None if it has none)
+            n = total[k.replace("ranking_accuracy", "pairs")] if "accuracy_ref" in k else total["pairs"]
+            out[k] = v / n if n else None
     return out
 
 # --- One optimizer step, and the held-out evaluation
@@ -657,7 +660,7 @@ class cli:
         if isinstance(e, Interrupted):  # saved: a late signal (to every process) must not cut it short
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
-        if isinstance(e, torch.cuda.OutOfMemoryError):  # outside a step (Guard's)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
             e = FocalpoError("out of GPU memory scoring or generating: lower --batch_size, --max_length or --generate")
         if isinstance(e, (FocalpoError, KeyboardInterrupt)):  # KeyboardInterrupt: a second Ctrl-C, nothing to save
             kind = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"
@@ -1212,7 +1215,7 @@ class AdamWSR(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.work = {}  # the reusable buffers
 
-    def random_bits(self, n, device):  # n int64s, each 63 random bits, of which update uses 48 (tests supply theirs)
+    def random_bits(self, n, device):  # n int64s, each 63 random bits, of which update uses 48
         return self.buffer("bits", n, torch.int64, device).random_()
 
     def buffer(self, name, n, dtype, device):
@@ -1326,7 +1329,7 @@ def latest_checkpoint(folder):  # (the newest checkpoint, mapped; its path) or (
     try:
         return torch.load(paths[-1], map_location="cpu", weights_only=True, mmap=True), paths[-1]
     except Exception as e:
-        raise FocalpoError(f"checkpoint {paths[-1]} does not load ({first_line(e)[:200]}): delete it to resume from "
+        raise FocalpoError(f"checkpoint {paths[-1]} does not load ({first_line(e)}): delete it to resume from "
                            f"the one before, or start a new --out_dir") from None
 
 class RunFolder:
@@ -1629,7 +1632,7 @@ class procs:
         keys = sorted(total)
         device = next((v.device for v in total.values() if torch.is_tensor(v)), None)  # "pairs" is a float: moved too
         values = torch.stack([torch.as_tensor(total[k], dtype=torch.float32, device=device) for k in keys])
-        return dict(zip(keys, procs.all_reduce(values).tolist()))  # summed over the processes
+        return dict(zip(keys, procs.all_reduce(values).tolist()))
 
     def all_reduce(t, op="sum"):  # t summed (or max, min) over the processes, in place
         if procs.world() == 1:
