@@ -559,7 +559,7 @@ def run(cfg, log=print):
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
         summaries = {}
-        first = True  # no loss trained yet in this run
+        first = True
         for loss_type in loss_types(cfg):
             out_dir = loss_dir(cfg, loss_type)
             if loss_type in finished:  # --resume of a finished run (its options checked)
@@ -619,8 +619,7 @@ class cli:
     FAMILIAR = dict(learning_rate="lr", per_device_train_batch_size="batch_size", num_train_epochs="epochs",
                     gradient_accumulation_steps="grad_accum", max_grad_norm="grad_clip", output_dir="out_dir",
                     logging_steps="log_every", eval_steps="eval_every", save_steps="save_every", loss_type="loss",
-                    resume_from_checkpoint="resume", model_name_or_path="model", dataset_name="dataset",
-                    disable_tqdm="progress")
+                    resume_from_checkpoint="resume", model_name_or_path="model", dataset_name="dataset")
 
     def parse_bool(s, yes=("1", "true", "yes", "on")):
         if s.lower() not in yes + ("0", "false", "no", "off"):
@@ -1347,17 +1346,20 @@ class RunFolder:
                 f.write(line)
 
     def save(self, state, keep=2):
+        path = os.path.join(self.folder, f"step_{state['step']:07d}.pt")
+        if path == self.last:  # saved (a signal came during its write)
+            return path
         weights, optimizer = procs.full_state(self.model, self.optimizer)
-        state = dict(state, window=procs.sums_to_host(state["window"]))  # floats (several processes: their sums)
+        state = dict(state, window=procs.sums_to_host(state["window"]))  # several processes: their sums
         blob = {"model": weights, "optimizer": optimizer, "state": state, "config": dataclasses.asdict(self.cfg),
                 "loss_type": self.loss_type, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        self.last = os.path.join(self.folder, f"step_{state['step']:07d}.pt")
-        cache.write(blob, self.last)
+        cache.write(blob, path)
         if procs.rank() == 0:
             for old in sorted(glob.glob(os.path.join(self.folder, "step_*.pt")))[:-keep]:
                 os.remove(old)
-        return self.last
+        self.last = path
+        return path
 
     def resume(self, log):
         """The newest checkpoint's weights, optimizer, RNG and state, metrics.jsonl cut back to it; or new_state()."""

@@ -2208,6 +2208,22 @@ def test_signals_save_and_stop_and_a_folder_holds_one_run_at_a_time(tmp_path, mo
     assert ckpt["state"]["step"] >= 1 and path in line
 
 
+def test_a_signal_during_a_save_stops_without_writing_that_step_again(tmp_path, monkeypatch):
+    """Ctrl-C while a step's checkpoint is written (minutes for a 7B model): the run stops at that step and names that
+    checkpoint; it does not write it a second time."""
+    real, writes = focalpo.cache.write, []
+    def write(blob, path):
+        real(blob, path)
+        writes.append(os.path.basename(path))
+        if writes.count("step_0000005.pt") == 1 and path.endswith("step_0000005.pt"):
+            os.kill(os.getpid(), signal.SIGINT)  # once
+    monkeypatch.setattr(focalpo.cache, "write", write)
+    with pytest.raises(focalpo.Interrupted, match="^stopped by SIGINT at step 5 of 20; checkpoint saved to .*/step_"
+                                                  "0000005.pt. To continue"):
+        focalpo.run(short_cfg(tmp_path), log=quiet)
+    assert [w for w in writes if w.startswith("step_")] == ["step_0000005.pt"]
+
+
 def test_nonfinite_step_is_skipped_and_named(tmp_path):
     cfg, tok, model, train, _ = demo_setup(tmp_path)
     ref = reference(model, train, cfg, tok.pad_token_id, CPU)
