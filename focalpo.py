@@ -1108,15 +1108,14 @@ class demo:
                 f"{path}")
             return model
 
-    def is_right(prompt, completion):  # a greedy (text, ended with EOS) is the answer, then EOS
-        return completion[1] and completion[0].strip() == demo.answer(prompt)
+    def is_right(prompt, text, ended):  # a greedy completion is the answer, then EOS
+        return ended and text.strip() == demo.answer(prompt)
 
     def generation_accuracy(model, pairs, tokenizer, device):
         """The share of right greedy completions (a token more allowed: running on shows)."""
-        prompts = [p.chosen[:p.chosen_start] for p in pairs]
         longest = max(len(p.chosen) - p.chosen_start for p in pairs)
-        got = output.greedy_completions(model, prompts, tokenizer, device, longest + 1)
-        return sum(demo.is_right(tokenizer.decode(p), c) for p, c in zip(prompts, got)) / len(pairs)
+        got = output.greedy_completions(model, pairs, tokenizer, device, longest + 1)
+        return sum(demo.is_right(*c) for c in got) / len(pairs)
 
 # --- fast
 
@@ -1467,8 +1466,9 @@ class output:
         log(f"curves: {path}")
 
     @torch.no_grad()
-    def greedy_completions(model, prompts, tokenizer, device, max_new_tokens, batch_size=256):
-        """(text up to the first EOS, whether one came) per prompt; batched by prompt length: no padding."""
+    def greedy_completions(model, pairs, tokenizer, device, max_new_tokens, batch_size=256):
+        """(the prompt, its text up to the first EOS, whether one came) per pair; batched by length: no padding."""
+        prompts = [p.chosen[:p.chosen_start] for p in pairs]
         was_training, eos, out, by_length = model.training, tokenizer.eos_token_id, [None] * len(prompts), {}
         model.eval()
         for i, p in enumerate(prompts):
@@ -1485,7 +1485,8 @@ class output:
                                          synced_gpus=procs.world() > 1)[:, ids.shape[1]:]  # FSDP: all steps
                 for i, row in zip(idx, new.tolist()):
                     end = row.index(eos) if eos in row else len(row)
-                    out[i] = (tokenizer.decode(row[:end], skip_special_tokens=True), end < len(row))
+                    out[i] = (tokenizer.decode(prompts[i], skip_special_tokens=True),
+                              tokenizer.decode(row[:end], skip_special_tokens=True), end < len(row))
         procs.reshard(model)
         model.train(was_training)
         return out
@@ -1493,13 +1494,10 @@ class output:
     def show_generations(model, pairs, tokenizer, cfg, device, label, log, max_new_tokens=128):
         """--generate=N: the first N held-out prompts, greedy completions (the demo: right or not)."""
         n = cfg.generate if cfg.generate >= 0 else (5 if cfg.dataset == "demo" else 0)
-        prompts = [p.chosen[:p.chosen_start] for p in pairs[:n]]
-        got = output.greedy_completions(model, prompts, tokenizer, device, max_new_tokens)
-        for p, (text, ended) in zip(prompts, got):
-            prompt = tokenizer.decode(p, skip_special_tokens=True)
+        for prompt, text, ended in output.greedy_completions(model, pairs[:n], tokenizer, device, max_new_tokens):
             line = f"{label} {prompt[-200:]!r} -> {text!r}{'' if ended else ' (no EOS)'}"
             if cfg.dataset == "demo":
-                right = demo.is_right(prompt, (text, ended))
+                right = demo.is_right(prompt, text, ended)
                 line += "   right" if right else f"   wrong: expected {demo.answer(prompt)!r}"
             log(line)
 

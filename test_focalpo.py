@@ -1056,14 +1056,15 @@ def test_generation_metric_is_exact_match_on_decoded_text(monkeypatch):
     tok = focalpo.demo.tokenizer()
     rows = [{"prompt": "sort: q d m a =", "chosen": " a d q m", "rejected": " a d x q"}] * 5  # chosen has a mistake
     pairs = tokenize(rows, "plain", tok, Config())
-    outputs = [("a d m q", True),     # right: the sorted letters (not the chosen answer), then EOS
+    outputs = [(rows[0]["prompt"], *o) for o in [
+               ("a d m q", True),     # right: the sorted letters (not the chosen answer), then EOS
                ("a d m q", False),    # no EOS: it did not stop
                ("a d m q x", True),   # one letter too many
                ("a d q m", True),     # the chosen answer, which is wrong
-               (" a d m q ", True)]   # right: surrounding spaces do not count
+               (" a d m q ", True)]]  # right: surrounding spaces do not count
     monkeypatch.setattr(focalpo.output, "greedy_completions", lambda *a, **kw: outputs)
     assert focalpo.demo.generation_accuracy(None, pairs, tok, None) == 2 / 5
-    assert not focalpo.demo.is_right("sort: q d m a =", ("a d q m", True))
+    assert not focalpo.demo.is_right("sort: q d m a =", "a d q m", True)
 
 
 def test_greedy_completions_match_a_naive_greedy_loop(tmp_path):
@@ -1074,9 +1075,10 @@ def test_greedy_completions_match_a_naive_greedy_loop(tmp_path):
     assert model.config._attn_implementation == "causal_sdpa"
     pairs = tokenize(focalpo.demo.pairs(24, 3), "plain", tok, Config())
     prompts = [p.chosen[:p.chosen_start] for p in pairs]  # 4 to 8 letters: several lengths, several batches
-    got = focalpo.output.greedy_completions(model, prompts, tok, CPU, max_new_tokens=10, batch_size=4)
+    got = focalpo.output.greedy_completions(model, pairs, tok, CPU, max_new_tokens=10, batch_size=4)
     model.eval()
-    for prompt, (text, ended) in zip(prompts, got):
+    for prompt, (text_prompt, text, ended) in zip(prompts, got):
+        assert text_prompt == tok.decode(prompt, skip_special_tokens=True)
         ids, new = prompt.long().tolist(), []
         with torch.no_grad():
             for _ in range(10):
