@@ -19,11 +19,11 @@ calls into it through these names:
     files.     rows from the demo, files or the hub, in one format (plain, chat or implicit), as texts; held-out rows
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the model's own log-probs in less memory; batches of similar length; pinned memory
-    cache.     files written whole, read back only if whole; a fingerprint of the weights
+    cache.     the reference log-probs, kept by what changes them (files written whole, read only if whole)
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
-    output.    the trained model, summary.json, the losses' comparison table, curves.png, generations
+    output.    ranking accuracies, metric means; the model, summary.json, the losses' table, curves.png, generations
     procs.     the device, and several processes (torchrun); the lines that use it say "several processes"
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
@@ -53,8 +53,8 @@ class Config:
     model: str = "demo"  # "demo" (a tiny model built offline), a hub name, a local folder or a .gguf file
     dataset: str = "demo"  # "demo" (a sorting task made in code), a hub name, or .jsonl/.json/.csv/.parquet files
     eval_dataset: str = ""  # held-out files; "" = the dataset's test split if it has one, else a seeded 5% of it
-    max_train_pairs: int = 0  # train on the first N rows (0 = all)
-    max_eval_pairs: int = 500  # evaluate on the first N held-out rows (0 = all)
+    max_train_pairs: int = 0  # train on N of the training rows (0 = all)
+    max_eval_pairs: int = 500  # evaluate on N of the held-out rows (0 = all)
     max_length: int = 1024  # prompt + response tokens, per sequence
     max_prompt_length: int = 512  # longer prompts keep their last tokens
     sft_steps: int = 80  # demo only: first, next-token training on correct sortings (SFT)
@@ -64,7 +64,7 @@ class Config:
     gamma: float = 0.05  # FocalPO's γ (0 = DPO). 0.05 is THIS PROJECT's default, not a value from the paper
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (no gradient through it)
     # optimisation
-    lr: float = 0.0  # peak learning rate; 0 = 3e-4 for the demo, else 5e-7 (7B DPO recipes' rate)
+    lr: float = 0.0  # peak learning rate; 0 = 3e-4 for --model=demo, else 5e-7 (7B DPO recipes' rate)
     batch_size: int = 8  # pairs per micro-batch (two sequences each)
     grad_accum: int = 2  # micro-batches per optimizer step (several processes share them: a multiple of their count)
     epochs: int = 1  # passes over the training pairs
@@ -85,7 +85,7 @@ class Config:
     resume: bool = False  # continue the run in out_dir from its newest checkpoint
     dist_timeout: int = 900  # several processes: seconds a collective may wait
     progress: bool = True  # show a tqdm progress bar
-    generate: int = -1  # at the end, show N held-out prompts' greedy completions (-1: 5 for the demo, else 0)
+    generate: int = -1  # at the end, show N held-out prompts' greedy completions (-1: 5 for --dataset=demo, else 0)
 
 LOSSES = ("dpo", "focalpo", "minordpo")
 
@@ -165,7 +165,7 @@ def split_response(prompt_alone, full, end, bos, cfg, notes):
         first = [bos] if bos is not None else []
         prompt = first + prompt[len(prompt) - (cfg.max_prompt_length - len(first)):]
         notes.add("prompt truncated")
-    if len(prompt) + len(response) > cfg.max_length:  # one stays: max_prompt_length < max_length (checks.options)
+    if len(prompt) + len(response) > cfg.max_length:  # a response token stays: max_prompt_length < max_length
         response = response[:cfg.max_length - len(prompt)]
         notes.add("response truncated")
     return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
@@ -278,7 +278,7 @@ def sequence_logps(model, batch):
     Here the log-softmax is taken at the scored positions only."""
     ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
     targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    if getattr(model, "fast_logps", False):  # set by prepare_model (below): no (R, T, V) logits, no mask
+    if getattr(model, "fast_logps", False):  # set by prepare_model (below): no (R, T, V) logits
         token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,)
     else:  # the model's own forward
         logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
@@ -306,9 +306,9 @@ def load_model(cfg, tokenizer):
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype. Then fast.probe runs two random rows both ways; where the fast path gives the model's own log-probs, it
-    stays on, and every later forward (generation too) uses causal SDPA with no mask: exact for right-padded rows (no
-    scored position sees a pad) and for generation (it never pads)."""
+    dtype. Then fast.probe switches on sequence_logps's fast path if, on two random rows, it gives the model's own
+    log-probs; every later forward then uses causal attention with no mask: exact for right-padded rows (no scored
+    token sees a pad) and in generation (no pads)."""
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -321,46 +321,19 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: a no-grad pass of the initial weights, cached by what changes them (pitfall 9: a stale cache)
+# --- Reference log-probs: a no-grad pass of the initial weights (run() caches them)
 
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # HF's gradient checkpointing off (train() and HeldOut switch model.train() back on)
+    model.eval()  # HF's gradient checkpointing off (the training loop and HeldOut switch model.train() back on)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
             lp, _ = sequence_logps(model, fast.to_device(batch, device))
         logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
     return procs.gather_scores(model, logps).cpu()  # several processes: each pair from the one that scored it
-
-def used_pairs(cfg, train_pairs):
-    """The training pairs the run's steps will use (known in advance: the steps are seeded)."""
-    steps = step_stream(train_pairs, cfg, skip=0)
-    used = set()
-    for _ in range(run_steps(cfg, len(train_pairs))):
-        used.update(pair.idx for batch in next(steps) for pair in batch)
-    return [pair for pair in train_pairs if pair.idx in used]
-
-def load_or_compute_reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log=print):
-    """The reference log-probs of the training pairs the run uses (−inf for the others: no step reads them) and of
-    the held-out pairs, cached."""
-    used = used_pairs(cfg, train_pairs)
-    key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)  # weights, tokens, forward
-    path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
-    cached = cache.read(path, "reference", log)
-    if cached is not None:
-        return cached["tensors"]["train"], cached["tensors"]["eval"]
-    log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
-        + (f" (of {len(train_pairs)})" if len(used) < len(train_pairs) else "")
-        + f" and {len(eval_pairs)} held-out pairs with the initial weights")
-    t0 = time.time()
-    train_ref = pair_logps(model, scoring_batches(used, cfg.batch_size, pad_id), len(train_pairs), device)
-    eval_ref = pair_logps(model, scoring_batches(eval_pairs, cfg.batch_size, pad_id), len(eval_pairs), device)
-    cache.write({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
-    log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
-    return train_ref, eval_ref
 
 # --- Metrics (pitfall 13: misread metrics): sums over pairs, divided at the end: exact however a step is split
 
@@ -373,39 +346,22 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
     chosen, rejected = chosen.detach(), rejected.detach()
-    ranked = chosen >= rejected  # ranking accuracy (Chen et al. 2024, arXiv 2405.19534): ties count as right
-    ref_right = ref[:, 0] >= ref[:, 1]  # the reference ranks the pair right: the groups of Chen et al. and FocalPO
-    # reward accuracy: a tie is half right (chance), so at step 0, where each reward is 0 (HeldOut scores the
-    # reference's own batches), it reads 0.5
+    # reward accuracy: a tie is half right (chance), so at step 0, where each reward is 0, it reads 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-    count = lambda x: x.float().sum()
     return losses, {
         "pairs": float(B), "loss": losses.detach().float().sum(),
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
         "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
-        "ranking_accuracy": count(ranked),
-        "ranking_accuracy_norm": count(chosen / n_tokens[:B] >= rejected / n_tokens[B:]),  # mean token log-probs
-        "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
-        "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right),
-        "response_tokens": count(n_tokens),
+        # how often log πθ(y_w|x) >= log πθ(y_l|x): of all pairs, per token, and of the pairs the reference ranks
+        # right and wrong (with their counts: a group's accuracy is over its own pairs)
+        **output.ranking_sums(chosen, rejected, n_tokens, ref),
+        "response_tokens": n_tokens.float().sum(),
     }
 
 def add_metrics(total, m):
     for k, v in m.items():
         total[k] = total.get(k, 0.0) + v
-    return total
-
-def finish_metrics(total):  # the sums -> means over the pairs; the counts as they are
-    counts = ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect")
-    out = {}
-    for k, v in total.items():
-        if k in counts:
-            out[k] = int(v)
-        else:  # a reference group's ranking accuracy: over that group's pairs (None if it has none)
-            n = total[k.replace("ranking_accuracy", "pairs")] if "accuracy_ref" in k else total["pairs"]
-            out[k] = v / n if n else None
-    return out
 
 # --- One optimizer step, and the held-out evaluation
 
@@ -466,7 +422,7 @@ class HeldOut:
     def __call__(self, model, cfg, loss_type, device):
         logps = pair_logps(model, self.batches, len(self.pairs), device)  # (N, 2)
         _, m = loss_and_metrics(logps.T.reshape(-1), self.n_tokens, self.ref, cfg, loss_type)  # (2N,): chosen first
-        out = finish_metrics({k: float(v) for k, v in m.items()})
+        out = output.metric_means({k: float(v) for k, v in m.items()})
         if cfg.dataset == "demo":
             out["generation_accuracy"] = demo.generation_accuracy(model, self.pairs, self.tokenizer, device)
         model.train()
@@ -489,7 +445,7 @@ def new_state():  # what a resumed run needs besides the weights, the optimizer 
 
 def train_row(state, step, lr):
     """The metrics.jsonl row of the steps since the last row (their one wait), and the throughput so far."""
-    row = finish_metrics(procs.sums_to_host(state["window"]))  # several processes: summed over them
+    row = output.metric_means(procs.sums_to_host(state["window"]))  # several processes: summed over them
     state["window"] = {}
     return dict(row, step=step, split="train", lr=lr, tokens_per_second=state["tokens_seen"] / state["train_seconds"])
 
@@ -573,9 +529,9 @@ def run(cfg, log=print):
             model = procs.shard(model, device)  # several processes: FSDP2
             if first:
                 log(f"model: {cfg.model} ({model.num_parameters() / 1e6:.2f}M parameters) on {device.type}")
-            # the first loss computes it (unless cached); the others, from the same weights, load it
-            train_ref, eval_ref = load_or_compute_reference(
-                cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, device, log)
+            # pair_logps of the initial weights, cached (pitfall 9): the first loss computes them, the others load them
+            pad_id = tokenizer.pad_token_id
+            train_ref, eval_ref = cache.reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log)
             if first:
                 right = int((eval_ref[:, 0] >= eval_ref[:, 1]).sum())
                 log(f"reference: ranks {right} of {len(eval_pairs)} held-out pairs right (π_ref(y_w|x) >= "
@@ -1277,6 +1233,30 @@ class cache:
     def key(fields):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
+    def used_pairs(cfg, train_pairs):  # the training pairs the run's seeded steps will use
+        steps = step_stream(train_pairs, cfg, skip=0)
+        used = {p.idx for _ in range(run_steps(cfg, len(train_pairs))) for batch in next(steps) for p in batch}
+        return [p for p in train_pairs if p.idx in used]
+
+    def reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log):
+        """pair_logps of the training pairs the run uses (−inf for the others: no step reads them) and of the held-out
+        pairs, cached by what changes them: the weights, the tokens, the forward."""
+        used = cache.used_pairs(cfg, train_pairs)
+        key, fields = cache.reference_key(cfg, model, used, eval_pairs, device)
+        path = os.path.join(cfg.cache_dir, f"ref_{key}.pt")
+        cached = cache.read(path, "reference", log)
+        if cached is not None:
+            return cached["tensors"]["train"], cached["tensors"]["eval"]
+        log(f"reference: scoring the {len(used)} training pairs the {run_steps(cfg, len(train_pairs))} steps use"
+            + (f" (of {len(train_pairs)})" if len(used) < len(train_pairs) else "")
+            + f" and {len(eval_pairs)} held-out pairs with the initial weights")
+        t0 = time.time()
+        train_ref = pair_logps(model, scoring_batches(used, cfg.batch_size, pad_id), len(train_pairs), device)
+        eval_ref = pair_logps(model, scoring_batches(eval_pairs, cfg.batch_size, pad_id), len(eval_pairs), device)
+        cache.write({"fields": fields, "tensors": {"train": train_ref, "eval": eval_ref}}, path)
+        log(f"reference: done in {time.time() - t0:.1f}s, saved to {path}")
+        return train_ref, eval_ref
+
     def reference_key(cfg, model, train_used, eval_pairs, device):
         """(a hash, fields): the model, its weights, each pair's index, tokens and response start (data, tokenizer,
         template, lengths), the forward's device, dtype, path and class."""
@@ -1396,6 +1376,21 @@ class RunFolder:
 # --- output
 
 class output:
+    def ranking_sums(chosen, rejected, n_tokens, ref):
+        """Ranking accuracy (Chen et al. 2024, arXiv 2405.19534; a tie is right): loss_and_metrics says which."""
+        B = len(ref)
+        ranked, ref_right = chosen >= rejected, ref[:, 0] >= ref[:, 1]
+        count = lambda x: x.float().sum()
+        return {"ranking_accuracy": count(ranked),
+                "ranking_accuracy_norm": count(chosen / n_tokens[:B] >= rejected / n_tokens[B:]),
+                "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
+                "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right)}
+
+    def metric_means(total):  # sums -> means over the pairs (a reference group's: its own, None if none)
+        n = lambda k: total[k.replace("ranking_accuracy", "pairs")] if "accuracy_ref" in k else total["pairs"]
+        counts = ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect")
+        return {k: int(v) if k in counts else v / n(k) if n(k) else None for k, v in total.items()}
+
     def save_model(model, tokenizer, out_dir):
         """save_pretrained into a folder of its own, then moved: a file with its final name is whole."""
         weights = procs.full_state(model)[0] if procs.world() > 1 else None
@@ -1507,8 +1502,8 @@ class Interrupted(FocalpoError):
     """Ctrl-C or SIGTERM in training: a checkpoint saved."""
 
 class Guard:
-    """Stops training in one sentence, after saving what can be: Ctrl-C or SIGTERM (the step ends; a second one stops
-    at once), out of GPU memory, MAX_BAD_STEPS NaN/inf steps in a row (each skipped, its rows named)."""
+    """Stops training in one sentence, saving what it can: Ctrl-C or SIGTERM (the step ends; a second stops at once),
+    out of GPU memory, MAX_BAD_STEPS NaN/inf steps in a row (each skipped, its rows named)."""
 
     MAX_BAD_STEPS = 3
 

@@ -49,7 +49,7 @@ def shared_cache(tmp_path_factory):
 
 
 def reference(model, pairs, cfg, pad_id, device):
-    """The reference log-probs of `pairs`, as load_or_compute_reference scores them (without the cache)."""
+    """The reference log-probs of `pairs`, as cache.reference scores them (without the cache)."""
     return focalpo.pair_logps(model, focalpo.scoring_batches(pairs, cfg.batch_size, pad_id), len(pairs), device)
 
 
@@ -296,7 +296,7 @@ def test_metrics_count_ties_as_the_docstring_says():
     ref = torch.tensor([[-1.0, -1.0], [-2.0, -1.0], [-1.0, -3.0]])  # the reference ranks pairs 1 and 3 right
     # so (r_w, r_l) are (-4, -4): a tie, (-1, -3): a win, (-8, 1): a loss
     _, m = focalpo.loss_and_metrics(logps, torch.ones(6), ref, Config(), "dpo")
-    m = focalpo.finish_metrics({k: float(v) for k, v in m.items()})
+    m = focalpo.output.metric_means({k: float(v) for k, v in m.items()})
     assert m["reward_accuracy"] == pytest.approx(1.5 / 3)  # tie: 0.5, win: 1, loss: 0
     assert m["ranking_accuracy"] == pytest.approx(2 / 3)  # tie: right, win: right, loss: wrong
     assert (m["pairs_ref_correct"], m["ranking_accuracy_ref_correct"]) == (2, 0.5)  # pairs 1 (tie: right), 3 (wrong)
@@ -596,8 +596,8 @@ def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_pat
 def test_cached_reference_equals_on_the_fly_and_is_reused(tmp_path):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"))
     logs = []
-    tr1, ev1 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
-    tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
+    tr1, ev1 = focalpo.cache.reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
+    tr2, ev2 = focalpo.cache.reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
     assert logs[0].startswith("reference: scoring the 64 training pairs") and logs[1].startswith("reference: done")
     assert logs[2].startswith("reference: loaded cached")
     assert torch.equal(tr1, tr2) and torch.equal(ev1, ev2)
@@ -639,7 +639,7 @@ def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scor
     cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"), max_steps=3,
                                                batch_size=2, grad_accum=2)
     logs = []
-    tr, _ = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
+    tr, _ = focalpo.cache.reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
     assert logs[0] == ("reference: scoring the 12 training pairs the 3 steps use (of 64) and 32 held-out "
                        "pairs with the initial weights")
     steps = focalpo.step_stream(train, cfg, skip=0)
@@ -647,7 +647,7 @@ def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scor
     every = reference(model, train, cfg, tok.pad_token_id, CPU)
     assert torch.equal(tr[used], every[used]) and torch.isinf(tr).all(1).sum() == 64 - 12
     logs = []
-    longer, _ = focalpo.load_or_compute_reference(dataclasses.replace(cfg, max_steps=6), model, train, eval_,
+    longer, _ = focalpo.cache.reference(dataclasses.replace(cfg, max_steps=6), model, train, eval_,
                                                   tok.pad_token_id, CPU, logs.append)
     assert "scoring the 24 training pairs the 6 steps use" in logs[0]  # computed, not loaded: another key
     assert torch.isfinite(longer).all(1).sum() == 24 and torch.equal(longer[used], every[used])
@@ -657,14 +657,14 @@ def test_the_reference_scores_only_the_pairs_the_steps_use_and_a_longer_run_scor
 def test_damaged_cache_is_reported_and_recomputed(tmp_path, damage):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"))
     logs = []
-    tr, ev = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
+    tr, ev = focalpo.cache.reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
     path = os.path.join(cfg.cache_dir, next(f for f in os.listdir(cfg.cache_dir) if f.startswith("ref_")))
     if damage == "truncate":
         data = open(path, "rb").read()
         open(path, "wb").write(data[:len(data) // 2])
     else:
         open(path, "wb").write(b"not a cache")
-    tr2, ev2 = focalpo.load_or_compute_reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
+    tr2, ev2 = focalpo.cache.reference(cfg, model, train, eval_, tok.pad_token_id, CPU, logs.append)
     assert "WARNING: ignoring the cache file" in logs[2] and "reference: done" in logs[4]
     assert torch.equal(tr, tr2) and torch.equal(ev, ev2)
 
@@ -795,7 +795,7 @@ def test_train_step_syncs_on_cuda(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         counts[accum] = sum("synchroniz" in str(w.message) for w in caught)
     assert counts[1] == counts[8] <= 1, counts
-    host = focalpo.finish_metrics(focalpo.procs.sums_to_host(m))  # the pair count (a number) beside sums on the GPU
+    host = focalpo.output.metric_means(focalpo.procs.sums_to_host(m))  # the pair count (a number) beside sums on the GPU
     assert applied and host["pairs"] == 16 and math.isfinite(host["loss"])
 
 
@@ -828,7 +828,7 @@ def test_gradient_is_clipped_to_grad_clip_and_grad_norm_is_the_norm_before(tmp_p
     for clip in (0.0, 1e-3, 1e3):
         opt = RecordingOptimizer(model.parameters())
         m, _ = focalpo.train_step(model, opt, micro, ref, dataclasses.replace(cfg, grad_clip=clip), "dpo", CPU)
-        grads[clip], logged[clip] = opt.grads, focalpo.finish_metrics(focalpo.procs.sums_to_host(m))["grad_norm"]
+        grads[clip], logged[clip] = opt.grads, focalpo.output.metric_means(focalpo.procs.sums_to_host(m))["grad_norm"]
     full = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads[0.0]))
     assert full > 1e-2 and all(v == pytest.approx(full, rel=1e-5) for v in logged.values())
     assert all(torch.allclose(a, b * 1e-3 / full, rtol=1e-4, atol=1e-12) for a, b in zip(grads[1e-3], grads[0.0]))
@@ -1585,9 +1585,9 @@ def test_the_reference_cache_is_not_reused_for_other_held_out_pairs_of_the_same_
     eval_b = tokenize(focalpo.demo.pairs(128, 0)[96:], "plain", tok, cfg)
     assert len(eval_a) == len(eval_b) == 32
     assert focalpo.cache.reference_key(cfg, model, train, eval_a, CPU)[0] != focalpo.cache.reference_key(cfg, model, train, eval_b, CPU)[0]
-    focalpo.load_or_compute_reference(cfg, model, train, eval_a, tok.pad_token_id, CPU, quiet)
+    focalpo.cache.reference(cfg, model, train, eval_a, tok.pad_token_id, CPU, quiet)
     logs = []
-    _, ev = focalpo.load_or_compute_reference(cfg, model, train, eval_b, tok.pad_token_id, CPU, logs.append)
+    _, ev = focalpo.cache.reference(cfg, model, train, eval_b, tok.pad_token_id, CPU, logs.append)
     assert logs[0].startswith("reference: scoring") and not any("loaded cached" in l for l in logs)
     assert torch.equal(ev, reference(model, eval_b, cfg, tok.pad_token_id, CPU))
 
@@ -1708,7 +1708,7 @@ def test_loss_and_metrics_against_numbers_worked_by_hand():
     ref = torch.tensor([[-11.0, -11.0], [-19.0, -16.0], [-6.0, -7.0]], dtype=torch.float64)
     # r_w = 1, -1, 0; r_l = -1, 1, 1; margins h = 2, -2, -1
     _, m = focalpo.loss_and_metrics(logps, n_tokens, ref, Config(beta=0.1), "dpo")
-    m = focalpo.finish_metrics({k: float(v) for k, v in m.items()})
+    m = focalpo.output.metric_means({k: float(v) for k, v in m.items()})
     sp = lambda x: math.log1p(math.exp(x))  # −log σ(t) = softplus(−t)
     expected = {"logps/chosen": -12.0, "logps/rejected": -11.0, "rewards/chosen": 0.0, "rewards/rejected": 0.1 / 3,
                 "rewards/margin": -0.1 / 3, "loss": (sp(-0.2) + sp(0.2) + sp(0.1)) / 3,
@@ -2246,13 +2246,13 @@ def test_a_nonfinite_step_names_its_rows(tmp_path, monkeypatch):
     cfg = short_cfg(tmp_path, max_steps=3)
     train, _ = focalpo.prepare_data(cfg, focalpo.demo.tokenizer(), quiet)
     bad = next(focalpo.step_stream(train, cfg, skip=0))[1][3]  # step 1, micro-batch 2, its fourth pair
-    real = focalpo.load_or_compute_reference
+    real = focalpo.cache.reference
     def poisoned(*args, **kw):
         tr, ev = real(*args, **kw)
         tr = tr.clone()
         tr[bad.idx, 0] = float("nan")
         return tr, ev
-    monkeypatch.setattr(focalpo, "load_or_compute_reference", poisoned)
+    monkeypatch.setattr(focalpo.cache, "reference", poisoned)
     logs = []
     focalpo.run(cfg, log=logs.append)
     assert [l for l in logs if "update skipped" in l] == [
@@ -2260,11 +2260,11 @@ def test_a_nonfinite_step_names_its_rows(tmp_path, monkeypatch):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
-    real = focalpo.load_or_compute_reference
+    real = focalpo.cache.reference
     def poisoned(*args, **kw):
         tr, ev = real(*args, **kw)
         return torch.full_like(tr, float("nan")), ev
-    monkeypatch.setattr(focalpo, "load_or_compute_reference", poisoned)
+    monkeypatch.setattr(focalpo.cache, "reference", poisoned)
     logs = []
     with pytest.raises(FocalpoError, match="^3 consecutive steps had a non-finite loss or gradient \\(the last at step 3"
                                            ", training rows: demo pair .*No checkpoint yet.$"):
