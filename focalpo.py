@@ -7,7 +7,7 @@ same start (--loss picks):
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-    python focalpo.py        # the demo: offline, a tiny model, under a minute on 2 CPU cores
+    python focalpo.py        # the demo: offline, a tiny model, about a minute on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
@@ -16,7 +16,7 @@ Reading guide. The core reads top to bottom, in data-flow order; a first reading
 calls into it through these names:
     checks.    before any work: options, folders, earlier runs, data files, the model's config and memory
     hub.       a config, tokenizer or model: a hub name, a folder or a .gguf file
-    files.     rows from the demo, files or the hub, in one format (plain, chat or implicit), as texts; held-out rows
+    files.     the rows (demo, files or hub) and held-out rows, in one format: plain, chat or implicit (no prompt)
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the model's own log-probs in less memory; batches of similar length; pinned memory
     cache.     the reference log-probs, kept by what changes them (files written whole, read only if whole)
@@ -165,13 +165,13 @@ def split_response(prompt_alone, full, end, bos, cfg, notes):
         first = [bos] if bos is not None else []
         prompt = first + prompt[len(prompt) - (cfg.max_prompt_length - len(first)):]
         notes.add("prompt truncated")
-    if len(prompt) + len(response) > cfg.max_length:  # a response token stays: max_prompt_length < max_length
+    if len(prompt) + len(response) > cfg.max_length:  # a response token stays (checks.options: prompts < max_length)
         response = response[:cfg.max_length - len(prompt)]
         notes.add("response truncated")
     return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
 
 def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
-    """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut or dropped, by reason."""
+    """(row, where) tuples -> Pairs; `stats` (a Counter) counts the rows cut, merged or dropped, by reason."""
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None  # the BOS every sequence starts with, or none
     # EOS ends each response: the model learns to stop; chat templates close the turn themselves (pitfall 3)
     end = [] if fmt == "chat" else [tokenizer.eos_token_id]
@@ -306,15 +306,15 @@ def load_model(cfg, tokenizer):
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype. Then fast.probe switches on sequence_logps's fast path if, on two random rows, it gives the model's own
-    log-probs; every later forward then uses causal attention with no mask: exact for right-padded rows (no scored
-    token sees a pad) and in generation (no pads)."""
+    dtype. Then fast.probe switches the model to causal attention with no mask, and sequence_logps to its fast path,
+    if on two random rows they give the model's own log-probs: exact for right-padded rows (no scored token sees a
+    pad) and in generation (no pads)."""
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
             setattr(m, name, 0.0)  # rates the forward reads (OPT, Falcon's config)
-    if cfg.gradient_checkpointing:  # renamed in transformers 5.23
+    if cfg.gradient_checkpointing:  # renamed in transformers 5.23 (the old name warns)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
@@ -327,7 +327,7 @@ def prepare_model(model, cfg, device):
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # HF's gradient checkpointing off (the training loop and HeldOut switch model.train() back on)
+    model.eval()  # HF's gradient checkpointing off (the training loop and HeldOut turn it back on)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -346,15 +346,16 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
     chosen, rejected = chosen.detach(), rejected.detach()
-    # reward accuracy: a tie is half right (chance), so at step 0, where each reward is 0, it reads 0.5
+    # reward accuracy: a tie is half right (chance): at step 0 the held-out pairs, scored in the reference's own
+    # batches (each reward exactly 0), read 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     return losses, {
         "pairs": float(B), "loss": losses.detach().float().sum(),
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
         "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
-        # how often log πθ(y_w|x) >= log πθ(y_l|x): of all pairs, per token, and of the pairs the reference ranks
-        # right and wrong (with their counts: a group's accuracy is over its own pairs)
+        # ranking accuracy, log πθ(y_w|x) >= log πθ(y_l|x): of all pairs, per token, and in the groups the reference
+        # ranks right and wrong, each over its own pairs
         **output.ranking_sums(chosen, rejected, n_tokens, ref),
         "response_tokens": n_tokens.float().sum(),
     }
@@ -389,7 +390,8 @@ def forward_pairs(model, batch, ref, cfg, loss_type, device):
 
 def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_pairs=None):
     """One optimizer step over its micro-batches, one wait for the device. Returns the summed metrics (on the device)
-    and whether the update was made (NaN/inf would poison every weight). n_pairs: the step's, on all processes."""
+    and whether the update was made (NaN/inf would poison every weight). n_pairs: the step's, on all processes
+    (default: these micro-batches')."""
     n_pairs = n_pairs or sum(len(b["idx"]) for b in micro_batches)
     total = {}
     for i, batch in enumerate(micro_batches):
@@ -529,7 +531,7 @@ def run(cfg, log=print):
             model = procs.shard(model, device)  # several processes: FSDP2
             if first:
                 log(f"model: {cfg.model} ({model.num_parameters() / 1e6:.2f}M parameters) on {device.type}")
-            # pair_logps of the initial weights, cached (pitfall 9): the first loss computes them, the others load them
+            # pair_logps of the initial weights (−inf for pairs no step uses), cached (pitfall 9: a stale cache)
             pad_id = tokenizer.pad_token_id
             train_ref, eval_ref = cache.reference(cfg, model, train_pairs, eval_pairs, pad_id, device, log)
             if first:
@@ -792,8 +794,6 @@ class checks:
                                + "lower --batch_size (raising --grad_accum) or --max_length, or use more GPUs "
                                "(torchrun)")
 
-# --- hub
-
 class hub:
     def load(auto_class, name, **kw):
         """transformers' auto_class from a hub name, a folder or a .gguf file (a model's weights unpacked: transformers
@@ -810,8 +810,6 @@ class hub:
         except Exception as e:
             what = {"AutoConfig": "the config of", "AutoTokenizer": "the tokenizer of"}.get(auto_class, "model")
             raise checks.load_error(what, name, e) from None
-
-# --- files
 
 class files:
     def render(row, fmt, tokenizer):  # -> (prompt, prompt+chosen, prompt+rejected), or why to skip the row
@@ -964,8 +962,6 @@ class files:
         rows = lambda split: [(r, f"dataset {name!r} split {split!r} row {i}") for i, r in enumerate(ds[split], 1)]
         return rows(train), rows(test) if test else None, f"{name}'s {test!r} split"
 
-# --- demo
-
 class demo:
     LETTERS = "abcdefghijklmnopqrstuvwxyz"
     N_PAIRS = 4400
@@ -1072,8 +1068,6 @@ class demo:
         longest = max(len(p.chosen) - p.chosen_start for p in pairs)
         got = output.greedy_completions(model, pairs, tokenizer, device, longest + 1)
         return sum(demo.is_right(*c) for c in got) / len(pairs)
-
-# --- fast
 
 class fast:
     CHUNK = 2048  # scored positions per piece of the output layer
@@ -1372,8 +1366,6 @@ class RunFolder:
                     f.write(line if json.loads(line)["step"] <= step else "")
                 except ValueError:
                     log(f"WARNING: {self.metrics}: dropped a line that was cut short ({line.strip()[:40]!r}...)")
-
-# --- output
 
 class output:
     def ranking_sums(chosen, rejected, n_tokens, ref):
