@@ -314,7 +314,7 @@ def prepare_model(model, cfg, device):
             m.p = 0.0
         for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
             setattr(m, name, 0.0)  # rates the forward reads (OPT, Falcon's config)
-    if cfg.gradient_checkpointing:  # renamed in transformers 5.23 (the old name warns)
+    if cfg.gradient_checkpointing:  # renamed in transformers 5.23
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
@@ -346,8 +346,8 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
     chosen, rejected = chosen.detach(), rejected.detach()
-    # reward accuracy: a tie is half right (chance): at step 0 the held-out pairs, scored in the reference's own
-    # batches (each reward exactly 0), read 0.5
+    # reward accuracy: a tie is half right (chance), so it reads 0.5 where the policy is the reference to the bit
+    # (held out at step 0, batched as the reference was)
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     return losses, {
         "pairs": float(B), "loss": losses.detach().float().sum(),
@@ -513,7 +513,7 @@ def run(cfg, log=print):
     t0 = time.time()
     device, log = procs.setup(cfg, log)  # several processes (torchrun): each runs all this; the first logs
     with checks.lock(cfg):  # out_dir is this run's until it ends
-        finished = checks.before_work(cfg, device, log)  # a mistake stops here; --resume: the losses done
+        finished = checks.before_work(cfg, device, log)  # a mistake stops here; --resume: {loss: summary} of those done
         tokenizer = load_tokenizer(cfg)
         train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log)
         summaries = {}
