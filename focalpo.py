@@ -24,7 +24,7 @@ calls into it through these names:
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
     output.    ranking accuracies, metric means; the model, summary.json, the losses' table, curves.png, generations
-    procs.     the device, and several processes (torchrun); the lines that use it say "several processes"
+    procs.     the device; several processes (torchrun): the lines say "several processes" (with one, a no-op)
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
 Notation: for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) − log π_ref(y_w|x), r_l the same for
@@ -165,7 +165,7 @@ def split_response(prompt_alone, full, end, bos, cfg, notes):
         first = [bos] if bos is not None else []
         prompt = first + prompt[len(prompt) - (cfg.max_prompt_length - len(first)):]
         notes.add("prompt truncated")
-    if len(prompt) + len(response) > cfg.max_length:  # a response token stays (checks.options: prompts < max_length)
+    if len(prompt) + len(response) > cfg.max_length:  # a response token stays (checks: max_prompt_length < max_length)
         response = response[:cfg.max_length - len(prompt)]
         notes.add("response truncated")
     return torch.tensor(prompt + response, dtype=torch.int32), len(prompt)
@@ -177,8 +177,8 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
     end = [] if fmt == "chat" else [tokenizer.eos_token_id]
     pairs = []
     for row, where in rows:
-        rendered = files.render(row, fmt, tokenizer)  # the texts prompt, prompt + chosen, prompt + rejected
-        if isinstance(rendered, str):  # or the reason the row is dropped
+        rendered = files.render(row, fmt, tokenizer)  # (prompt, prompt + chosen, prompt + rejected), or why not
+        if isinstance(rendered, str):  # the row is dropped
             stats[rendered] += 1
             continue
         # tokenized without special tokens, BOS added below: one BOS, not two or none (pitfall 2)
@@ -229,7 +229,7 @@ def step_stream(train_pairs, cfg, skip):
     reshuffles, and its batches beyond its last full step are left out."""
     epoch, n = 0, 0
     while True:
-        # ⌈pairs / batch_size⌉ batches (one may be short), similar lengths, seeded order
+        # ⌈pairs / batch_size⌉ lists of Pairs (one may be short), similar lengths, seeded order
         batches = fast.length_grouped_batches(train_pairs, cfg.batch_size, cfg.seed + epoch)
         for i in range(0, steps_per_epoch(cfg, len(train_pairs)) * cfg.grad_accum, cfg.grad_accum):
             if n >= skip:
@@ -306,16 +306,17 @@ def load_model(cfg, tokenizer):
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype. Then fast.probe switches the model to causal attention with no mask, and sequence_logps to its fast path,
-    if on two random rows they give the model's own log-probs: exact for right-padded rows (no scored token sees a
-    pad) and in generation (no pads)."""
+    dtype. Last, fast.probe tries the fast path on two random rows: if they get the model's own log-probs, the model
+    keeps causal attention with no mask (exact where no scored token sees a pad: right-padded rows, generation) and
+    sequence_logps its fast path; if not, neither."""
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        # rates kept as floats that the forward passes to F.dropout (OPT's modules, Falcon's config)
         for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
-            setattr(m, name, 0.0)  # rates the forward reads (OPT, Falcon's config)
-    if cfg.gradient_checkpointing:  # renamed in transformers 5.23
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            setattr(m, name, 0.0)
+    if cfg.gradient_checkpointing:  # transformers' newer name, else the old (which warns from 5.25)
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
@@ -326,14 +327,14 @@ def prepare_model(model, cfg, device):
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
-    −inf for the others (several processes: a max picks who scored it)."""
-    model.eval()  # HF's gradient checkpointing off (the training loop and HeldOut turn it back on)
+    −inf for the others."""
+    model.eval()  # HF's gradient checkpointing off (model.train() turns it back on)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
             lp, _ = sequence_logps(model, fast.to_device(batch, device))
         logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
-    return procs.gather_scores(model, logps).cpu()  # several processes: each pair from the one that scored it
+    return procs.gather_scores(model, logps).cpu()  # several processes: a max takes each pair from its scorer
 
 # --- Metrics (pitfall 13: misread metrics): sums over pairs, divided at the end: exact however a step is split
 
@@ -346,16 +347,15 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         chosen, rejected, ref[:, 0], ref[:, 1], loss_type=loss_type, beta=cfg.beta, gamma=cfg.gamma,
         focal_detach=cfg.focal_detach)
     chosen, rejected = chosen.detach(), rejected.detach()
-    # reward accuracy: a tie is half right (chance), so it reads 0.5 where the policy is the reference to the bit
-    # (held out at step 0, batched as the reference was)
+    # reward accuracy: a tie counts half (chance), so a policy bit-equal to the reference reads 0.5
     win = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     return losses, {
         "pairs": float(B), "loss": losses.detach().float().sum(),
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
         "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
-        # ranking accuracy, log πθ(y_w|x) >= log πθ(y_l|x): of all pairs, per token, and in the groups the reference
-        # ranks right and wrong, each over its own pairs
+        # ranking accuracy, log πθ(y_w|x) >= log πθ(y_l|x) (a tie is right, Chen et al.'s rule): of all pairs, per
+        # token, and in the groups the reference ranks right and wrong, each over its own pairs
         **output.ranking_sums(chosen, rejected, n_tokens, ref),
         "response_tokens": n_tokens.float().sum(),
     }
@@ -404,7 +404,7 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     # the norm before clipping; with max_norm = inf it only measures
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     norm = procs.full(norm)  # several processes: the norm of the whole gradient
-    total["grad_norm"] = norm * total["pairs"]  # a sum like the rest: rows log the pair-weighted mean
+    total["grad_norm"] = norm * total["pairs"]  # a sum like the rest (output.metric_means divides by "pairs")
     # the step's one wait for the device: true if finite (several processes: on all, "min"; all update or none)
     applied = procs.agree(torch.isfinite(total["loss"]) & torch.isfinite(norm), "min")
     if applied:
@@ -440,7 +440,7 @@ def next_step(steps, pad_id):
     return [collate(b, pad_id) for b in procs.my_share(batches)], len(pairs), tokens  # several processes: a share
 
 def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
-    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' own time: the throughput
+    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' time alone: tokens/s
             "loop_seconds": 0.0,  # evaluations included
             "window": {},  # the metric sums since the last metrics.jsonl row
             "first_eval": None, "last_eval": None}
@@ -837,8 +837,8 @@ class files:
 
     def render_chat(row, tokenizer):
         """A chat row -> the three texts through the chat template, or the reason to skip it."""
-        prompt, chosen, rejected = files.turns(row.get("prompt"), "user"), files.turns(row["chosen"], "assistant"), \
-            files.turns(row["rejected"], "assistant")
+        prompt, chosen, rejected = (files.turns(row.get(k), "user" if k == "prompt" else "assistant")
+                                    for k in ("prompt", "chosen", "rejected"))
         if prompt is None:  # the turns chosen and rejected share (trl-lib/ultrafeedback_binarized)
             prompt = chosen[:common_prefix_len(chosen, rejected)]
         # each may repeat the prompt turns: keep what follows
@@ -1501,7 +1501,7 @@ class Guard:
 
     def __init__(self, folder, state, ref, device, say):
         self.folder, self.state, self.ref, self.device, self.say = folder, state, ref, device, say
-        self.signal, self.old, self.bad_steps = None, {}, 0  # bad_steps: NaN/inf steps in a row
+        self.signal, self.old, self.bad_steps = None, {}, 0
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
