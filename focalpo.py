@@ -315,7 +315,7 @@ def prepare_model(model, cfg, device):
         # rates kept as floats that the forward passes to F.dropout (OPT's modules, Falcon's config)
         for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
             setattr(m, name, 0.0)
-    if cfg.gradient_checkpointing:  # transformers' newer name, else the old (which warns from 5.25)
+    if cfg.gradient_checkpointing:  # transformers' newer name, else the old (which warns from 5.23)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
