@@ -60,7 +60,7 @@ class Config:
     sft_steps: int = 80  # demo only: first, next-token training on correct sortings (SFT)
     # loss
     loss: str = "dpo,focalpo,minordpo"  # one loss or a comma-separated list, each trained from the same start
-    beta: float = 0.1  # β, the implicit reward's inverse temperature: larger = stay closer to the reference
+    beta: float = 0.1  # β, DPO's KL penalty weight: larger = stay closer to the reference
     gamma: float = 0.05  # FocalPO's γ (0 = DPO). 0.05 is THIS PROJECT's default, not a value from the paper
     focal_detach: bool = False  # FocalPO variant: p^γ a constant weight (no gradient through it)
     # optimisation
@@ -288,7 +288,7 @@ def sequence_logps(model, batch):
 
 # --- Model and tokenizer
 
-def autocast(device):  # fp32 weights compute in bf16 on CUDA
+def autocast(device):  # bf16 compute on CUDA
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 def load_tokenizer(cfg):
@@ -306,29 +306,29 @@ def load_model(cfg, tokenizer):
 
 def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
-    dtype. Last, fast.probe tries the fast path on two random rows: if they get the model's own log-probs, the model
-    keeps causal attention with no mask (exact where no scored token sees a pad: right-padded rows, generation) and
-    sequence_logps its fast path; if not, neither."""
+    dtype. Last, fast.probe: if on two random rows the fast path gives the model's own log-probs, it sets the model's
+    attention, from then on, to causal SDPA with no mask (exact where no scored token sees a pad: right-padded rows,
+    generation) and model.fast_logps; else it changes nothing."""
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         # rates kept as floats that the forward passes to F.dropout (OPT's modules, Falcon's config)
         for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
             setattr(m, name, 0.0)
-    if cfg.gradient_checkpointing:  # transformers' newer name, else the old (which warns from 5.23)
+    if cfg.gradient_checkpointing:  # transformers 5.23 renamed gradient_checkpointing_enable (the old name warns)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: a no-grad pass of the initial weights (run() caches them)
+# --- Reference log-probs: a no-grad pass of the initial weights (cache.reference keeps them)
 
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others."""
-    model.eval()  # HF's gradient checkpointing off (model.train() turns it back on)
+    model.eval()  # HF's gradient checkpointing off (callers turn it back on: model.train())
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -354,8 +354,8 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
         "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
-        # ranking accuracy, log πθ(y_w|x) >= log πθ(y_l|x) (a tie is right, Chen et al.'s rule): of all pairs, per
-        # token, and in the groups the reference ranks right and wrong, each over its own pairs
+        # ranking_accuracy: log πθ(y_w|x) >= log πθ(y_l|x), a tie right (Chen et al.'s rule); _norm: per token;
+        # _ref_correct, _ref_incorrect: of the pairs the reference ranks right, wrong (counts: pairs_ref_*)
         **output.ranking_sums(chosen, rejected, n_tokens, ref),
         "response_tokens": n_tokens.float().sum(),
     }
@@ -439,8 +439,8 @@ def next_step(steps, pad_id):
     tokens = sum(len(pair.chosen) + len(pair.rejected) for pair in pairs)
     return [collate(b, pad_id) for b in procs.my_share(batches)], len(pairs), tokens  # several processes: a share
 
-def new_state():  # what a resumed run needs besides the weights, the optimizer and the RNG
-    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # the steps' time alone: tokens/s
+def new_state():  # what resuming needs besides the weights, optimizer and RNG
+    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # tokens/s: both rows, unpadded, over the steps' time
             "loop_seconds": 0.0,  # evaluations included
             "window": {},  # the metric sums since the last metrics.jsonl row
             "first_eval": None, "last_eval": None}

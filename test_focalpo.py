@@ -1513,7 +1513,7 @@ def test_help_teaches_and_bare_flags_mean_true(capsys):
     for f in dataclasses.fields(Config):  # every option with its explanation from the Config comments
         assert focalpo.cli.option_help()[f.name] and f"--{f.name}" in out
     flat = " ".join(out.split())
-    assert "the implicit reward's inverse temperature" in flat and "0 = all" in flat and "a seeded 5% of it" in flat
+    assert "DPO's KL penalty weight" in flat and "0 = all" in flat and "a seeded 5% of it" in flat
     assert focalpo.cli.parse_args(["--resume", "--focal_detach", "--progress=false"]) == Config(
         resume=True, focal_detach=True, progress=False)
 
