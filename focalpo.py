@@ -19,12 +19,12 @@ calls into it through these names:
     files.     the rows (demo, files or hub) and held-out rows, in one format: plain, chat or implicit (no prompt)
     demo.      a letter-sorting task: its data, tokenizer and model, an SFT stage, generation accuracy
     fast.      the model's own log-probs in less memory; batches of similar length; pinned memory
-    cache.     the reference log-probs, kept by what changes them (files written whole, read only if whole)
+    cache.     the reference log-probs, kept by what changes them
     AdamWSR    AdamW for bf16 weights, with stochastic rounding
     RunFolder  metrics.jsonl and the checkpoints --resume continues from
     Guard      a stop in one sentence: a signal, out of memory, 3 NaN/inf steps in a row
     output.    ranking accuracies, metric means; the model, summary.json, the losses' table, curves.png, generations
-    procs.     the device; several processes (torchrun): the lines say "several processes" (with one, a no-op)
+    procs.     the device, and torchrun: a comment "several processes: ..." says what its line does there
     cli.       the command line: --key=value, one sentence per mistake, exit codes
 
 Notation: for a prompt x, chosen y_w and rejected y_l, r_w = log πθ(y_w|x) − log π_ref(y_w|x), r_l the same for
@@ -201,7 +201,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = files.load(cfg)
+    train_rows, eval_rows, fmt, source = files.load(cfg)  # source: where held-out rows come from
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
     split = {}  # name -> pairs
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
@@ -322,13 +322,13 @@ def prepare_model(model, cfg, device):
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
 
-# --- Reference log-probs: a no-grad pass of the initial weights (cache.reference keeps them)
+# --- Reference log-probs: a no-grad pass of the initial weights (cached: cache.reference)
 
 @torch.no_grad()
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others."""
-    model.eval()  # HF's gradient checkpointing off (callers turn it back on: model.train())
+    model.eval()  # HF's gradient checkpointing off (train() and HeldOut turn it back on)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -440,7 +440,7 @@ def next_step(steps, pad_id):
     return [collate(b, pad_id) for b in procs.my_share(batches)], len(pairs), tokens  # several processes: a share
 
 def new_state():  # what resuming needs besides the weights, optimizer and RNG
-    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # tokens/s: both rows, unpadded, over the steps' time
+    return {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,  # tokens/s = tokens_seen (both rows, no pads) / this
             "loop_seconds": 0.0,  # evaluations included
             "window": {},  # the metric sums since the last metrics.jsonl row
             "first_eval": None, "last_eval": None}
@@ -555,7 +555,7 @@ def main(argv=None):  # the command line: a mistake ends in one sentence and exi
     try:
         run(cli.parse_args(argv))
     except BaseException as e:
-        sys.exit(cli.exit_code(e))  # re-raises an error that is not the user's
+        sys.exit(cli.exit_code(e))  # re-raises what is not the user's (SystemExit: --help)
     sys.exit(0)
 
 # =============================================================================
