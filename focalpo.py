@@ -90,7 +90,7 @@ class Config:
 LOSSES = ("dpo", "focalpo", "minordpo")
 
 class FocalpoError(Exception):
-    """A problem the user can fix: it ends the command line in one sentence, no traceback."""
+    """A problem the user can fix: one sentence, no traceback."""
 
 def loss_types(cfg):
     return [l.strip() for l in cfg.loss.split(",") if l.strip()]
@@ -158,10 +158,10 @@ def split_response(prompt_alone, full, end, bos, cfg, notes):
     """Splits `full` (a prompt and its response, tokenized together) where it leaves `prompt_alone`, puts `end`
     after the response and cuts both to fit. Returns (token ids, where the response starts); adds to `notes`."""
     n = common_prefix_len(prompt_alone, full)
-    if n < len(prompt_alone):  # they differ inside the prompt (a token merged across the boundary: pitfall 1)
+    if n < len(prompt_alone):  # a token merged across the boundary (pitfall 1): "Q: " + "yes" gives "Q", ":", " yes"
         notes.add("boundary token merged")  # the response starts where they differ
     prompt, response = full[:n], full[n:] + end
-    if len(prompt) > cfg.max_prompt_length:  # keep the prompt's end (and its BOS)
+    if len(prompt) > cfg.max_prompt_length:  # its BOS, then its last tokens: max_prompt_length in all
         first = [bos] if bos is not None else []
         prompt = first + prompt[len(prompt) - (cfg.max_prompt_length - len(first)):]
         notes.add("prompt truncated")
@@ -796,8 +796,8 @@ class checks:
 
 class hub:
     def load(auto_class, name, **kw):
-        """transformers' auto_class from a hub name, a folder or a .gguf file (a model's weights unpacked: transformers
-        5 may keep them packed); one sentence if it fails."""
+        """transformers' auto_class from a hub name, a folder or a .gguf file (a model dequantized: transformers 5
+        may keep it packed); one sentence if it fails."""
         import transformers
         path = name
         if name.endswith(".gguf"):
