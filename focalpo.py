@@ -158,8 +158,8 @@ def split_response(prompt_alone, full, end, bos, cfg, notes):
     """Splits `full` (a prompt and its response, tokenized together) where it leaves `prompt_alone`, puts `end`
     after the response and cuts both to fit. Returns (token ids, where the response starts); adds to `notes`."""
     n = common_prefix_len(prompt_alone, full)
-    if n < len(prompt_alone):  # a token merged across the boundary (pitfall 1): "Q: " + "yes" gives "Q", ":", " yes"
-        notes.add("boundary token merged")  # the response starts where they differ
+    if n < len(prompt_alone):  # a token merged across the boundary (pitfall 1): "Q: " -> "Q", ":", " "
+        notes.add("boundary token merged")  # but "Q: yes" -> "Q", ":", " yes": the response starts where they differ
     prompt, response = full[:n], full[n:] + end
     if len(prompt) > cfg.max_prompt_length:  # its BOS, then its last tokens: max_prompt_length in all
         first = [bos] if bos is not None else []
@@ -312,11 +312,11 @@ def prepare_model(model, cfg, device):
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-        # rates kept as floats that the forward passes to F.dropout (OPT's modules, Falcon's config)
+        # float rates the forward passes to F.dropout (OPT's modules, Falcon's config)
         for name in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
             setattr(m, name, 0.0)
     if cfg.gradient_checkpointing:  # transformers 5.23 renamed gradient_checkpointing_enable (the old name warns)
-        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
@@ -573,7 +573,7 @@ class _Parser(argparse.ArgumentParser):
         raise FocalpoError(f"{message} (python focalpo.py --help lists every option)")
 
 class cli:
-    # TRL's and the HF Trainer's names for ours
+    # TRL's / HF Trainer's names for ours
     FAMILIAR = dict(learning_rate="lr", per_device_train_batch_size="batch_size", num_train_epochs="epochs",
                     gradient_accumulation_steps="grad_accum", max_grad_norm="grad_clip", output_dir="out_dir",
                     logging_steps="log_every", eval_steps="eval_every", save_steps="save_every", loss_type="loss",

@@ -870,6 +870,37 @@ def test_dropout_is_off_in_training_for_every_architecture():
         assert torch.allclose(train_mode[0], eval_mode, atol=1e-5), name
 
 
+def test_gradient_checkpointing_looks_the_old_name_up_only_without_the_new():
+    """transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable, and v6 removes the
+    old name: prepare_model calls the new one where it exists, without looking the old one up (a getattr default
+    would look it up, and fail, even then). A model without the new name (transformers < 5.23) gets the old one."""
+    tok, calls = make_bpe_tokenizer(), []
+    base = type(tiny_model(len(tok)))
+
+    class V6(base):
+        def activation_checkpointing_enable(self, kwargs=None):
+            calls.append(("new", kwargs))
+
+        @property
+        def gradient_checkpointing_enable(self):
+            raise AttributeError("removed in transformers v6")
+
+    class Before523(base):
+        def __getattribute__(self, name):
+            if name == "activation_checkpointing_enable":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+        def gradient_checkpointing_enable(self, kwargs=None):
+            calls.append(("old", kwargs))
+
+    for cls in (V6, Before523):
+        model = tiny_model(len(tok))
+        model.__class__ = cls
+        focalpo.prepare_model(model, Config(gradient_checkpointing=True), CPU)
+    assert calls == [("new", {"use_reentrant": False}), ("old", {"use_reentrant": False})]
+
+
 def test_lr_schedule():
     cfg = Config(warmup_ratio=0.1)
     lrs = [focalpo.lr_at(s, 100, cfg, 1.0) for s in range(100)]
