@@ -201,7 +201,7 @@ def tokenize_pairs(rows, fmt, tokenizer, cfg, stats):
 
 def prepare_data(cfg, tokenizer, log=print):
     """(train pairs, eval pairs); the log says where held-out pairs come from, and what was cut or dropped."""
-    train_rows, eval_rows, fmt, source = files.load(cfg)  # source: where held-out rows come from
+    train_rows, eval_rows, fmt, source = files.load(cfg)  # source: held-out rows' origin
     checks.tokenizer(tokenizer, fmt)  # chat rows need a chat template; others, an EOS
     split = {}  # name -> pairs
     for name, rows, most in (("train", train_rows, cfg.max_train_pairs), ("eval", eval_rows, cfg.max_eval_pairs)):
@@ -328,7 +328,7 @@ def prepare_model(model, cfg, device):
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others."""
-    model.eval()  # HF's gradient checkpointing off (train() and HeldOut turn it back on)
+    model.eval()  # HF's gradient checkpointing off (train(), HeldOut turn it back on)
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
@@ -560,7 +560,7 @@ def main(argv=None):  # the command line: a mistake ends in one sentence and exi
 
 # =============================================================================
 # Appendix: optional machinery
-# Each kind of machinery is a class used as a namespace.
+# Each kind of machinery is a class; lowercase ones are namespaces.
 
 import argparse, ast, atexit, datetime, errno, glob, hashlib, json, re, shutil, signal, tempfile
 import torch.distributed as dist
