@@ -264,28 +264,6 @@ def scoring_batches(pairs, batch_size, pad_id):
     """Collated batches sorted by length, for a no-grad pass (reference, evaluation)."""
     return [collate(b, pad_id) for b in fast.length_grouped_batches(pairs, batch_size, seed=0, shuffle=False)]
 
-# --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
-
-def sequence_logps(model, batch):
-    """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
-    number, (R,). The DPO reference code's form (here in float64) gives the same numbers, to rounding:
-
-        logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
-        logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
-        mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
-        return (logps.double() * mask).sum(1), batch["n_tokens"]
-
-    Here the log-softmax is taken at the scored positions only."""
-    ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
-    targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
-    if getattr(model, "fast_logps", False):  # set by prepare_model (below): no (R, T, V) logits
-        token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,)
-    else:  # the model's own forward
-        logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
-        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    sums = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add(0, rows, token_logps.double())
-    return sums, batch["n_tokens"]  # (R,), (R,)
-
 # --- Model and tokenizer
 
 def autocast(device):  # bf16 compute on CUDA
@@ -321,6 +299,28 @@ def prepare_model(model, cfg, device):
     model = model.to(device, weights_dtype(cfg))
     model.fast_logps = fast.probe(model, cfg.max_length, device)
     return model
+
+# --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
+
+def sequence_logps(model, batch):
+    """Each row's response-token log-probs summed (as in the DPO paper, not averaged) in float64, (R,), and their
+    number, (R,). The DPO reference code's form (here in float64) gives the same numbers, to rounding:
+
+        logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # position t predicts t + 1
+        logps = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]          # (R, T - 1)
+        mask = torch.zeros_like(logps); mask[rows, cols] = 1                              # rows, cols = batch["scored"]
+        return (logps.double() * mask).sum(1), batch["n_tokens"]
+
+    Here the log-softmax is taken at the scored positions only."""
+    ids, (rows, cols) = batch["input_ids"], batch["scored"]  # (R, T); (N,), (N,)
+    targets = ids[rows, cols + 1]  # (N,) the token each scored position predicts
+    if getattr(model, "fast_logps", False):  # set by prepare_model (above): no (R, T, V) logits
+        token_logps = fast.token_logps(model, ids, rows, cols, targets)  # (N,)
+    else:  # the model's own forward
+        logits = model(ids, attention_mask=batch["attention_mask"], use_cache=False).logits[rows, cols]  # (N, V)
+        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    sums = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add(0, rows, token_logps.double())
+    return sums, batch["n_tokens"]  # (R,), (R,)
 
 # --- Reference log-probs: a no-grad pass of the initial weights (cached: cache.reference)
 
