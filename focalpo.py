@@ -286,7 +286,7 @@ def prepare_model(model, cfg, device):
     """Dropout off (pitfall 8: else policy != reference at step 0), gradient checkpointing if asked, the device and
     dtype. Last, fast.probe: if on two random rows the fast path gives the model's own log-probs, it sets the model's
     attention, from then on, to causal SDPA with no mask (exact where no scored token sees a pad: right-padded rows,
-    generation) and model.fast_logps; else it changes nothing."""
+    generation batched by length) and model.fast_logps; else it changes nothing."""
     for m in [model.config, *model.modules()]:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -339,8 +339,8 @@ def pair_logps(model, batches, n_pairs, device):
 # --- Metrics (pitfall 13: misread metrics): sums over pairs, divided at the end: exact however a step is split
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
-    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device (reading one is a wait).
-    logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
+    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device ("pairs" aside; reading one is a
+    wait). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
     chosen, rejected = logps[:B], logps[B:]  # log πθ(y_w|x), log πθ(y_l|x)
     losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -397,8 +397,8 @@ def train_step(model, optimizer, micro_batches, ref, cfg, loss_type, device, n_p
     for i, batch in enumerate(micro_batches):
         procs.sync_gradients(model, i == len(micro_batches) - 1)  # several processes: reduce after the last only
         losses, metrics = forward_pairs(model, batch, ref, cfg, loss_type, device)
-        # gradients ADD across micro-batches (several processes: procs.shard sums): dividing each one's summed loss by
-        # the step's pair count makes their sum the gradient of the step's mean loss, however it is split (pitfall 10)
+        # gradients ADD across micro-batches (several processes: procs.shard makes FSDP2 sum): dividing each
+        # one's summed loss by the step's pair count makes their sum the gradient of the step's mean loss (pitfall 10)
         (losses.sum() / n_pairs).backward()
         add_metrics(total, metrics)
     # the norm before clipping; with max_norm = inf it only measures
@@ -558,7 +558,7 @@ def main(argv=None):  # the command line: a mistake ends in one sentence and exi
         sys.exit(cli.exit_code(e))  # re-raises what is not the user's (SystemExit: --help)
     sys.exit(0)
 
-# =============================================================================
+# ==========================================================
 # Appendix: optional machinery
 # Each kind of machinery is a class; lowercase ones are namespaces.
 
