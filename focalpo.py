@@ -7,7 +7,7 @@ same start (--loss picks):
     FocalPO   Liu et al. 2025,      arXiv 2501.06645
     MinorDPO  Xie et al. 2024,      arXiv 2408.09834
 
-    python focalpo.py        # the demo: offline, a tiny model, about a minute on 2 CPU cores
+    python focalpo.py        # the demo: offline, a tiny model, 1-2 minutes on 2 CPU cores
     python focalpo.py --model=Qwen/Qwen2.5-0.5B-Instruct --dataset=trl-lib/ultrafeedback_binarized --loss=focalpo
     python focalpo.py --model=path/to/model.gguf --dataset=pairs.jsonl
     torchrun --nproc_per_node=8 focalpo.py --model=... --dataset=... --grad_accum=8  # several GPUs (FSDP2)
