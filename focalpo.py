@@ -297,7 +297,7 @@ def prepare_model(model, cfg, device):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model = model.to(device, weights_dtype(cfg))
-    model.fast_logps = fast.probe(model, cfg.max_length, device)
+    fast.probe(model, cfg.max_length, device)
     return model
 
 # --- Log-probs: the response tokens only (pitfall 5), an fp32 log-softmax, float64 sums (pitfall 7)
@@ -339,8 +339,8 @@ def pair_logps(model, batches, n_pairs, device):
 # --- Metrics (pitfall 13: misread metrics): sums over pairs, divided at the end: exact however a step is split
 
 def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
-    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on the device ("pairs" aside; reading one is a
-    wait). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
+    """Per-pair losses (B,) and the batch's metrics as SUMS over pairs, on logps' device ("pairs" aside; reading one
+    is a wait). logps, n_tokens: (2B,), chosen first; ref: (B, 2)."""
     B = ref.shape[0]
     chosen, rejected = logps[:B], logps[B:]  # log πθ(y_w|x), log πθ(y_l|x)
     losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -555,7 +555,7 @@ def main(argv=None):  # the command line: a mistake ends in one sentence and exi
     try:
         run(cli.parse_args(argv))
     except BaseException as e:
-        sys.exit(cli.exit_code(e))  # re-raises what is not the user's (SystemExit: --help)
+        sys.exit(cli.exit_code(e))  # re-raises anything else, as --help's SystemExit
     sys.exit(0)
 
 # ==========================================================
@@ -1114,12 +1114,12 @@ class fast:
 
     def probe(model, max_length, device):
         """Is the fast path exact? It drops the mask (wrong for a short window, or not SDPA) and takes the logits as
-        they are (wrong if scaled or capped): kept if two random rows agree."""
+        they are (wrong if scaled or capped): kept (model.fast_logps) if two random rows agree."""
         from transformers import AttentionInterface
         window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
         model.fast_logps = False
         if model.config._attn_implementation != "sdpa" or head is None or (window is not None and window < max_length):
-            return False
+            return
         length = min(64, max_length, getattr(model.config, "max_position_embeddings", None) or 64)
         ids = torch.randint(model.get_input_embeddings().num_embeddings, (length,),
                             generator=torch.Generator().manual_seed(0))  # the global RNG left alone
@@ -1142,8 +1142,8 @@ class fast:
             head.weight.copy_(weight)
         if not agrees:
             model.set_attn_implementation("sdpa")
+        model.fast_logps = agrees
         model.train(was_training)
-        return agrees
 
 # --- AdamWSR: --weights=bf16 (pitfall 12)
 
