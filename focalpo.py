@@ -328,12 +328,14 @@ def sequence_logps(model, batch):
 def pair_logps(model, batches, n_pairs, device):
     """(n_pairs, 2) float64 on the host, by pair index: log π(y_w|x) and log π(y_l|x) of the pairs in `batches`,
     −inf for the others."""
-    model.eval()  # HF's gradient checkpointing off (train(), HeldOut turn it back on)
+    was_training = model.training
+    model.eval()  # HF's gradient checkpointing off
     logps = torch.full((n_pairs, 2), -math.inf, dtype=torch.float64, device=device)
     for batch in procs.my_share(batches):  # several processes: each scores its share (one: all)
         with autocast(device):
             lp, _ = sequence_logps(model, fast.to_device(batch, device))
         logps[batch["idx"].to(device)] = lp.view(2, -1).T  # (B, 2): chosen, rejected
+    model.train(was_training)
     return procs.gather_scores(model, logps).cpu()  # several processes: a max takes each pair from its scorer
 
 # --- Metrics (pitfall 13: misread metrics): sums over pairs, divided at the end: exact however a step is split
@@ -427,7 +429,6 @@ class HeldOut:
         out = output.metric_means({k: float(v) for k, v in m.items()})
         if cfg.dataset == "demo":
             out["generation_accuracy"] = demo.generation_accuracy(model, self.pairs, self.tokenizer, device)
-        model.train()
         return out
 
 # --- Training: the loop, and run()
@@ -1130,7 +1131,7 @@ class fast:
         AttentionInterface.register("causal_sdpa", fast.attention)
         with torch.no_grad(), autocast(device):
             logits = model(probe["input_ids"], use_cache=False).logits.float()
-            # logits as large as a trained model's: scaled up to a std of 10 (tied embeddings: the input's too)
+            # logits as large as a trained model's: scaled up to std 10 (tied embeddings: the input's too)
             head.weight.mul_(max(1.0, 10 / float(logits.std())))
             own, n = sequence_logps(model, probe)
             try:
@@ -1378,7 +1379,7 @@ class output:
                 "ranking_accuracy_ref_correct": count(ranked & ref_right), "pairs_ref_correct": count(ref_right),
                 "ranking_accuracy_ref_incorrect": count(ranked & ~ref_right), "pairs_ref_incorrect": count(~ref_right)}
 
-    def metric_means(total):  # sums -> means over the pairs (a reference group's: its own, None if none)
+    def metric_means(total):  # sums -> means over pairs (a reference group's: its own, None if none)
         n = lambda k: total[k.replace("ranking_accuracy", "pairs")] if "accuracy_ref" in k else total["pairs"]
         counts = ("pairs", "response_tokens", "pairs_ref_correct", "pairs_ref_incorrect")
         return {k: int(v) if k in counts else v / n(k) if n(k) else None for k, v in total.items()}

@@ -593,6 +593,18 @@ def test_step0_loss_is_ln2_in_train_mode_even_with_dropout_in_the_config(tmp_pat
     assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-5)
 
 
+def test_scoring_puts_the_mode_back_so_every_step_trains_in_train_mode(tmp_path, monkeypatch):
+    """pair_logps scores in eval mode (HF's gradient checkpointing off) and then puts back the mode it found: the
+    steps after each evaluation still train in train mode (where HF checkpoints), and a model in eval mode stays so."""
+    modes, step = [], focalpo.train_step
+    monkeypatch.setattr(focalpo, "train_step", lambda model, *a, **k: modes.append(model.training) or step(model, *a, **k))
+    focalpo.run(short_cfg(tmp_path, max_steps=6, eval_every=2), log=quiet)
+    assert modes == [True] * 6  # evaluations at steps 0, 2, 4 and 6
+    cfg, tok, model, train, _ = demo_setup(tmp_path)
+    focalpo.pair_logps(model.eval(), focalpo.scoring_batches(train[:8], 4, tok.pad_token_id), len(train), CPU)
+    assert not model.training
+
+
 def test_cached_reference_equals_on_the_fly_and_is_reused(tmp_path):
     cfg, tok, model, train, eval_ = demo_setup(tmp_path, cache_dir=str(tmp_path / "cache"))
     logs = []
