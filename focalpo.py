@@ -357,7 +357,7 @@ def loss_and_metrics(logps, n_tokens, ref, cfg, loss_type):
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(), "reward_accuracy": win.sum(),
         "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
         # ranking_accuracy: log πθ(y_w|x) >= log πθ(y_l|x), a tie right (Chen et al.'s rule); _norm: per token;
-        # _ref_correct, _ref_incorrect: of the pairs the reference ranks right, wrong (counts: pairs_ref_*)
+        # _ref_correct, _ref_incorrect: of the pairs the reference ranks right, wrong (divided by counts: pairs_ref_*)
         **output.ranking_sums(chosen, rejected, n_tokens, ref),
         "response_tokens": n_tokens.float().sum(),
     }
@@ -1115,7 +1115,7 @@ class fast:
 
     def probe(model, max_length, device):
         """Is the fast path exact? It drops the mask (wrong for a short window, or not SDPA) and takes the logits as
-        they are (wrong if scaled or capped): kept (model.fast_logps) if two random rows agree."""
+        they are (wrong if scaled or capped): kept if two random rows agree."""
         from transformers import AttentionInterface
         window, head = getattr(model.config, "sliding_window", None), model.get_output_embeddings()
         model.fast_logps = False
